@@ -1,0 +1,35 @@
+"""slvit_fast: cheap single-layer vision transformer (SL-ViT) early exits for PyTorch.
+
+Quick start::
+
+    import torch, slvit_fast as sf
+    exit = sf.SLViTExit.from_preset("resnet152-b1", num_outputs=10)
+    logits = exit(torch.randn(8, 128, 28, 28))      # (8, 10)
+"""
+
+from __future__ import annotations
+
+from .config import CNNExitConfig, SLViTConfig
+from .cnn_exit import CNNExit
+from .errors import (
+    BackendNotImplementedError,
+    BackendUnavailableError,
+    CheckpointMismatchError,
+    SLViTInputError,
+)
+from .exit_presets import list_presets
+from .slvit_exit import SLViTExit
+from .version import __version__
+
+__all__ = [
+    "SLViTConfig",
+    "CNNExitConfig",
+    "SLViTExit",
+    "CNNExit",
+    "list_presets",
+    "SLViTInputError",
+    "BackendUnavailableError",
+    "BackendNotImplementedError",
+    "CheckpointMismatchError",
+    "__version__",
+]
