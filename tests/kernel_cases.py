@@ -1,0 +1,147 @@
+"""Shared cases and checks for every fused backend: the reference (torch) is the specification.
+
+``check_against_reference(backend, config, batch, dtype)`` builds one exit, runs it on ``backend`` and
+on the torch reference in the same dtype and in float64, and compares the output and the gradient of
+every input (features, extra tokens) and every parameter. Tolerances are *paired*: a backend may err
+at most ``factor`` times what the torch reference itself errs in that dtype (vs float64), plus a small
+floor relative to the tensor's scale - tight where the reference is exact, loose only where the dtype
+forces it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from slvit_fast import SLViTConfig, SLViTExit
+
+# Small channel counts keep interpreter / emulator runs quick; the token/head geometry is the point.
+AWKWARD_CONFIGS: dict[str, dict] = {
+    "N25-h1": dict(in_channels=6, feature_size=(10, 10), patch_size=2, embed_dim=32, num_heads=1),
+    "N49-h8-kd36": dict(in_channels=4, feature_size=(14, 14), patch_size=2, embed_dim=32, num_heads=8, key_dim=36),
+    "N144-h12": dict(in_channels=3, feature_size=(24, 24), patch_size=2, embed_dim=32, num_heads=12),
+    "grid16x9-h24-extra": dict(in_channels=4, feature_size=(18, 32), patch_size=2, embed_dim=32, num_heads=24,
+                               extra_tokens=2, extra_dim=20),
+    "N49-nores-relu": dict(in_channels=8, feature_size=(28, 28), patch_size=4, embed_dim=36, num_heads=12,
+                           mlp_residual=False, activation="relu"),
+    "nonsquare-patch": dict(in_channels=5, feature_size=(12, 20), patch_size=(3, 4), embed_dim=16, num_heads=2,
+                            key_dim=16),
+}
+SMALL_HIDDEN = dict(mlp_dim=64, head_hidden=40, num_outputs=7)
+
+
+def awkward_config(name: str, **overrides) -> SLViTConfig:
+    return SLViTConfig(**{**SMALL_HIDDEN, **AWKWARD_CONFIGS[name], **overrides})
+
+
+def randomize_(exit_module: SLViTExit, seed: int = 0, scale: float = 1.0) -> SLViTExit:
+    """Give every parameter (LayerNorm affine included) non-trivial values, reproducibly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in exit_module.named_parameters():
+            fan_in = p.shape[-1] if p.dim() > 1 else 1
+            std = scale / fan_in**0.5 if p.dim() > 1 else 0.2
+            values = torch.randn(p.shape, generator=g, dtype=torch.float64) * std
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight"):
+                values = 1.0 + values
+            p.copy_(values.to(p.dtype))
+    return exit_module
+
+
+@dataclass
+class Tolerance:
+    factor: float  # times the torch reference's own error in this dtype
+    floor: float  # relative to the float64 tensor's max |value|
+
+
+TOLERANCES = {
+    torch.float32: Tolerance(factor=8.0, floor=2e-6),
+    torch.float16: Tolerance(factor=4.0, floor=2e-3),
+    torch.bfloat16: Tolerance(factor=4.0, floor=1.6e-2),
+}
+
+
+def assert_paired_close(name: str, ours: torch.Tensor, ref_lowp: torch.Tensor, ref64: torch.Tensor,
+                        tol: Tolerance) -> None:
+    assert ours is not None, f"{name}: backend produced no value/gradient"
+    assert ours.shape == ref64.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}"
+    ours64, low64 = ours.detach().double(), ref_lowp.detach().double()
+    finite = torch.isfinite(ref64)
+    assert torch.equal(torch.isfinite(ours64), finite), f"{name}: non-finite values where the reference has none"
+    scale = ref64[finite].abs().max().item() if finite.any() else 0.0
+    ref_err = (low64 - ref64)[finite].abs().max().item() if finite.any() else 0.0
+    err = (ours64 - ref64)[finite].abs().max().item() if finite.any() else 0.0
+    bound = tol.factor * ref_err + tol.floor * max(scale, 1e-30)
+    assert err <= bound, (
+        f"{name}: max error {err:.3e} vs float64 exceeds {bound:.3e} "
+        f"(torch reference in {ours.dtype} errs {ref_err:.3e}; scale {scale:.3e})"
+    )
+
+
+def _run(module: SLViTExit, x: torch.Tensor, extra, grad_out: torch.Tensor, backward: bool):
+    x = x.detach().clone().requires_grad_(backward)
+    extra = None if extra is None else extra.detach().clone().requires_grad_(backward)
+    out = module(x, extra)
+    grads = {}
+    if backward:
+        module.zero_grad(set_to_none=True)
+        out.backward(grad_out.to(out.dtype))
+        grads["input x"] = x.grad
+        if extra is not None:
+            grads["input extra"] = extra.grad
+        grads.update({n: p.grad for n, p in module.named_parameters()})
+    return out.detach(), grads
+
+
+def check_against_reference(backend: str, config: SLViTConfig, batch: int, dtype: torch.dtype = torch.float32,
+                            *, backward: bool = True, seed: int = 0, channels_last: bool = False,
+                            x: torch.Tensor | None = None, tol: Tolerance | None = None) -> torch.Tensor:
+    """Compare ``backend`` with the torch reference, forward and (optionally) every gradient.
+
+    Returns the backend's output (for extra assertions by the caller).
+    """
+    tol = tol or TOLERANCES[dtype]
+    base = randomize_(SLViTExit(config, backend="torch").double(), seed).eval()
+    ref64 = base
+    ref_lowp = copy.deepcopy(base).to(dtype)
+    ours = copy.deepcopy(base).to(dtype)
+    ours.backend = backend
+    g = torch.Generator().manual_seed(seed + 1)
+    H, W = config.feature_size
+    if x is None:
+        x = torch.randn(batch, config.in_channels, H, W, generator=g, dtype=torch.float64)
+    extra = None
+    if config.extra_tokens:
+        extra = torch.randn(batch, config.extra_tokens, config.extra_dim, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(batch, config.num_outputs, generator=g, dtype=torch.float64)
+
+    def inputs(dt):
+        xi = x.to(dt)
+        if channels_last:
+            xi = xi.contiguous(memory_format=torch.channels_last)
+        return xi, None if extra is None else extra.to(dt)
+
+    out64, grads64 = _run(ref64, *inputs(torch.float64), grad_out, backward)
+    out_low, grads_low = _run(ref_lowp, *inputs(dtype), grad_out, backward)
+    out, grads = _run(ours, *inputs(dtype), grad_out, backward)
+    assert out.dtype == dtype, f"output dtype {out.dtype}, expected {dtype}"
+    assert_paired_close("output", out, out_low, out64, tol)
+    for name in grads64:
+        assert_paired_close(f"grad {name}", grads[name], grads_low[name], grads64[name], tol)
+    return out
+
+
+def half_dtype_available(backend_dtype: torch.dtype) -> bool:
+    """The CPU torch reference must run in the dtype for a paired tolerance."""
+    try:
+        torch.nn.functional.layer_norm(torch.ones(2, 4, dtype=backend_dtype), (4,))
+        torch.ones(2, 2, dtype=backend_dtype) @ torch.ones(2, 2, dtype=backend_dtype)
+        return True
+    except RuntimeError:
+        return False
+
+
+requires_half = pytest.mark.skipif(not half_dtype_available(torch.float16), reason="no fp16 CPU reference ops")
