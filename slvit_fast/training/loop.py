@@ -38,6 +38,7 @@ class History:
 
     epochs: list[dict[str, Any]] = field(default_factory=list)
     metric_names: list[str] = field(default_factory=list)
+    cache_seconds: float = 0.0  # time spent building the feature cache (0 when reused or not used)
 
     def exit_series(self, i: int, key: str) -> list[float]:
         return [e["exits"][i][key] for e in self.epochs]
@@ -192,7 +193,9 @@ def train_exits(
             else:
                 if D.is_distributed():
                     raise NotImplementedError("build the feature cache before launching distributed training")
+                t_cache = time.perf_counter()
                 caches[split] = FeatureCache.build(net, loader, folder, progress and is_main, f"caching {split} features")
+                history.cache_seconds += time.perf_counter() - t_cache
     cache_bs = cache_batch_size or getattr(train_loader, "batch_size", None) or 64
 
     loss_module = _ExitLosses(net)

@@ -1,0 +1,127 @@
+"""End-to-end benchmarks on whole backbones.
+
+* **Overhead**: for each exit of a backbone preset, the time of the backbone prefix up to the branch
+  vs the time of the exit, next to the FLOP ratio (exit FLOPs / prefix FLOPs, what the paper reports).
+  The product's promise is that the time ratio is close to the FLOP ratio (target: <= 1.5x of it).
+* **Early-exit throughput**: images/s of ``net.early_exit`` (real per-sample exit with batch
+  compaction) vs running the full backbone, at first-exit thresholds giving 25/50/75% early exits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import presets
+from ..accounting import summary
+from ..policies import MaxSoftmax
+from .timing import time_interleaved
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _prefix_runner(net, path: str, inputs: tuple):
+    """A callable running the backbone only up to (and including) module ``path``; returns its output."""
+    module = dict(net.backbone.named_modules())[path]
+    box = {}
+
+    def hook(_m, _a, out):
+        box["out"] = out
+        raise _StopForward
+
+    def run():
+        handle = module.register_forward_hook(hook)
+        try:
+            net.backbone(*inputs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return box["out"]
+
+    return run
+
+
+@dataclass
+class OverheadRow:
+    backbone: str
+    branch: str
+    module: str
+    batch: int
+    backend: str
+    prefix_s: float
+    exit_s: float
+    time_ratio: float  # exit time / prefix time
+    flop_ratio: float  # exit FLOPs / prefix FLOPs
+    overhead_vs_flops: float  # time_ratio / flop_ratio (target <= 1.5)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+@torch.inference_mode()
+def run_overhead(backbone: str, batch: int, input_size=None, repeats: int = 5) -> list[OverheadRow]:
+    """Time of each exit vs the backbone prefix feeding it, next to their FLOP ratio."""
+    net = presets.build(backbone, input_size=input_size).eval()
+    inputs = _as_tuple(presets.example_input(backbone, batch, input_size=net.input_size))
+    table = summary(net)
+    features = net.branch_features(*inputs)
+    rows = []
+    for i, path in enumerate(net.exit_paths):
+        prefix = _prefix_runner(net, net._triggers[i], inputs)
+        exit_call = (lambda i=i, f=features[i]: net.exit_forward(i, f))
+        t = time_interleaved({"prefix": prefix, "exit": exit_call}, repeats=repeats, warmup=1)
+        r = table.rows[i]
+        time_ratio = t["exit"].median_s / t["prefix"].median_s
+        flop_ratio = r.exit_flops / r.backbone_flops
+        module = net.exit_list()[i]
+        backend = module.active_backend(features[i][0] if isinstance(features[i], tuple) else features[i]) \
+            if hasattr(module, "active_backend") else "torch"
+        rows.append(OverheadRow(backbone, table.rows[i].name, path, batch, backend, t["prefix"].median_s,
+                                t["exit"].median_s, time_ratio, flop_ratio, time_ratio / flop_ratio))
+    return rows
+
+
+@dataclass
+class ThroughputRow:
+    backbone: str
+    batch: int
+    target_early_fraction: float
+    early_fraction: float
+    full_images_per_s: float
+    early_exit_images_per_s: float
+    speedup: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def run_early_exit_throughput(backbone: str = "resnet152", batch: int = 64, fractions=(0.25, 0.5, 0.75),
+                              input_size=None, repeats: int = 3) -> list[ThroughputRow]:
+    """Images/s of ``early_exit`` vs the full backbone, thresholds set so ``fractions`` leave at exit 0."""
+    net = presets.build(backbone, input_size=input_size).eval()
+    inputs = _as_tuple(presets.example_input(backbone, batch, input_size=net.input_size))
+    outs = net(*inputs)
+    confidence = torch.softmax(outs[0].float(), -1).amax(-1)
+    rows = []
+    for frac in fractions:
+        # exit 0 takes the `frac` most confident samples; later exits take nobody (the final output does)
+        threshold = torch.quantile(confidence, 1.0 - frac).item()
+        policy = MaxSoftmax([threshold] + [None] * (net.num_exits - 1))
+        result = net.early_exit(inputs if len(inputs) > 1 else inputs[0], policy)
+        early = float((result.exit_index < net.num_exits).float().mean())
+        t = time_interleaved({
+            "full": lambda: net.backbone(*inputs),
+            "early_exit": lambda: net.early_exit(inputs if len(inputs) > 1 else inputs[0], policy),
+        }, repeats=repeats, warmup=1)
+        full_ips, ee_ips = batch / t["full"].median_s, batch / t["early_exit"].median_s
+        rows.append(ThroughputRow(backbone, batch, frac, early, full_ips, ee_ips, ee_ips / full_ips))
+    return rows

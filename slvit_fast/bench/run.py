@@ -1,0 +1,181 @@
+"""``slvit-fast bench``: the microbenchmark table, the end-to-end benchmarks, the targets, JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .exit_bench import ExitBenchResult, run_exit_bench
+from .timing import matmul_gflops
+
+# The issue's targets (CPU, resnet152-b1, inference unless noted); ratios of our "cpu" backend.
+TARGETS = [
+    ("batch 1: cpu vs eager", "inference", 1, "speedup_vs_eager", 5.0),
+    ("batch 1: cpu vs torch.compile", "inference", 1, "speedup_vs_compile", 3.0),
+    ("batch 64: cpu vs eager", "inference", 64, "speedup_vs_eager", 2.5),
+    ("batch 64: cpu vs torch.compile", "inference", 64, "speedup_vs_compile", 1.5),
+    ("batch 64: cpu fraction of matmul GFLOP/s", "inference", 64, "fraction_of_matmul_peak", 0.5),
+    ("training step batch 64: cpu vs eager", "train", 64, "speedup_vs_eager", 2.0),
+]
+TARGET_PRESET = "resnet152-b1"
+E2E_TARGET = 1.5  # exit time overhead / exit FLOP overhead
+
+
+def machine_description() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+@dataclass
+class BenchReport:
+    machine: str
+    matmul_gflops: float
+    exits: list[ExitBenchResult] = field(default_factory=list)
+    overhead: list[dict] = field(default_factory=list)
+    throughput: list[dict] = field(default_factory=list)
+    targets: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"machine": self.machine, "matmul_gflops": self.matmul_gflops, "seconds": self.seconds,
+                "exits": [e.to_dict() for e in self.exits], "overhead": self.overhead,
+                "throughput": self.throughput, "targets": self.targets}
+
+
+def evaluate_targets(report: BenchReport) -> list[dict]:
+    rows = []
+    for label, mode, batch, metric, goal in TARGETS:
+        match = [e for e in report.exits if e.preset == TARGET_PRESET and e.mode == mode and e.batch == batch]
+        value = getattr(match[0], metric).get("cpu") if match else None
+        rows.append({"target": label, "goal": goal, "measured": value,
+                     "met": None if value is None else value >= goal})
+    for r in report.overhead:
+        if r["backbone"] == "resnet152" and r["branch"] == "b1":
+            v = r["overhead_vs_flops"]
+            rows.append({"target": f"end to end batch {r['batch']}: exit time overhead / FLOP overhead "
+                                   f"(resnet152 b1, {r['backend']})", "goal": E2E_TARGET, "measured": v,
+                         "met": v <= E2E_TARGET, "lower_is_better": True})
+    return rows
+
+
+def format_exit_table(results: list[ExitBenchResult]) -> str:
+    head = f"{'preset':<16}{'mode':<10}{'batch':>5}  {'impl':<8}{'time':>10}  {'vs eager':>8}  {'vs compile':>10}  " \
+           f"{'GFLOP/s':>8}  {'of mm peak':>10}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        for name, t in r.times_s.items():
+            frac = r.fraction_of_matmul_peak.get(name)
+            lines.append(f"{r.preset:<16}{r.mode:<10}{r.batch:>5}  {name:<8}{_fmt_time(t):>10}  "
+                         f"{r.speedup_vs_eager.get(name, float('nan')):>7.2f}x  "
+                         f"{r.speedup_vs_compile.get(name, float('nan')):>9.2f}x  {r.gflops[name]:>8.1f}  "
+                         f"{'' if frac is None else f'{frac:.0%}':>10}")
+    return "\n".join(lines)
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s * 1e6:.0f} us" if s < 1e-3 else f"{s * 1e3:.2f} ms"
+
+
+def format_report(report: BenchReport) -> str:
+    out = [f"machine: {report.machine}", f"measured large-matmul throughput: {report.matmul_gflops:.1f} GFLOP/s", "",
+           format_exit_table(report.exits)]
+    if report.overhead:
+        out += ["", "end-to-end overhead (exit time / backbone prefix time vs exit FLOPs / prefix FLOPs):",
+                f"{'backbone':<12}{'branch':<7}{'batch':>5}  {'backend':<8}{'prefix':>10}{'exit':>10}"
+                f"{'time ratio':>12}{'FLOP ratio':>12}{'time/FLOP':>11}"]
+        for r in report.overhead:
+            out.append(f"{r['backbone']:<12}{r['branch']:<7}{r['batch']:>5}  {r['backend']:<8}{_fmt_time(r['prefix_s']):>10}"
+                       f"{_fmt_time(r['exit_s']):>10}{r['time_ratio']:>12.4f}{r['flop_ratio']:>12.4f}"
+                       f"{r['overhead_vs_flops']:>10.2f}x")
+    if report.throughput:
+        out += ["", "early-exit throughput (images/s, first-exit thresholds for a target early-exit fraction):"]
+        for r in report.throughput:
+            out.append(f"  {r['backbone']} batch {r['batch']}: {r['early_fraction']:.0%} exit early -> "
+                       f"{r['early_exit_images_per_s']:.2f} img/s vs full backbone {r['full_images_per_s']:.2f} "
+                       f"({r['speedup']:.2f}x)")
+    if report.targets:
+        out += ["", "targets:"]
+        for t in report.targets:
+            cmp = "<=" if t.get("lower_is_better") else ">="
+            state = "n/a (backend not built)" if t["met"] is None else ("MET" if t["met"] else "MISSED")
+            value = "-" if t["measured"] is None else f"{t['measured']:.2f}"
+            out.append(f"  {t['target']:<72} goal {cmp} {t['goal']:<5} measured {value:<7} {state}")
+    out.append(f"\n(total {report.seconds:.0f} s)")
+    return "\n".join(out)
+
+
+def plot_report(report: BenchReport, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, impls = [], []
+    for r in report.exits:
+        labels.append(f"{r.preset}\n{r.mode} b{r.batch}")
+        for name in r.times_s:
+            if name not in impls:
+                impls.append(name)
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(labels)), 4.5))
+    width = 0.8 / max(len(impls), 1)
+    for k, name in enumerate(impls):
+        xs = [i + k * width for i in range(len(labels))]
+        ys = [r.speedup_vs_eager.get(name, 0.0) for r in report.exits]
+        ax.bar(xs, ys, width, label=name)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(labels))], labels, fontsize=8)
+    ax.set_ylabel("speedup vs eager PyTorch (higher is better)")
+    ax.set_title(f"SL-ViT exit, {report.machine[:70]}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_bench(presets: list[str], batches: list[int], train_batches: list[int], backbones: list[str],
+              e2e_batches: list[int], throughput_backbone: str | None, throughput_batch: int,
+              throughput_input: int | None, repeats: int, json_path: str | None, plot_path: str | None,
+              log=print) -> BenchReport:
+    from .e2e_bench import run_early_exit_throughput, run_overhead
+
+    t0 = time.perf_counter()
+    report = BenchReport(machine=machine_description(), matmul_gflops=matmul_gflops())
+    log(f"[bench] {report.machine}; matmul {report.matmul_gflops:.1f} GFLOP/s")
+    jobs = [(p, b, "inference") for p in presets for b in batches] + [(p, b, "train") for p in presets[:1]
+                                                                      for b in train_batches]
+    for k, (preset, batch, mode) in enumerate(jobs, 1):
+        log(f"[bench] exit {k}/{len(jobs)}: {preset} {mode} batch {batch} (torch.compile warm-up included)")
+        report.exits.append(run_exit_bench(preset, batch, mode, repeats=repeats,
+                                           matmul_peak_gflops=report.matmul_gflops))
+    for backbone in backbones:
+        for batch in e2e_batches:
+            log(f"[bench] end-to-end overhead: {backbone} batch {batch}")
+            report.overhead += [r.to_dict() for r in run_overhead(backbone, batch, repeats=max(3, repeats // 3))]
+    if throughput_backbone:
+        log(f"[bench] early-exit throughput: {throughput_backbone} batch {throughput_batch}")
+        report.throughput += [r.to_dict() for r in run_early_exit_throughput(
+            throughput_backbone, throughput_batch, input_size=throughput_input, repeats=3)]
+    report.targets = evaluate_targets(report)
+    report.seconds = time.perf_counter() - t0
+    if json_path:
+        Path(json_path).write_text(json.dumps(report.to_dict(), indent=2))
+        log(f"[bench] wrote {json_path}")
+    if plot_path:
+        plot_report(report, plot_path)
+        log(f"[bench] wrote {plot_path}")
+    return report

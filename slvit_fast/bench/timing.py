@@ -1,0 +1,65 @@
+"""Interleaved timing: implementations take turns, so machine noise hits all of them alike.
+
+Absolute times on a shared machine drift; ratios measured in one interleaved run do much less. Each
+implementation is warmed up (torch.compile compiles there), then ``repeats`` rounds run every
+implementation in a rotating order, each timed over ``inner`` calls; the median per-call time is kept.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Timing:
+    name: str
+    median_s: float
+    min_s: float
+    samples: list[float]
+
+
+def time_interleaved(impls: dict[str, Callable[[], object]], repeats: int = 15, inner: int | None = None,
+                     warmup: int = 3, target_round_s: float = 0.05) -> dict[str, Timing]:
+    """Median per-call seconds of each zero-argument callable, timed in rotating order."""
+    names = list(impls)
+    for name in names:
+        for _ in range(warmup):
+            impls[name]()
+    _sync()
+    if inner is None:  # pick the inner count from the slowest implementation so each round is ~target
+        slowest = 0.0
+        for name in names:
+            t0 = time.perf_counter()
+            impls[name]()
+            _sync()
+            slowest = max(slowest, time.perf_counter() - t0)
+        inner = max(1, min(200, int(target_round_s / max(slowest, 1e-6))))
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            fn = impls[name]
+            _sync()
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            _sync()
+            samples[name].append((time.perf_counter() - t0) / inner)
+    return {n: Timing(n, statistics.median(s), min(s), s) for n, s in samples.items()}
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 7, dtype: torch.dtype = torch.float32) -> float:
+    """Measured large-matrix-multiply throughput of this machine (GFLOP/s): the roof for our GEMMs."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    t = time_interleaved({"mm": lambda: torch.mm(a, b)}, repeats=repeats, warmup=2)["mm"]
+    return 2 * n**3 / t.median_s / 1e9
