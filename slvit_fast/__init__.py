@@ -20,6 +20,8 @@ from .errors import (
 from .exit_presets import list_presets
 from .slvit_exit import SLViTExit
 from .version import __version__
+from .multi_exit import EarlyExitResult, MultiExitNetwork
+from . import accounting, analysis, policies, presets  # noqa: E402  (submodules: slvit_fast.policies, ...)
 
 __all__ = [
     "SLViTConfig",
@@ -32,4 +34,6 @@ __all__ = [
     "BackendNotImplementedError",
     "CheckpointMismatchError",
     "__version__",
+    "MultiExitNetwork",
+    "EarlyExitResult",
 ]

@@ -1,0 +1,655 @@
+"""``MultiExitNetwork``: exits attached to an unmodified backbone, and per-sample early exit with batch compaction.
+
+An exit reads the output of a named submodule of the backbone (forward hooks, registered only for the
+duration of one call: the backbone's code, weights and hook lists are left as they were).
+
+Exits with an extra input (the audiovisual AV1 exit: visual feature map + audio embedding) name the
+second module too::
+
+    MultiExitNetwork(backbone, exits={
+        "encoders.visual": v1_exit,                                  # feature map only
+        "encoders.visual#av1": (av1_exit, "encoders.audio"),         # (exit, extra path)
+    })
+
+(keys are unique, so a second exit on the same module gets a tag after ``#``, as above:
+``"encoders.visual#av1"`` reads ``encoders.visual``; the ``extra_from=`` mapping is an alternative to
+the tuple form). The extra tensor is passed to the exit as
+``exit(features, extra=extra)``; a 2-D extra (B, D) is reshaped to (B, extra_tokens, D/extra_tokens)
+for an SL-ViT exit with extra tokens.
+
+Batch compaction (``early_exit``)
+---------------------------------
+The backbone runs once, with hooks. When an exit's inputs are ready, the exit runs on the samples still
+alive, the policy decides which of them exit, and at the exit's *compaction point* the hook returns the
+feature tensor with the exited rows removed, so every deeper layer sees fewer rows. An index map
+(``rows``: original sample index of each row) puts answers back in input order.
+
+Removing rows is only safe where nothing computed *before* that point is used *after* it with the old
+batch size. Inside a torchvision ``Bottleneck`` the shortcut tensor is computed from the block input,
+so compacting the output of ``layer2.0.conv2`` would make ``out += identity`` fail. The compaction point
+of an exit is therefore the first *safe* module at or above its hook point: a module is safe when its
+parent is the backbone itself (whose ``forward`` is taken to be a chain of its children - true for
+torchvision ResNet/DenseNet/Inception-v3 and for the presets' AudioCSRNet) or an ``nn.Sequential``
+that is itself safe. For ``layer2.0.conv2`` this is the block output ``layer2.0``: the exit runs at
+``conv2`` (its answer does not change) and the rows leave the batch at the end of the block (the rest
+of that one block still runs on them). Override with ``compact_at={"exit path": "module path"}``;
+outputs that are tuples/lists (e.g. a fusion block returning ``(visual, audio)``) are compacted
+element-wise.
+
+Exits are ordered by when their hooks fire (a module's forward hook fires when it *finishes*, so
+``layer2.0.conv2`` comes before ``layer2``); an exit with an extra input runs when the later of its two
+inputs is ready. A hooked module that runs twice in one forward (e.g. torchvision's shared ReLU in a
+bottleneck) is an error. Once no sample is left, the backbone stops (the deeper layers never run).
+
+Other entry points: ``net(x)`` (every exit on every sample + final output), :meth:`branch_features`
+(the inputs of every exit, for caching features in exit training; :meth:`exit_forward` runs exit i on
+one of them), :meth:`feature_shapes` / :meth:`validate` (shapes only, under ``FakeTensorMode``).
+
+Results equal running every exit on every sample and applying the policy afterwards
+(:func:`slvit_fast.policies.apply`), up to float rounding of batch-size-dependent kernels; the backbone
+must be in eval mode (BatchNorm with batch statistics would couple the samples).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MultiExitNetwork", "EarlyExitResult"]
+
+
+@dataclass
+class EarlyExitResult:
+    """What :meth:`MultiExitNetwork.early_exit` returns.
+
+    ``outputs`` (B, K) in input order; ``exit_index`` (B,) - ``num_exits`` means the final output;
+    ``counts[i]`` samples answered by exit i (``counts[-1]``: the final output); ``evaluated[i]`` the
+    number of samples exit i was run on (the final entry: samples that reached the backbone's end).
+    """
+
+    outputs: Tensor
+    exit_index: Tensor
+    counts: list[int]
+    evaluated: list[int] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.exit_index.shape[0])
+
+    @property
+    def remaining(self) -> list[int]:
+        """Samples still in the batch after each exit (last entry: after the final output, i.e. 0)."""
+        left, out = self.batch_size, []
+        for c in self.counts:
+            left -= c
+            out.append(left)
+        return out
+
+
+class _AllExited(Exception):
+    """Raised from a hook to stop the backbone once no sample is left."""
+
+
+def _sanitize(path: str) -> str:
+    return path.replace(".", "__").replace("#", "--") or "root"
+
+
+def _as_inputs(x: Any) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _batch_of(inputs: tuple) -> int:
+    for t in inputs:
+        if isinstance(t, Tensor) and t.dim() > 0:
+            return int(t.shape[0])
+    raise TypeError("MultiExitNetwork: the backbone input must contain a tensor with a batch dimension")
+
+
+def _compact(obj: Any, keep: Tensor, n: int) -> Any:
+    """Rows ``keep`` of every tensor in ``obj`` whose leading dimension is the current batch ``n``."""
+    if isinstance(obj, Tensor):
+        return obj.index_select(0, keep) if obj.dim() > 0 and obj.shape[0] == n else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_compact(o, keep, n) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_compact(o, keep, n) for o in obj)
+    return obj
+
+
+def _shape_of(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return tuple(obj.shape)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_shape_of(o) for o in obj)
+    return type(obj).__name__
+
+
+def _post_order(root: nn.Module) -> dict[str, int]:
+    out: dict[str, int] = {}
+
+    def visit(m: nn.Module, prefix: str) -> None:
+        for name, child in m.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if path not in out:
+                visit(child, path)
+                out[path] = len(out)
+
+    visit(root, "")
+    return out
+
+
+class MultiExitNetwork(nn.Module):
+    """A backbone with early exits attached to named submodules.
+
+    Args:
+        backbone: any ``nn.Module``; called as ``backbone(*inputs)`` and returning the final output.
+        exits: ``{"module.path": exit}`` or ``{"module.path": (exit, "extra.module.path")}``; the exit
+            is called on the output of that module (and on the extra module's output as ``extra=``).
+        freeze_backbone: (default) backbone parameters get ``requires_grad=False`` and the backbone
+            stays in eval mode even under ``net.train()`` (BatchNorm statistics and Dropout frozen).
+        extra_from: alternative to the tuple form: ``{"module.path": "extra.module.path"}``.
+        compact_at: ``{"exit module path": "module path"}`` overrides the automatic compaction point.
+        backbone_is_chain: the backbone's own ``forward`` feeds each direct child only the previous
+            child's output (so a direct child's output is a safe compaction point). Default True.
+
+    Attributes: ``exits`` (``nn.ModuleDict``, keys are the paths with ``.`` -> ``__``, in depth order),
+    ``exit_paths`` (module paths, same order), ``extra_paths`` (None where the exit has no extra
+    input), ``compaction_points``, ``num_exits``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        exits: Mapping[str, Any],
+        freeze_backbone: bool = True,
+        extra_from: Mapping[str, str] | None = None,
+        compact_at: Mapping[str, str] | None = None,
+        backbone_is_chain: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+        if not exits:
+            raise ValueError("MultiExitNetwork needs at least one exit")
+        self.backbone = backbone
+        self.freeze_backbone = bool(freeze_backbone)
+        self.backbone_is_chain = bool(backbone_is_chain)
+        # forward hooks fire when a module *finishes*: order exit points by post-order position
+        order = _post_order(backbone)
+        extra_from = dict(extra_from or {})
+        compact_at = dict(compact_at or {})
+        for key in list(extra_from) + list(compact_at):
+            if key not in exits:
+                raise ValueError(f"extra_from/compact_at key {key!r} is not an exit path; exit paths: {list(exits)}")
+
+        specs = []
+        for path, spec in exits.items():
+            path = str(path).strip()
+            extra_path = extra_from.get(path)
+            if isinstance(spec, (tuple, list)):
+                if len(spec) != 2:
+                    raise ValueError(f"exit spec for {path!r} must be a module or (module, extra_path), got {spec!r}")
+                spec, extra_path = spec
+            if not isinstance(spec, nn.Module):
+                raise TypeError(f"exit for {path!r} must be an nn.Module, got {type(spec).__name__}")
+            module_path = path.split("#", 1)[0]
+            self._check_path(module_path, order, "exit")
+            if extra_path is not None:
+                self._check_path(extra_path, order, "extra input")
+            trigger = max((module_path, extra_path) if extra_path else (module_path,), key=order.__getitem__)
+            cpath = compact_at.get(path)
+            if cpath is None:
+                cpath = self._safe_point(trigger)
+            else:
+                self._check_path(cpath, order, "compaction point")
+            specs.append((order[trigger], order[module_path], path, spec, extra_path, trigger, cpath, module_path))
+        specs.sort(key=lambda s: (s[0], s[1]))
+        keys = [_sanitize(s[2]) for s in specs]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"two exits attached to the same module path: {[s[2] for s in specs]}")
+        self.exits = nn.ModuleDict({k: s[3] for k, s in zip(keys, specs)})
+        self.exit_paths: list[str] = [s[2] for s in specs]
+        self.exit_modules: list[str] = [s[7] for s in specs]  # exit_paths without a '#tag'
+        self.extra_paths: list[str | None] = [s[4] for s in specs]
+        self._triggers: list[str] = [s[5] for s in specs]
+        self.compaction_points: list[str] = [s[6] for s in specs]
+        if self.freeze_backbone:
+            for p in self.backbone.parameters():
+                p.requires_grad_(False)
+            self.backbone.eval()
+
+    # -- construction helpers --------------------------------------------------------------------
+    def _check_path(self, path: str, order: Mapping[str, int], what: str) -> None:
+        if path in order:
+            return
+        near = difflib.get_close_matches(path, list(order), n=6, cutoff=0.5)
+        if not near:
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            near = [n for n in order if n.startswith(parent + ".") and n.count(".") == path.count(".")][:6]
+        hint = f"; did you mean one of {near}?" if near else ""
+        top = [n for n in order if "." not in n]
+        raise ValueError(
+            f"{what} path {path!r} is not a submodule of the backbone ({type(self.backbone).__name__}){hint} "
+            f"(top-level children: {top})"
+        )
+
+    def _safe_point(self, path: str) -> str:
+        modules = dict(self.backbone.named_modules())
+
+        def safe(p: str) -> bool:
+            parent = p.rsplit(".", 1)[0] if "." in p else ""
+            if parent == "":
+                return self.backbone_is_chain
+            return isinstance(modules[parent], nn.Sequential) and safe(parent)
+
+        p = path
+        while p and not safe(p):
+            p = p.rsplit(".", 1)[0] if "." in p else ""
+        if not p:
+            raise ValueError(
+                f"no safe compaction point above {path!r} (the backbone is not a chain of its children); "
+                "pass compact_at={exit path: module path}"
+            )
+        return p
+
+    # -- basic properties ------------------------------------------------------------------------
+    @property
+    def num_exits(self) -> int:
+        """Number of early exits (the final output is not counted)."""
+        return len(self.exit_paths)
+
+    def exit_list(self) -> list[nn.Module]:
+        return list(self.exits.values())
+
+    def exit_parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """Parameters of the exits only (what exit training optimizes)."""
+        return self.exits.parameters(recurse)
+
+    def save_exits(self, path: str) -> None:
+        """Save the exits only (weights + each exit's config as plain data), atomically (safetensors)."""
+        from .checkpoint import save_exits
+
+        save_exits(self, path)
+
+    def load_exits(self, path: str) -> None:
+        """Load exits saved by :meth:`save_exits`; a config or shape mismatch raises naming it."""
+        from .checkpoint import load_exits
+
+        load_exits(self, path)
+
+    def train(self, mode: bool = True) -> "MultiExitNetwork":
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # BatchNorm statistics / Dropout of a frozen backbone never change
+        return self
+
+    def extra_repr(self) -> str:
+        parts = [
+            f"{p}" + (f"+{e}" if e else "") + (f" (compact at {c})" if c != p else "")
+            for p, e, c in zip(self.exit_paths, self.extra_paths, self.compaction_points)
+        ]
+        return f"exits=[{', '.join(parts)}], freeze_backbone={self.freeze_backbone}"
+
+    # -- running exits ---------------------------------------------------------------------------
+    def _call_exit(self, i: int, feat: Any, extra: Any) -> Tensor:
+        module = self.exits[_sanitize(self.exit_paths[i])]
+        if not isinstance(feat, Tensor):
+            raise TypeError(
+                f"exit {i} at {self.exit_paths[i]!r}: the module output is {_shape_of(feat)}, not a tensor; "
+                "attach the exit to a submodule that returns the feature map"
+            )
+        if extra is not None:
+            extra = self._adapt_extra(module, extra)
+        try:
+            return module(feat, extra=extra) if extra is not None else module(feat)
+        except (ValueError, TypeError, RuntimeError) as e:
+            shape = tuple(feat.shape)
+            extra_s = f" and extra {tuple(extra.shape)} from {self.extra_paths[i]!r}" if extra is not None else ""
+            cfg = getattr(module, "config", None)
+            want = ""
+            if cfg is not None and hasattr(cfg, "feature_size"):
+                want = (f"; the exit's config expects C={cfg.in_channels}, (H, W)={tuple(cfg.feature_size)} "
+                        f"but the actual feature shape is C={shape[1] if len(shape) > 1 else '?'}, "
+                        f"(H, W)={shape[2:]} - build the exit config from the actual shape")
+            raise type(e)(
+                f"exit {i} at {self.exit_paths[i]!r} failed on features of shape {shape}{extra_s}: {e}{want}"
+            ) from e
+
+    @staticmethod
+    def _adapt_extra(module: nn.Module, extra: Tensor) -> Tensor:
+        cfg = getattr(module, "config", None)
+        tokens = getattr(cfg, "extra_tokens", 0) if cfg is not None else 0
+        if tokens and isinstance(extra, Tensor) and extra.dim() == 2:
+            return extra.reshape(extra.shape[0], tokens, -1)
+        return extra
+
+    def exit_forward(self, i: int, features: Any) -> Tensor:
+        """Run exit ``i`` on an element of :meth:`branch_features` (a tensor or ``(features, extra)``)."""
+        if isinstance(features, (tuple, list)):
+            feat, extra = features
+        else:
+            feat, extra = features, None
+        return self._call_exit(i, feat, extra)
+
+    def _hooked_modules(self) -> dict[str, nn.Module]:
+        modules = dict(self.backbone.named_modules())
+        paths = set(self._triggers) | set(self.exit_modules) | {p for p in self.extra_paths if p}
+        paths |= set(self.compaction_points)
+        return {p: modules[p] for p in paths}
+
+    def _run(self, inputs: tuple, on_ready, on_output=None) -> Any:
+        """Run the backbone with hooks. ``on_ready(i, feat, extra)`` is called when exit i's inputs exist;
+        ``on_output(path, output)`` may return a replacement output of a hooked module."""
+        captured: dict[str, Any] = {}
+        versions: dict[str, Any] = {}  # tensor version counters at capture: detects later in-place edits
+        calls: dict[str, int] = {}
+        done = [False] * self.num_exits
+        next_exit = [0]
+        needed_by = {}
+        for i, (p, e) in enumerate(zip(self.exit_modules, self.extra_paths)):
+            for q in (p, e):
+                if q:
+                    needed_by.setdefault(q, []).append(i)
+
+        def hook(path):
+            def fn(_module, _args, output):
+                calls[path] = calls.get(path, 0) + 1
+                if calls[path] > 1:
+                    raise RuntimeError(
+                        f"module {path!r} ran more than once in one forward pass (e.g. a shared ReLU); "
+                        "attach exits to modules that run once"
+                    )
+                if path in needed_by:
+                    captured[path] = output
+                    versions[path] = getattr(output, "_version", None)
+                    for i in needed_by[path]:
+                        p, e = self.exit_modules[i], self.extra_paths[i]
+                        if done[i] or p not in captured or (e and e not in captured):
+                            continue
+                        if i != next_exit[0]:
+                            raise RuntimeError(
+                                f"exit {i} at {p!r} became ready before exit {next_exit[0]} at "
+                                f"{self.exit_paths[next_exit[0]]!r}: the backbone does not run the exit points in "
+                                "the order of its module tree"
+                            )
+                        for q in (p, e):
+                            if q and getattr(captured[q], "_version", None) != versions[q]:
+                                raise RuntimeError(
+                                    f"the output of {q!r} was modified in place (e.g. by an in-place ReLU) before "
+                                    f"exit {i} at {self.exit_paths[i]!r} could read it; attach the exit elsewhere"
+                                )
+                        done[i] = True
+                        next_exit[0] += 1
+                        on_ready(i, captured[p], captured[e] if e else None)
+                if on_output is not None:
+                    return on_output(path, output)
+                return None
+
+            return fn
+
+        handles = [m.register_forward_hook(hook(p)) for p, m in self._hooked_modules().items()]
+        try:
+            final = self.backbone(*inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [self.exit_paths[i] for i in range(self.num_exits) if not done[i]]
+        if missing:
+            raise RuntimeError(f"exit module path(s) {missing} did not run during the backbone's forward pass")
+        return final
+
+    def forward(self, *inputs: Any, extra: Mapping[str, Tensor] | Tensor | None = None) -> list[Tensor]:
+        """Every exit's output (in depth order) followed by the backbone's final output.
+
+        ``extra``: inputs of exits whose extra input is not a backbone module (see :meth:`early_exit`).
+        """
+        inputs = _as_inputs(inputs[0]) if len(inputs) == 1 else inputs
+        outs: list[Tensor | None] = [None] * self.num_exits
+        user = self._user_extras(extra, _batch_of(inputs))
+
+        def on_ready(i, feat, extra_t):
+            outs[i] = self._call_exit(i, feat, user.get(i) if extra_t is None else extra_t)
+
+        final = self._run(inputs, on_ready)
+        return [*outs, final]
+
+    def branch_features(self, *inputs: Any, extra: Mapping[str, Tensor] | Tensor | None = None) -> list[Any]:
+        """The inputs of every exit (detached copies), then the final output.
+
+        Element i is the feature tensor feeding exit i, or ``(features, extra)`` for an exit with an extra
+        input; :meth:`exit_forward` runs exit i on it. Use it to cache features for exit training.
+        """
+        inputs = _as_inputs(inputs[0]) if len(inputs) == 1 else inputs
+        feats: list[Any] = [None] * self.num_exits
+        user = self._user_extras(extra, _batch_of(inputs))
+
+        def on_ready(i, feat, extra):
+            extra = user.get(i) if extra is None else extra
+            f = feat.detach().clone() if isinstance(feat, Tensor) else feat
+            feats[i] = f if extra is None else (f, extra.detach().clone())
+
+        with torch.no_grad():
+            final = self._run(inputs, on_ready)
+        return [*feats, final]
+
+    @torch.no_grad()
+    def feature_shapes(self, *inputs: Any) -> dict[str, Any]:
+        """``{module path: output shape}`` of every exit's (and extra's) module for ``inputs``.
+
+        Cheap: runs under ``FakeTensorMode`` (no real arithmetic), so use any input size.
+        """
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        inputs = _as_inputs(inputs[0]) if len(inputs) == 1 else inputs
+        shapes: dict[str, Any] = {}
+        modules = self._hooked_modules()
+
+        def grab(p, o):
+            shapes[p] = _shape_of(o)
+            if len(shapes) == len(modules):
+                raise _AllExited  # every shape known: skip the rest of the backbone
+
+        handles = [m.register_forward_hook(lambda _m, _a, o, p=p: grab(p, o)) for p, m in modules.items()]
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                fake = tuple(torch.empty(t.shape, dtype=t.dtype) if isinstance(t, Tensor) else t for t in inputs)
+                self.backbone(*fake)
+        except _AllExited:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return shapes
+
+    def validate(self, *inputs: Any) -> dict[str, Any]:
+        """Check every exit's config against the actual feature shapes for ``inputs`` (shapes only, cheap).
+
+        Raises ``ValueError`` listing each exit whose ``in_channels``/``feature_size`` does not match the
+        feature map it will read, with the actual shape; returns ``{module path: shape}`` otherwise.
+        """
+        shapes = self.feature_shapes(*inputs)
+        problems = []
+        for i, (key, module) in enumerate(self.exits.items()):
+            cfg = getattr(module, "config", None)
+            shape = shapes.get(self.exit_modules[i])
+            if cfg is None or not hasattr(cfg, "feature_size") or not isinstance(shape, tuple) or len(shape) != 4:
+                continue
+            if (shape[1], *shape[2:]) != (cfg.in_channels, *cfg.feature_size):
+                problems.append(
+                    f"exit {i} at {self.exit_paths[i]!r}: actual feature shape {shape} (C={shape[1]}, "
+                    f"H x W={shape[2]}x{shape[3]}) but the config expects C={cfg.in_channels}, "
+                    f"H x W={cfg.feature_size[0]}x{cfg.feature_size[1]}"
+                )
+        if problems:
+            raise ValueError("exit configs do not match the backbone's feature shapes:\n  " + "\n  ".join(problems))
+        return shapes
+
+    # -- early exit ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def early_exit(self, x: Any, policy: Any, extra: Mapping[str, Tensor] | Tensor | None = None) -> EarlyExitResult:
+        """Per-sample early exit with batch compaction; see the module docstring.
+
+        ``x``: the backbone input (a tensor, or a tuple of tensors passed as ``backbone(*x)``).
+        ``policy``: a :mod:`slvit_fast.policies` policy. ``extra``: extra inputs for exits that are not
+        fed from a backbone module - ``{exit path: tensor (B, ...)}``, or a tensor when exactly one exit
+        takes an extra input.
+        """
+        from .policies import Policy
+
+        if not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a slvit_fast.policies.Policy, got {type(policy).__name__}")
+        policy.check(self.num_exits)
+        for m in self.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                raise RuntimeError("early_exit needs the backbone in eval mode (BatchNorm in training mode "
+                                   "mixes samples); call net.eval()")
+        inputs = _as_inputs(x)
+        B = _batch_of(inputs)
+        user_extra = self._user_extras(extra, B)
+        device = next((t.device for t in inputs if isinstance(t, Tensor)), torch.device("cpu"))
+        state = policy.start(B, self.num_exits, device)
+        st = _EEState(B, device)
+        compaction_of = {}
+        for i, c in enumerate(self.compaction_points):
+            compaction_of.setdefault(c, []).append(i)
+
+        def on_ready(i, feat, extra_t):
+            if extra_t is None and i in user_extra:
+                extra_t = user_extra[i][st.rows]
+            feat, extra_t = st.fresh(self.exit_modules[i], feat), st.fresh(self.extra_paths[i], extra_t)
+            idx = st.alive.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                raise _AllExited
+            if policy.anytime and i > 0 and policy.expired(state):
+                st.finish_previous(i)
+                raise _AllExited
+            all_alive = idx.numel() == st.alive.numel()
+            f = feat if all_alive else feat.index_select(0, idx)
+            e = extra_t if (extra_t is None or all_alive) else extra_t.index_select(0, idx)
+            out = self._call_exit(i, f, e)
+            st.evaluated[i] = idx.numel()
+            orig = st.rows.index_select(0, idx)
+            if policy.anytime:
+                if i > 0 and policy.expired(state):
+                    st.finish_previous(i)
+                    raise _AllExited
+                st.prev = (orig, out, i)
+                return
+            decide = policy.decide(state, i, out, orig)
+            if not isinstance(decide, Tensor) or decide.dtype != torch.bool or decide.shape != (idx.numel(),):
+                raise TypeError(f"{type(policy).__name__}.decide must return a bool tensor of shape "
+                                f"({idx.numel()},), got {_shape_of(decide)} {getattr(decide, 'dtype', '')}")
+            st.record(i, orig[decide], out[decide])
+            st.alive[idx[decide]] = False
+            if not st.alive.any():
+                raise _AllExited
+
+        def on_output(path, output):
+            st.snap[path] = st.rows  # rows of this module's (uncompacted) output, for late readers
+            if path not in compaction_of or st.alive.all():
+                return None
+            keep = st.alive.nonzero().squeeze(1)
+            n = st.rows.numel()
+            st.rows = st.rows.index_select(0, keep)
+            st.alive = st.alive.index_select(0, keep)
+            return _compact(output, keep, n)
+
+        try:
+            final = self._run(inputs, on_ready, on_output)
+        except _AllExited:
+            final = None
+        except RuntimeError as e:
+            if st.rows.numel() == B or "batch compaction" in str(e):
+                raise
+            raise RuntimeError(
+                f"{e}\n(slvit_fast: the backbone failed after batch compaction dropped rows at "
+                f"{sorted(set(self.compaction_points))}; if this is a shape mismatch, a tensor computed before "
+                "a compaction point is used after it - pass compact_at={exit path: later module path})"
+            ) from e
+        if final is not None:
+            if not isinstance(final, Tensor) or final.shape[0] != st.rows.numel():
+                raise RuntimeError(
+                    f"after batch compaction the backbone returned {_shape_of(final)} for {st.rows.numel()} "
+                    "remaining samples: a compaction point is not safe for this backbone; pass compact_at="
+                )
+            idx = st.alive.nonzero().squeeze(1)
+            st.evaluated[self.num_exits] = idx.numel()
+            if policy.anytime and st.prev is not None and policy.expired(state):
+                st.finish_previous(self.num_exits)
+            elif idx.numel():
+                st.record(self.num_exits, st.rows.index_select(0, idx), final.index_select(0, idx))
+        return st.result(self.num_exits)
+
+    def _user_extras(self, extra: Any, B: int) -> dict[int, Tensor]:
+        need = [i for i, e in enumerate(self.extra_paths) if e is None and getattr(
+            getattr(self.exits[_sanitize(self.exit_paths[i])], "config", None), "extra_dim", 0)]
+        if extra is None:
+            return {}
+        if isinstance(extra, Tensor):
+            if len(need) != 1:
+                raise ValueError(f"extra= as a tensor needs exactly one exit taking user extras; found {len(need)}; "
+                                 "pass {exit path: tensor}")
+            extra = {self.exit_paths[need[0]]: extra}
+        out = {}
+        for path, t in dict(extra).items():
+            if path not in self.exit_paths:
+                raise ValueError(f"extra= key {path!r} is not an exit path; exit paths: {self.exit_paths}")
+            if t.shape[0] != B:
+                raise ValueError(f"extra for {path!r} has batch {t.shape[0]}, the input has {B}")
+            out[self.exit_paths.index(path)] = t
+        return out
+
+
+class _EEState:
+    """Book-keeping of one early_exit call."""
+
+    def __init__(self, B: int, device: torch.device):
+        self.B = B
+        self.device = device
+        self.rows = torch.arange(B, device=device)  # original index of each row in the running batch
+        self.alive = torch.ones(B, dtype=torch.bool, device=device)
+        self.outputs: Tensor | None = None
+        self.exit_index = torch.full((B,), -1, dtype=torch.long, device=device)
+        self.evaluated: dict[int, int] = {}
+        self.prev: tuple[Tensor, Tensor, int] | None = None  # anytime: last finished exit's answers
+        self.snap: dict[str, Tensor] = {}
+
+    def fresh(self, path: str | None, t: Any) -> Any:
+        """A captured output whose rows predate a compaction, restricted to the current rows."""
+        snap = self.snap.get(path) if path else None
+        if t is None or snap is None or snap.numel() == self.rows.numel():
+            return t
+        return _compact(t, torch.searchsorted(snap, self.rows), snap.numel())
+
+    def record(self, i: int, orig: Tensor, out: Tensor) -> None:
+        if orig.numel() == 0:
+            return
+        if self.outputs is None:
+            self.outputs = torch.full((self.B, *out.shape[1:]), float("nan"), dtype=out.dtype, device=out.device)
+        elif tuple(out.shape[1:]) != tuple(self.outputs.shape[1:]):
+            raise RuntimeError(
+                f"exit {i} returns outputs of shape {tuple(out.shape[1:])} per sample, earlier exits "
+                f"{tuple(self.outputs.shape[1:])}: every exit and the final output need the same output size"
+            )
+        self.outputs[orig] = out.to(self.outputs.dtype)
+        self.exit_index[orig] = i
+
+    def finish_previous(self, i: int) -> None:
+        """Anytime: the deadline passed before exit ``i`` finished; alive samples take the last answer."""
+        assert self.prev is not None
+        orig, out, j = self.prev
+        alive_orig = set(self.rows[self.alive].tolist())
+        mask = torch.tensor([o in alive_orig for o in orig.tolist()], dtype=torch.bool, device=orig.device)
+        self.record(j, orig[mask], out[mask])
+        self.alive[:] = False
+
+    def result(self, num_exits: int) -> EarlyExitResult:
+        if (self.exit_index < 0).any():
+            raise RuntimeError("internal error: some samples got no answer")
+        counts = torch.bincount(self.exit_index, minlength=num_exits + 1).tolist()
+        evaluated = [self.evaluated.get(i, 0) for i in range(num_exits + 1)]
+        return EarlyExitResult(self.outputs, self.exit_index, counts, evaluated)

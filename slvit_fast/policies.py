@@ -1,0 +1,473 @@
+"""Exit policies: which samples leave at which exit.
+
+A policy sees, at exit ``i``, the outputs (n, K) of the samples still running and returns a boolean mask
+of those that exit there; samples that never exit get the backbone's final output. The same policy
+object drives :meth:`slvit_fast.MultiExitNetwork.early_exit` (real early exit, batch compaction) and
+:func:`apply` (brute force on the outputs of every exit, e.g. from ``net(x)``), which give the same
+answer.
+
+Classification policies work on logits (softmax taken here):
+
+* :class:`MaxSoftmax` - exit when the top softmax probability >= threshold.
+* :class:`Entropy` - exit when the softmax entropy (nats; ``normalized=True``: divided by log K) <= threshold.
+* :class:`Margin` - exit when top-1 minus top-2 probability >= threshold.
+* :class:`Patience` - exit when the top-1 class stayed the same over ``n`` consecutive exits (PABEE).
+* :class:`ClassThresholds` - class-specific thresholds (seeds/003): exit i accepts a sample predicted as
+  class c when its top probability >= ``t[i][c]``; ``inf`` means exit i never accepts class c.
+* :class:`RegressionCriterion` - any user criterion ``fn(exit_index, output, previous_output) -> mask``
+  (regression exits such as AudioCSRNet's crowd count).
+* :class:`Deadline` - anytime prediction: exits run in order; when the deadline passes, every sample gets
+  the deepest exit that finished before it (the first exit always runs).
+
+Thresholds: one number for every exit, or a sequence with one entry per early exit (``None`` = never
+exit there). Non-finite values and a wrong count are errors. :func:`calibrate_budget` picks thresholds
+for budgeted batch classification (seeds/004 Algorithm 1, as in MSDNet).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Policy", "MaxSoftmax", "Entropy", "Margin", "Patience", "ClassThresholds", "RegressionCriterion",
+    "Criterion", "Deadline", "Anytime", "apply", "calibrate_budget", "BudgetCandidate", "BudgetCalibration",
+]
+
+
+class Policy:
+    """Base class. Subclasses implement :meth:`decide`; ``start`` makes per-call state."""
+
+    anytime = False
+
+    def check(self, num_exits: int) -> None:
+        """Raise ``ValueError`` if this policy cannot drive a network with ``num_exits`` early exits."""
+
+    def start(self, batch_size: int, num_exits: int, device: torch.device) -> dict:
+        self.check(num_exits)
+        return {"batch_size": batch_size, "device": device}
+
+    def decide(self, state: dict, exit_index: int, outputs: Tensor, rows: Tensor) -> Tensor:
+        """Bool mask (n,): which of the n samples (original indices ``rows``) exit at ``exit_index``."""
+        raise NotImplementedError
+
+    def expired(self, state: dict) -> bool:  # anytime policies only
+        return False
+
+
+def _check_logits(outputs: Tensor, what: str) -> None:
+    if outputs.dim() != 2 or outputs.shape[1] < 2:
+        raise ValueError(f"{what} needs classification logits (n, K>=2), got shape {tuple(outputs.shape)}")
+
+
+def _thresholds(values: Any, name: str, lo: float | None, hi: float | None) -> float | list[float | None]:
+    def one(v: Any) -> float | None:
+        if v is None:
+            return None
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: threshold {v!r} is not a number") from None
+        if not math.isfinite(f):
+            raise ValueError(f"{name}: threshold {v!r} is not finite (use None for 'never exit here')")
+        if (lo is not None and f < lo) or (hi is not None and f > hi):
+            raise ValueError(f"{name}: threshold {f} outside [{lo}, {hi}]")
+        return f
+
+    if isinstance(values, Tensor):
+        values = values.tolist()
+    if isinstance(values, (list, tuple)):
+        if len(values) == 0:
+            raise ValueError(f"{name}: empty threshold list")
+        return [one(v) for v in values]
+    out = one(values)
+    if out is None:
+        raise ValueError(f"{name}: a single threshold must be a number")
+    return out
+
+
+class _ScorePolicy(Policy):
+    """Exit when ``score(outputs)`` compares favourably with the exit's threshold."""
+
+    lo: float | None = 0.0
+    hi: float | None = 1.0
+    higher_exits = True
+
+    def __init__(self, thresholds: float | Sequence[float | None]):
+        self.thresholds = _thresholds(thresholds, type(self).__name__, self.lo, self.hi)
+
+    def check(self, num_exits: int) -> None:
+        if isinstance(self.thresholds, list) and len(self.thresholds) != num_exits:
+            raise ValueError(
+                f"{type(self).__name__}: got {len(self.thresholds)} thresholds for {num_exits} early exits "
+                "(one per early exit; the final output takes every remaining sample)"
+            )
+
+    def threshold(self, i: int) -> float | None:
+        return self.thresholds[i] if isinstance(self.thresholds, list) else self.thresholds
+
+    def score(self, outputs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decide(self, state: dict, exit_index: int, outputs: Tensor, rows: Tensor) -> Tensor:
+        t = self.threshold(exit_index)
+        if t is None:
+            return torch.zeros(outputs.shape[0], dtype=torch.bool, device=outputs.device)
+        s = self.score(outputs)
+        return s >= t if self.higher_exits else s <= t
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.thresholds!r})"
+
+
+class MaxSoftmax(_ScorePolicy):
+    """Exit when max softmax probability >= threshold (in [0, 1])."""
+
+    def score(self, outputs: Tensor) -> Tensor:
+        _check_logits(outputs, "MaxSoftmax")
+        return torch.softmax(outputs.float(), dim=1).amax(dim=1)
+
+
+class Entropy(_ScorePolicy):
+    """Exit when the softmax entropy <= threshold (nats, or fraction of log K with ``normalized=True``)."""
+
+    hi = None
+    higher_exits = False
+
+    def __init__(self, thresholds: float | Sequence[float | None], normalized: bool = False):
+        super().__init__(thresholds)
+        self.normalized = bool(normalized)
+
+    def score(self, outputs: Tensor) -> Tensor:
+        _check_logits(outputs, "Entropy")
+        logp = torch.log_softmax(outputs.float(), dim=1)
+        h = -(logp.exp() * logp).sum(dim=1)
+        return h / math.log(outputs.shape[1]) if self.normalized else h
+
+
+class Margin(_ScorePolicy):
+    """Exit when (top-1 - top-2) softmax probability >= threshold."""
+
+    def score(self, outputs: Tensor) -> Tensor:
+        _check_logits(outputs, "Margin")
+        top = torch.softmax(outputs.float(), dim=1).topk(2, dim=1).values
+        return top[:, 0] - top[:, 1]
+
+
+class Patience(Policy):
+    """Exit once the top-1 class has not changed over ``n`` consecutive exits (PABEE's patience).
+
+    At exit i the counter is the number of exits in a row, ending at i, whose prediction equals the
+    previous exit's: ``Patience(1)`` exits as soon as two consecutive exits agree.
+    """
+
+    def __init__(self, n: int):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"Patience: n must be a positive int, got {n!r}")
+        self.n = n
+
+    def start(self, batch_size: int, num_exits: int, device: torch.device) -> dict:
+        state = super().start(batch_size, num_exits, device)
+        state["pred"] = torch.full((batch_size,), -1, dtype=torch.long, device=device)
+        state["count"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return state
+
+    def decide(self, state: dict, exit_index: int, outputs: Tensor, rows: Tensor) -> Tensor:
+        _check_logits(outputs, "Patience")
+        pred = outputs.argmax(dim=1)
+        same = pred == state["pred"][rows]
+        count = torch.where(same, state["count"][rows] + 1, torch.zeros_like(pred))
+        state["count"][rows] = count
+        state["pred"][rows] = pred
+        return count >= self.n
+
+    def __repr__(self) -> str:
+        return f"Patience({self.n})"
+
+
+class ClassThresholds(Policy):
+    """Class-specific exit thresholds (seeds/003): ``t[i][c]`` for exit i and predicted class c.
+
+    A sample whose top-1 class at exit i is c exits when its top softmax probability >= ``t[i][c]``.
+    ``inf`` (or None) means exit i never accepts class c - the class-specific design accepts only the
+    targeted classes early. NaN and -inf are errors.
+    """
+
+    def __init__(self, per_exit_per_class: Any):
+        rows = per_exit_per_class.tolist() if isinstance(per_exit_per_class, Tensor) else per_exit_per_class
+        try:
+            rows = [[math.inf if v is None else float(v) for v in r] for r in rows]
+        except (TypeError, ValueError):
+            raise ValueError("ClassThresholds: expected a (num_exits, num_classes) table of numbers") from None
+        if not rows or len({len(r) for r in rows}) != 1 or len(rows[0]) == 0:
+            raise ValueError("ClassThresholds: expected a non-empty rectangular (num_exits, num_classes) table")
+        for i, r in enumerate(rows):
+            for c, v in enumerate(r):
+                if math.isnan(v) or v == -math.inf:
+                    raise ValueError(f"ClassThresholds: threshold [{i}][{c}] is {v}; use a number in [0, 1] or inf")
+        self.table = torch.tensor(rows, dtype=torch.float32)
+
+    def check(self, num_exits: int) -> None:
+        if self.table.shape[0] != num_exits:
+            raise ValueError(f"ClassThresholds: table has {self.table.shape[0]} rows for {num_exits} early exits")
+
+    def decide(self, state: dict, exit_index: int, outputs: Tensor, rows: Tensor) -> Tensor:
+        _check_logits(outputs, "ClassThresholds")
+        if outputs.shape[1] != self.table.shape[1]:
+            raise ValueError(f"ClassThresholds: table has {self.table.shape[1]} classes, outputs {outputs.shape[1]}")
+        conf, pred = torch.softmax(outputs.float(), dim=1).max(dim=1)
+        return conf >= self.table[exit_index].to(outputs.device)[pred]
+
+    def __repr__(self) -> str:
+        return f"ClassThresholds({self.table.tolist()!r})"
+
+
+class RegressionCriterion(Policy):
+    """Exit by a user criterion: ``fn(exit_index, output, previous) -> bool mask (n,)``.
+
+    ``output`` (n, K) is this exit's output for the running samples, ``previous`` the previous exit's
+    output for the same samples (None at exit 0). Example - exit when two consecutive crowd-count
+    estimates agree within 2 people: ``RegressionCriterion(lambda i, y, prev: prev is not None and
+    (y - prev).abs()[:, 0] < 2)`` (returning a plain bool applies to every sample).
+    """
+
+    def __init__(self, fn: Callable[[int, Tensor, Tensor | None], Any]):
+        if not callable(fn):
+            raise TypeError(f"RegressionCriterion needs a callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def start(self, batch_size: int, num_exits: int, device: torch.device) -> dict:
+        state = super().start(batch_size, num_exits, device)
+        state["prev"] = None
+        return state
+
+    def decide(self, state: dict, exit_index: int, outputs: Tensor, rows: Tensor) -> Tensor:
+        prev = None if state["prev"] is None else state["prev"][rows]
+        mask = self.fn(exit_index, outputs, prev)
+        n = outputs.shape[0]
+        if isinstance(mask, bool):
+            mask = torch.full((n,), mask, dtype=torch.bool, device=outputs.device)
+        mask = torch.as_tensor(mask, device=outputs.device)
+        if mask.dtype != torch.bool or tuple(mask.shape) != (n,):
+            raise ValueError(f"RegressionCriterion: the criterion must return a bool mask of shape ({n},), "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        if state["prev"] is None:
+            state["prev"] = torch.zeros((state["batch_size"], *outputs.shape[1:]), dtype=outputs.dtype,
+                                        device=outputs.device)
+        state["prev"][rows] = outputs
+        return mask
+
+
+Criterion = RegressionCriterion
+
+
+class Deadline(Policy):
+    """Anytime prediction: answer with the deepest exit that finished before ``seconds`` elapsed.
+
+    The clock starts when ``early_exit`` starts. No sample leaves early before the deadline; when it
+    passes, the network stops and every sample gets the last finished exit's output (exit 0 always
+    runs, so with a very short deadline the answer is exit 0's, late). ``Deadline(math.inf)`` runs the
+    whole backbone. ``clock`` (default ``time.perf_counter``) can be replaced for tests.
+    """
+
+    anytime = True
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.perf_counter):
+        seconds = float(seconds)
+        if math.isnan(seconds) or seconds < 0:
+            raise ValueError(f"Deadline: seconds must be >= 0, got {seconds}")
+        self.seconds = seconds
+        self.clock = clock
+
+    def start(self, batch_size: int, num_exits: int, device: torch.device) -> dict:
+        state = super().start(batch_size, num_exits, device)
+        state["t0"] = self.clock()
+        return state
+
+    def expired(self, state: dict) -> bool:
+        return self.clock() - state["t0"] > self.seconds
+
+    def decide(self, state: dict, exit_index: int, outputs: Tensor, rows: Tensor) -> Tensor:
+        return torch.zeros(outputs.shape[0], dtype=torch.bool, device=outputs.device)
+
+    def __repr__(self) -> str:
+        return f"Deadline({self.seconds})"
+
+
+Anytime = Deadline
+
+
+# -- brute force ------------------------------------------------------------------------------------
+def apply(policy: Policy, outputs: Sequence[Tensor], finish_times: Sequence[float] | None = None):
+    """Apply ``policy`` to the outputs of every exit on every sample (``outputs`` as returned by
+    ``net(x)``: early exits then the final output). Returns an :class:`~slvit_fast.multi_exit.EarlyExitResult`.
+
+    For :class:`Deadline`, ``finish_times[j]`` is when exit j (last: the final output) finished, in
+    seconds after the start; the answer is the deepest j finished by the deadline (exit 0 at least).
+    """
+    from .multi_exit import EarlyExitResult
+
+    outputs = list(outputs)
+    if len(outputs) < 2:
+        raise ValueError("apply: need the outputs of at least one exit and the final output")
+    n_exits = len(outputs) - 1
+    B = outputs[0].shape[0]
+    device = outputs[0].device
+    state = policy.start(B, n_exits, device)
+    out = torch.empty((B, *outputs[-1].shape[1:]), dtype=outputs[-1].dtype, device=device)
+    idx = torch.full((B,), n_exits, dtype=torch.long, device=device)
+    evaluated = [0] * (n_exits + 1)
+    if policy.anytime:
+        if finish_times is None and math.isinf(policy.seconds):
+            finish_times = [0.0] * (n_exits + 1)
+        if finish_times is None or len(finish_times) != n_exits + 1:
+            raise ValueError(f"apply: an anytime policy needs finish_times for all {n_exits + 1} outputs")
+        j = 0
+        for k, t in enumerate(finish_times):
+            if t <= policy.seconds:
+                j = k
+        out[:] = outputs[j]
+        idx[:] = j
+        evaluated = [B] * (j + 1) + [0] * (n_exits - j)
+    else:
+        alive = torch.ones(B, dtype=torch.bool, device=device)
+        for i in range(n_exits):
+            rows = alive.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                break
+            evaluated[i] = rows.numel()
+            o = outputs[i].index_select(0, rows)
+            d = policy.decide(state, i, o, rows)
+            out[rows[d]] = o[d].to(out.dtype)
+            idx[rows[d]] = i
+            alive[rows[d]] = False
+        rows = alive.nonzero().squeeze(1)
+        evaluated[n_exits] = rows.numel()
+        out[rows] = outputs[-1].index_select(0, rows)
+    counts = torch.bincount(idx, minlength=n_exits + 1).tolist()
+    return EarlyExitResult(out, idx, counts, evaluated)
+
+
+# -- budgeted batch classification ---------------------------------------------------------------
+@dataclass
+class BudgetCandidate:
+    """One exit distribution of Algorithm 1: planned exit fractions ``q``, the thresholds, and what
+    they give on the validation set (realized exit fractions, mean FLOPs per sample, accuracy)."""
+
+    p: float
+    q: list[float]
+    thresholds: list[float | None]
+    exit_fractions: list[float]
+    expected_flops: float
+    accuracy: float
+
+    def policy(self) -> MaxSoftmax:
+        return MaxSoftmax(self.thresholds)
+
+
+@dataclass
+class BudgetCalibration:
+    candidates: list[BudgetCandidate]
+    best: BudgetCandidate | None  # most accurate candidate within the budget (None: none fits)
+    budget_flops: float
+    exit_costs: list[float]  # FLOPs a sample pays when it leaves at each exit (last: final output)
+
+    @property
+    def thresholds(self) -> list[float | None] | None:
+        return None if self.best is None else self.best.thresholds
+
+
+def _collect(net: Any, loader: Any) -> tuple[list[Tensor], Tensor, tuple]:
+    outs: list[list[Tensor]] = []
+    labels = []
+    example = None
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                x, y = batch[0], batch[1]
+                if example is None:
+                    example = x
+                o = net(x)
+                outs.append([t.detach() for t in o])
+                labels.append(torch.as_tensor(y))
+    finally:
+        net.train(was_training)
+    if not outs:
+        raise ValueError("calibrate_budget: the validation loader is empty")
+    cols = [torch.cat([o[i] for o in outs]) for i in range(len(outs[0]))]
+    return cols, torch.cat(labels), example
+
+
+def calibrate_budget(
+    net: Any,
+    val_loader: Any,
+    budget_flops: float,
+    iterations: int = 40,
+    base: float = 20.0,
+    exit_costs: Sequence[float] | None = None,
+) -> BudgetCalibration:
+    """Thresholds for budgeted batch classification (seeds/004 Algorithm 1, MSDNet's procedure).
+
+    For p = 1..``iterations``, the exit distribution ``q_k ∝ (p / base)^k`` (k = 1..n over the n early
+    exits and the final output) says which fraction of the validation samples should leave at each
+    exit; going through the exits in order, the ``q_k · m`` remaining samples with the highest max-softmax
+    confidence exit at k and the threshold is the lowest of their confidences. Each candidate is then
+    evaluated on the validation set with :class:`MaxSoftmax` (accuracy, realized mean FLOPs per sample).
+    ``budget_flops`` is the budget per sample (mean over the batch); ``best`` is the most accurate
+    candidate whose expected FLOPs fit it.
+
+    ``val_loader`` yields ``(x, y)`` batches (``x`` a tensor or tuple of tensors). ``exit_costs`` (FLOPs
+    of a sample leaving at each exit, then at the final output) default to
+    :func:`slvit_fast.accounting.summary` at the loader's input size.
+    """
+    budget_flops = float(budget_flops)
+    if not math.isfinite(budget_flops) or budget_flops <= 0:
+        raise ValueError(f"calibrate_budget: budget_flops must be a positive finite number, got {budget_flops}")
+    if iterations < 1 or base <= 0:
+        raise ValueError("calibrate_budget: iterations >= 1 and base > 0 required")
+    outputs, labels, example = _collect(net, val_loader)
+    n_exits = len(outputs) - 1
+    m = labels.shape[0]
+    if exit_costs is None:
+        from .accounting import summary
+
+        xs = example if isinstance(example, (tuple, list)) else (example,)
+        rows = summary(net, [tuple(t.shape[1:]) for t in xs]).rows
+        exit_costs = [r.cost_flops for r in rows]
+    exit_costs = [float(c) for c in exit_costs]
+    if len(exit_costs) != n_exits + 1:
+        raise ValueError(f"calibrate_budget: {len(exit_costs)} exit costs for {n_exits + 1} outputs")
+    conf = [torch.softmax(o.float(), dim=1).amax(dim=1) for o in outputs[:-1]]
+    cost_t = torch.tensor(exit_costs, dtype=torch.float64)
+    candidates = []
+    for p in range(1, iterations + 1):
+        ratio = p / base
+        q = torch.tensor([ratio ** k for k in range(1, n_exits + 2)], dtype=torch.float64)
+        q = (q / q.sum()).tolist()
+        eligible = torch.ones(m, dtype=torch.bool)
+        thresholds: list[float | None] = []
+        for k in range(n_exits):
+            quota = int(round(q[k] * m))
+            cand = eligible.nonzero().squeeze(1)
+            if quota <= 0 or cand.numel() == 0:
+                thresholds.append(None)
+                continue
+            c = conf[k][cand]
+            top = c.topk(min(quota, cand.numel())).indices
+            thresholds.append(float(c[top].min()))
+            eligible[cand[top]] = False
+        res = apply(MaxSoftmax(thresholds), outputs)
+        acc = float((res.outputs.argmax(dim=1) == labels).float().mean())
+        flops = float(cost_t[res.exit_index].mean())
+        frac = [c / m for c in res.counts]
+        candidates.append(BudgetCandidate(ratio, q, thresholds, frac, flops, acc))
+    fitting = [c for c in candidates if c.expected_flops <= budget_flops]
+    best = max(fitting, key=lambda c: (c.accuracy, -c.expected_flops)) if fitting else None
+    return BudgetCalibration(candidates, best, budget_flops, exit_costs)

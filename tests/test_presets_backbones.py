@@ -1,0 +1,108 @@
+"""Backbone presets (Table II branch points) and the AudioCSRNet backbone."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from slvit_fast import CNNExit, SLViTExit, presets
+from slvit_fast.backbones import AudioCSRNet
+from slvit_fast.exit_presets import get_preset
+
+warnings.filterwarnings("ignore", category=RuntimeWarning)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", ["resnet152", "densenet201", "inception_v3", "audiocsrnet"])
+def test_default_size_branches_have_the_papers_shapes(name):
+    """At the default input sizes every branch's feature map is the paper's (Table III), so the exits are
+    exactly the paper presets."""
+    net = presets.build(name, exit_backend="torch")
+    assert net.branch_names == [b.name for b in presets.BRANCHES[name]]
+    example = presets.example_input(name, 1)
+    shapes = net.feature_shapes(example)
+    for branch, exit_module in zip(presets.BRANCHES[name], net.exits.values()):
+        p = get_preset(branch.exit_preset)
+        assert shapes[branch.module] == (1, p.in_channels, *p.feature_size), branch
+        expected = SLViTExit.from_preset(branch.exit_preset, num_outputs=exit_module.config.num_outputs).config
+        assert exit_module.config == expected
+    if name == "audiocsrnet":
+        assert shapes["encoders.audio"] == (1, 128)
+
+
+def test_other_input_sizes_build_configs_from_actual_shapes():
+    net = presets.build("inception_v3", exit_type="slvit", input_size=299, exit_backend="torch")
+    cfgs = [e.config for e in net.exits.values()]
+    assert [c.feature_size for c in cfgs] == [(35, 35), (35, 35)]
+    assert [c.in_channels for c in cfgs] == [256, 288] and cfgs[0].patch_size == (5, 5)
+    cnn = presets.build("resnet152", exit_type="cnn", input_size=(48, 64))
+    assert [e.config.feature_size for e in cnn.exits.values()] == [(6, 8), (6, 8)]
+    assert all(isinstance(e, CNNExit) for e in cnn.exits.values())
+    assert presets.patch_for((28, 28)) == 4 and presets.patch_for((25, 25)) == 5
+    assert presets.patch_for((72, 128)) == 8 and presets.patch_for((14, 14)) == 2
+
+
+def test_exit_overrides():
+    net = presets.build("resnet152", input_size=32, exit_overrides={"embed_dim": 36, "num_heads": 8,
+                                                                      "mlp_residual": False})
+    assert all((e.config.embed_dim, e.config.num_heads, e.config.mlp_residual) == (36, 8, False)
+               for e in net.exits.values())
+
+
+def test_build_errors():
+    with pytest.raises(ValueError, match="unknown backbone preset.*resnet152"):
+        presets.build("resnet50")
+    with pytest.raises(ValueError, match="unknown branch"):
+        presets.build("resnet152", branches=["b3"], input_size=32)
+    with pytest.raises(ValueError, match="exit_type"):
+        presets.build("resnet152", exit_type="mlp")
+    with pytest.raises(ValueError, match="regression"):
+        presets.build("audiocsrnet", num_outputs=10, input_size=(32, 64))
+
+
+def test_audiocsrnet_backbone():
+    torch.manual_seed(0)
+    model = AudioCSRNet(image_size=(32, 64)).eval()
+    image, audio = presets.example_input("audiocsrnet", 3, (32, 64))
+    with torch.no_grad():
+        count = model(image, audio)
+        v, a = model.encoders(image, audio)
+        density = model.head.density(model.fusion((v, a))[0])
+    assert count.shape == (3, 1) and v.shape == (3, 512, 4, 8) and a.shape == (3, 128)
+    torch.testing.assert_close(count[:, 0], density.flatten(1).sum(1))  # dense layer initialised as a sum
+    block = model.fusion[0]
+    assert block.conv.dilation == (2, 2) and isinstance(block.bn, torch.nn.BatchNorm2d)
+    # FiLM: gamma(a) * BN(D(v)) + beta(a), then ReLU
+    with torch.no_grad():
+        block.gamma.bias.fill_(2.0)
+        block.beta.bias.fill_(-0.5)
+        y, _ = block((v, a))
+        ref = torch.relu(2.0 * block.bn(block.conv(v)) - 0.5)
+    torch.testing.assert_close(y, ref)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        AudioCSRNet(image_size=(30, 64))
+
+
+def test_weights_argument_loads_a_state_dict(tmp_path):
+    torch.manual_seed(0)
+    net = presets.build("audiocsrnet", input_size=(32, 64), exit_backend="torch")
+    path = tmp_path / "backbone.pt"
+    torch.save(net.backbone.state_dict(), path)
+    torch.manual_seed(1)
+    again = presets.build("audiocsrnet", input_size=(32, 64), weights=str(path), exit_backend="torch")
+    for (k, p), (_, q) in zip(net.backbone.state_dict().items(), again.backbone.state_dict().items()):
+        assert torch.equal(p, q), k
+    whole = tmp_path / "net.pt"
+    torch.save(net.state_dict(), whole)
+    third = presets.build("audiocsrnet", input_size=(32, 64), weights=str(whole), exit_backend="torch")
+    for (k, p), (_, q) in zip(net.state_dict().items(), third.state_dict().items()):
+        assert torch.equal(p, q), k
