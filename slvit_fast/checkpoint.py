@@ -19,10 +19,10 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..cnn_exit import CNNExit
-from ..config import CNNExitConfig, SLViTConfig
-from ..errors import CheckpointMismatchError
-from ..slvit_exit import SLViTExit
+from .cnn_exit import CNNExit
+from .config import CNNExitConfig, SLViTConfig
+from .errors import CheckpointMismatchError
+from .slvit_exit import SLViTExit
 
 FORMAT = "slvit_fast.exits/1"
 

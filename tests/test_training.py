@@ -11,7 +11,7 @@ from slvit_fast import CheckpointMismatchError
 from slvit_fast.training import (
     CopycatMix, CopycatSampler, Distillation, copycat_finetune, label_with_network, load_exits, save_exits, train_exits,
 )
-from slvit_fast.training.checkpoint import atomic_write, load_training_state
+from slvit_fast.checkpoint import atomic_write, load_training_state
 
 QUIET = dict(progress=False)
 
@@ -144,3 +144,11 @@ def test_end_to_end_with_distillation_moves_the_backbone():
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in hist.epochs[0]["exits"])
     with pytest.raises(ValueError, match="freeze_backbone=False"):
         train_exits(tiny_net(), loader(quadrant_task(8)), epochs=1, mode="end-to-end", **QUIET)
+
+
+def test_network_save_and_load_exits_methods(tmp_path):
+    net, other = tiny_net(seed=0), tiny_net(seed=4)
+    net.save_exits(str(tmp_path / "e.safetensors"))
+    other.load_exits(str(tmp_path / "e.safetensors"))
+    for k, v in net.exits.state_dict().items():
+        assert torch.equal(other.exits.state_dict()[k], v)

@@ -1,6 +1,6 @@
 """Exit training: classifier-wise (frozen backbone), end-to-end, distillation, copycat, checkpoints."""
 
-from .checkpoint import load_exits, save_exits
+from ..checkpoint import load_exits, save_exits
 from .copycat import CopycatMix, CopycatSampler, copycat_finetune, copycat_loader, label_with_network
 from .feature_cache import FeatureCache
 from .loop import History, evaluate_exits, train_exits

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from .checkpoint import load_exits, load_training_state, save_exits, save_training_state
+from ..checkpoint import load_exits, load_training_state, save_exits, save_training_state
 from .feature_cache import FeatureCache, as_inputs
 from .losses import Distillation, distill_loss, metric_sum, task_loss, task_of
 
