@@ -94,6 +94,13 @@ class _AllExited(Exception):
     """Raised from a hook to stop the backbone once no sample is left."""
 
 
+def _version_of(obj: Any) -> int | None:
+    """A tensor's in-place version counter; None for non-tensors and inference-mode tensors (no counter)."""
+    if not isinstance(obj, Tensor) or obj.is_inference():
+        return None
+    return obj._version
+
+
 def _sanitize(path: str) -> str:
     return path.replace(".", "__").replace("#", "--") or "root"
 
@@ -365,7 +372,7 @@ class MultiExitNetwork(nn.Module):
                     )
                 if path in needed_by:
                     captured[path] = output
-                    versions[path] = getattr(output, "_version", None)
+                    versions[path] = _version_of(output)
                     for i in needed_by[path]:
                         p, e = self.exit_modules[i], self.extra_paths[i]
                         if done[i] or p not in captured or (e and e not in captured):
@@ -377,7 +384,7 @@ class MultiExitNetwork(nn.Module):
                                 "the order of its module tree"
                             )
                         for q in (p, e):
-                            if q and getattr(captured[q], "_version", None) != versions[q]:
+                            if q and _version_of(captured[q]) != versions[q]:
                                 raise RuntimeError(
                                     f"the output of {q!r} was modified in place (e.g. by an in-place ReLU) before "
                                     f"exit {i} at {self.exit_paths[i]!r} could read it; attach the exit elsewhere"

@@ -63,6 +63,9 @@ _lock = threading.Lock()
 
 def _load(name: str) -> Backend | None:
     """Import the backend's module once; remember why it failed if it did."""
+    backend = _loaded.get(name)
+    if backend is not None:  # lock-free fast path: torch.compile cannot trace through a lock
+        return backend
     with _lock:
         if name in _loaded:
             return _loaded[name]
