@@ -1,0 +1,623 @@
+// Fused CPU implementation of the SL-ViT exit (forward and backward), registered as torch ops
+//   slvit_fast::cpu_exit_forward(x, extra, params, cfg, eps, save) -> Tensor[]  [out, saved...]
+//   slvit_fast::cpu_exit_backward(grad_out, x, extra, params, saved, cfg, eps) -> Tensor[]
+// Fake (meta) implementations and autograd live in Python (slvit_fast/ops/cpp_ops.py).
+//
+// Design (see csrc/README.md): one C++ call per forward / backward, so batch 1 pays no per-op
+// Python overhead; everything computes in float32 (fp16/bf16 inputs are upcast once, outputs cast
+// back). Weight-shared projections run as one GEMM over all B*T token rows (MKL through ATen);
+// the per-(sample, head) attention products run in at::parallel_for calling BLAS sgemm directly
+// (no dispatcher per call); patch extraction is a strided gather straight from NCHW or
+// channels_last memory; LayerNorm / GELU / softmax use ATen's vectorized CPU kernels.
+
+// Per-operator headers instead of <ATen/ATen.h>: this file compiles in a fraction of the time.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_softmax.h>
+#include <ATen/ops/_softmax_backward_data.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/gelu_backward.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/native_layer_norm.h>
+#include <ATen/ops/native_layer_norm_backward.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/sum.h>
+#include <ATen/record_function.h>
+#include <torch/library.h>
+
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <memory>
+#include <cmath>
+#include <vector>
+
+namespace slvit_cpu {
+
+using at::Tensor;
+
+// ----------------------------------------------------------------------------------------------
+// Row-major GEMM: C(MxN) = alpha * op(A) op(B) + beta * C. Uses the BLAS sgemm linked into torch
+// when it can be found (MKL on x86 wheels), else ATen mm on strided views.
+typedef void (*sgemm_fn)(const char*, const char*, const int*, const int*, const int*, const float*,
+                         const float*, const int*, const float*, const int*, const float*, float*,
+                         const int*);
+
+static sgemm_fn find_sgemm() {
+  static sgemm_fn fn = []() -> sgemm_fn {
+    const char* names[] = {"sgemm_", "SGEMM", "sgemm"};
+    for (const char* n : names) {
+      if (void* p = dlsym(RTLD_DEFAULT, n)) return reinterpret_cast<sgemm_fn>(p);
+    }
+    return nullptr;
+  }();
+  return fn;
+}
+
+// MKL's per-thread thread count (nullptr when torch's BLAS is not MKL): the per-head GEMMs are tiny
+// and already run inside at::parallel_for, so BLAS-level threading there only adds overhead.
+typedef int (*mkl_local_threads_fn)(int);
+static mkl_local_threads_fn find_mkl_local_threads() {
+  static mkl_local_threads_fn fn = reinterpret_cast<mkl_local_threads_fn>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  return fn;
+}
+struct SequentialBlas {
+  int prev = 0;
+  mkl_local_threads_fn fn = find_mkl_local_threads();
+  SequentialBlas() { if (fn) prev = fn(1); }
+  ~SequentialBlas() { if (fn) fn(prev); }
+};
+
+// Small problems (batch 1-4 at the paper's sizes, ~0.2 ms of work) run on the calling thread only:
+// each ATen op's own OpenMP region costs 5-20 us when the machine is idle and milliseconds when the
+// other core is busy, which is most of an exit's time at batch 1. OpenMP's thread count is a
+// per-thread setting (omp_set_num_threads) and MKL's has a thread-local variant, so this does not
+// change what other threads see. Resolved with dlsym: no OpenMP/MKL headers or link flags needed.
+struct SingleThreadScope {
+  typedef int (*get_fn)();
+  typedef void (*set_fn)(int);
+  static inline const get_fn omp_get = reinterpret_cast<get_fn>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
+  static inline const set_fn omp_set = reinterpret_cast<set_fn>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+  int prev_omp = 0, prev_mkl = 0;
+  bool active = false;
+  mkl_local_threads_fn mkl = find_mkl_local_threads();
+  explicit SingleThreadScope(bool enable) {
+    if (!enable || at::in_parallel_region() || !omp_get || !omp_set) return;
+    active = true;
+    prev_omp = omp_get();
+    omp_set(1);
+    if (mkl) prev_mkl = mkl(1);
+  }
+  ~SingleThreadScope() {
+    if (!active) return;
+    omp_set(prev_omp);
+    if (mkl) mkl(prev_mkl);
+  }
+};
+static constexpr int64_t kSingleThreadRows = 256;  // B*T token rows below which one thread is faster
+
+// Heads per at::parallel_for chunk: only split the (sample, head) loop when each chunk has ~1 MFLOP.
+static int64_t head_grain(int64_t T, int64_t kd) {
+  const int64_t flops = 2 * T * T * kd;
+  return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(flops, 1));
+}
+
+static void gemm_rm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                    int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.f ? 0.f : beta * C[i * ldc + j];
+    return;
+  }
+  if (sgemm_fn f = find_sgemm()) {
+    const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
+    const int m = (int)N, n = (int)M, k = (int)K, la = (int)ldb, lb = (int)lda, lc = (int)ldc;
+    f(&tA, &tB, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  Tensor a = ta ? at::from_blob(const_cast<float*>(A), {M, K}, {1, lda}, opts)
+                : at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, opts);
+  Tensor b = tb ? at::from_blob(const_cast<float*>(B), {K, N}, {1, ldb}, opts)
+                : at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opts);
+  Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  Tensor r = at::mm(a, b);
+  if (beta == 0.f) {
+    c.copy_(r.mul_(alpha));
+  } else {
+    c.mul_(beta).add_(r, alpha);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+struct Cfg {
+  int64_t ph, pw, d, heads, kd, mlp, hidden, outputs, E, De;
+  bool residual;
+  int64_t act;  // 0 gelu, 1 relu
+  int64_t layers;
+  // derived
+  int64_t B, C, H, W, gh, gw, Np, T, P, A;
+};
+
+static constexpr int64_t kCfgLen = 13;
+static constexpr int64_t kPerLayer = 16;  // params per encoder layer
+static constexpr int64_t kSavedPerLayer = 13;
+
+static Cfg make_cfg(const Tensor& x, const c10::optional<Tensor>& extra, at::IntArrayRef cfg) {
+  TORCH_CHECK(cfg.size() == kCfgLen, "slvit_fast: cfg must have ", kCfgLen, " ints, got ", cfg.size());
+  Cfg c;
+  c.ph = cfg[0]; c.pw = cfg[1]; c.d = cfg[2]; c.heads = cfg[3]; c.kd = cfg[4]; c.mlp = cfg[5];
+  c.hidden = cfg[6]; c.outputs = cfg[7]; c.E = cfg[8]; c.De = cfg[9]; c.residual = cfg[10] != 0;
+  c.act = cfg[11]; c.layers = cfg[12];
+  TORCH_CHECK(c.ph > 0 && c.pw > 0 && c.d > 0 && c.heads > 0 && c.kd > 0 && c.mlp > 0 && c.hidden > 0 &&
+                  c.outputs > 0 && c.E >= 0 && c.De >= 0 && c.layers >= 1 && (c.act == 0 || c.act == 1),
+              "slvit_fast: invalid cfg ", cfg);
+  TORCH_CHECK(x.dim() == 4, "slvit_fast: x must be (B, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "slvit_fast cpu op: x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "slvit_fast: x must be floating point, got ", x.scalar_type());
+  c.B = x.size(0); c.C = x.size(1); c.H = x.size(2); c.W = x.size(3);
+  TORCH_CHECK(c.B > 0, "slvit_fast: empty batch");
+  TORCH_CHECK(c.H % c.ph == 0 && c.W % c.pw == 0, "slvit_fast: feature map ", c.H, "x", c.W,
+              " not divisible by patch ", c.ph, "x", c.pw);
+  c.gh = c.H / c.ph; c.gw = c.W / c.pw; c.Np = c.gh * c.gw; c.T = c.Np + c.E;
+  c.P = c.ph * c.pw * c.C; c.A = c.heads * c.kd;
+  if (c.E > 0) {
+    TORCH_CHECK(extra.has_value() && extra->defined(), "slvit_fast: cfg has extra tokens but extra is None");
+    TORCH_CHECK(extra->dim() == 3 && extra->size(0) == c.B && extra->size(1) == c.E && extra->size(2) == c.De,
+                "slvit_fast: extra must be (", c.B, ", ", c.E, ", ", c.De, "), got ", extra->sizes());
+    TORCH_CHECK(extra->device().is_cpu(), "slvit_fast cpu op: extra must be on CPU");
+  } else {
+    TORCH_CHECK(!(extra.has_value() && extra->defined()), "slvit_fast: extra given but cfg has no extra tokens");
+  }
+  return c;
+}
+
+static std::vector<Tensor> float_params(at::TensorList params, const Cfg& c) {
+  int64_t expected = 3 + (c.E ? 2 : 0) + kPerLayer * c.layers + 4;
+  TORCH_CHECK((int64_t)params.size() == expected, "slvit_fast: expected ", expected, " parameters, got ",
+              params.size());
+  std::vector<Tensor> out;
+  out.reserve(params.size());
+  for (const auto& p : params) {
+    TORCH_CHECK(p.device().is_cpu(), "slvit_fast cpu op: parameters must be CPU tensors");
+    TORCH_CHECK(at::isFloatingType(p.scalar_type()), "slvit_fast: parameters must be floating point");
+    out.push_back(p.to(at::kFloat).contiguous());
+  }
+  // shape checks: a wrong shape must be an error here, never an out-of-bounds read in a kernel
+  auto chk = [&](int64_t i, std::vector<int64_t> shape, const char* what) {
+    TORCH_CHECK(out[i].sizes() == at::IntArrayRef(shape), "slvit_fast: parameter ", what, " has shape ",
+                out[i].sizes(), ", expected ", at::IntArrayRef(shape));
+  };
+  int64_t i = 0;
+  chk(i++, {c.d, c.P}, "patch_embed.weight");
+  chk(i++, {c.d}, "patch_embed.bias");
+  chk(i++, {c.Np, c.d}, "pos_embed");
+  if (c.E) {
+    chk(i++, {c.d, c.De}, "extra_embed.weight");
+    chk(i++, {c.d}, "extra_embed.bias");
+  }
+  for (int64_t l = 0; l < c.layers; ++l) {
+    chk(i++, {c.d}, "norm1.weight"); chk(i++, {c.d}, "norm1.bias");
+    for (const char* n : {"attn.q", "attn.k", "attn.v"}) {
+      chk(i++, {c.A, c.d}, n); chk(i++, {c.A}, n);
+    }
+    chk(i++, {c.d, c.A}, "attn.out.weight"); chk(i++, {c.d}, "attn.out.bias");
+    chk(i++, {c.d}, "norm2.weight"); chk(i++, {c.d}, "norm2.bias");
+    chk(i++, {c.mlp, c.d}, "mlp.fc1.weight"); chk(i++, {c.mlp}, "mlp.fc1.bias");
+    chk(i++, {c.d, c.mlp}, "mlp.fc2.weight"); chk(i++, {c.d}, "mlp.fc2.bias");
+  }
+  chk(i++, {c.hidden, c.T * c.d}, "head.fc1.weight"); chk(i++, {c.hidden}, "head.fc1.bias");
+  chk(i++, {c.outputs, c.hidden}, "head.fc2.weight"); chk(i++, {c.outputs}, "head.fc2.bias");
+  return out;
+}
+
+// Patch gather (B,C,H,W) any strides -> (B*Np, P) in (ph, pw, C) order; scatter is its inverse
+// (every x element belongs to exactly one patch slot, so the backward is a pure permutation).
+template <bool kScatter>
+static void patch_permute(float* x, const int64_t* xs, float* pm, const Cfg& c) {
+  RECORD_FUNCTION(kScatter ? "slvit_cpu::patch_scatter" : "slvit_cpu::patch_gather", std::vector<c10::IValue>());
+  const int64_t sb = xs[0], sc = xs[1], sh = xs[2], sw = xs[3];
+  const bool channels_inner = sc < sw;  // channels_last: walk channels innermost
+  at::parallel_for(0, c.B * c.gh, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bg = lo; bg < hi; ++bg) {
+      const int64_t b = bg / c.gh, gy = bg % c.gh;
+      float* rowbase = pm + (b * c.Np + gy * c.gw) * c.P;
+      for (int64_t i = 0; i < c.ph; ++i) {
+        const int64_t y = gy * c.ph + i;
+        float* xr = x + b * sb + y * sh;
+        if (channels_inner) {
+          for (int64_t gx = 0; gx < c.gw; ++gx) {
+            for (int64_t j = 0; j < c.pw; ++j) {
+              float* dst = rowbase + gx * c.P + (i * c.pw + j) * c.C;
+              float* src = xr + (gx * c.pw + j) * sw;
+              if (sc == 1) {
+                if (kScatter) std::copy(dst, dst + c.C, src); else std::copy(src, src + c.C, dst);
+              } else {
+                for (int64_t ch = 0; ch < c.C; ++ch) {
+                  if (kScatter) src[ch * sc] = dst[ch]; else dst[ch] = src[ch * sc];
+                }
+              }
+            }
+          }
+        } else {
+          // NCHW: blocks of channels so each write is a short contiguous run, reads stream along rows
+          constexpr int64_t kCB = 16;
+          for (int64_t c0 = 0; c0 < c.C; c0 += kCB) {
+            const int64_t cn = std::min(kCB, c.C - c0);
+            for (int64_t gx = 0; gx < c.gw; ++gx) {
+              for (int64_t j = 0; j < c.pw; ++j) {
+                float* dst = rowbase + gx * c.P + (i * c.pw + j) * c.C + c0;
+                float* src = xr + c0 * sc + (gx * c.pw + j) * sw;
+                for (int64_t ch = 0; ch < cn; ++ch) {
+                  if (kScatter) src[ch * sc] = dst[ch]; else dst[ch] = src[ch * sc];
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// NCHW inputs: gather in (C, ph, pw) order instead - every copy is a contiguous run of pw pixels
+// along an image row - and permute the (small) patch-embedding weight to match.
+template <bool kScatter>
+static void patch_permute_cij(float* x, const int64_t* xs, float* pm, const Cfg& c) {
+  RECORD_FUNCTION(kScatter ? "slvit_cpu::patch_scatter" : "slvit_cpu::patch_gather", std::vector<c10::IValue>());
+  const int64_t sb = xs[0], sc = xs[1], sh = xs[2], sw = xs[3];
+  at::parallel_for(0, c.B * c.gh, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bg = lo; bg < hi; ++bg) {
+      const int64_t b = bg / c.gh, gy = bg % c.gh;
+      float* rowbase = pm + (b * c.Np + gy * c.gw) * c.P;
+      for (int64_t ch = 0; ch < c.C; ++ch) {
+        for (int64_t i = 0; i < c.ph; ++i) {
+          float* src = x + b * sb + ch * sc + (gy * c.ph + i) * sh;
+          float* dst = rowbase + (ch * c.ph + i) * c.pw;
+          for (int64_t gx = 0; gx < c.gw; ++gx) {
+            float* d = dst + gx * c.P;
+            float* s = src + gx * c.pw * sw;
+            if (kScatter) {
+              for (int64_t j = 0; j < c.pw; ++j) s[j * sw] = d[j];
+            } else {
+              for (int64_t j = 0; j < c.pw; ++j) d[j] = s[j * sw];
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+static bool channels_inner(const Tensor& x) { return x.stride(1) < x.stride(3); }
+
+static Tensor act_fwd(const Tensor& z, int64_t act) { return act == 0 ? at::gelu(z) : at::relu(z); }
+static Tensor act_bwd(const Tensor& g, const Tensor& z, int64_t act) {
+  return act == 0 ? at::gelu_backward(g, z) : g.mul(z.gt(0).to(g.scalar_type()));
+}
+
+// Per (sample, head): S = scale * Q K^T  (into P, softmaxed afterwards by ATen)
+static void attn_scores(const float* qkv, float* S, const Cfg& c, float scale) {
+  RECORD_FUNCTION("slvit_cpu::attn_scores", std::vector<c10::IValue>());
+  const int64_t T = c.T, A3 = 3 * c.A;
+  at::parallel_for(0, c.B * c.heads, head_grain(T, c.kd), [&](int64_t lo, int64_t hi) {
+    SequentialBlas seq;
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / c.heads, h = bh % c.heads;
+      const float* q = qkv + b * T * A3 + h * c.kd;
+      const float* k = q + c.A;
+      gemm_rm(false, true, T, T, c.kd, scale, q, A3, k, A3, 0.f, S + bh * T * T, T);
+    }
+  });
+}
+
+// Per (sample, head): O = P V  (O row-major (B*T, A), head h at columns h*kd)
+static void attn_pv(const float* P, const float* qkv, float* o, const Cfg& c) {
+  RECORD_FUNCTION("slvit_cpu::attn_pv", std::vector<c10::IValue>());
+  const int64_t T = c.T, A3 = 3 * c.A;
+  at::parallel_for(0, c.B * c.heads, head_grain(T, c.kd), [&](int64_t lo, int64_t hi) {
+    SequentialBlas seq;
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / c.heads, h = bh % c.heads;
+      const float* v = qkv + b * T * A3 + 2 * c.A + h * c.kd;
+      gemm_rm(false, false, T, c.kd, T, 1.f, P + bh * T * T, T, v, A3, 0.f, o + b * T * c.A + h * c.kd, c.A);
+    }
+  });
+}
+
+// Inference intermediates live in a per-thread arena that is reused across calls: a fresh multi-MB
+// buffer per call costs page faults (first touch) that at batch 64 are as expensive as the math.
+// Training (save=true) allocates normally: the saved activations are returned to autograd.
+static float* thread_arena(int64_t n) {
+  thread_local std::unique_ptr<float[]> buf;
+  thread_local int64_t cap = 0;
+  if (n > cap) {
+    buf.reset(new float[n]);
+    cap = n;
+  }
+  return buf.get();
+}
+
+struct Alloc {
+  bool fresh;
+  float* base = nullptr;
+  int64_t off = 0, cap = 0;
+  Tensor operator()(at::IntArrayRef shape) {
+    const auto fopt = at::TensorOptions().dtype(at::kFloat);
+    if (fresh) return at::empty(shape, fopt);
+    int64_t n = 1;
+    for (auto v : shape) n *= v;
+    TORCH_CHECK(off + n <= cap, "slvit_fast: internal error: workspace too small");
+    Tensor t = at::from_blob(base + off, shape, fopt);
+    off += (n + 15) / 16 * 16;  // keep 64-byte alignment
+    return t;
+  }
+};
+
+std::vector<Tensor> exit_forward(const Tensor& x, const c10::optional<Tensor>& extra, at::TensorList params,
+                                 at::IntArrayRef cfg, double eps, bool save) {
+  Cfg c = make_cfg(x, extra, cfg);
+  SingleThreadScope single(c.B * c.T < kSingleThreadRows);
+  std::vector<Tensor> p = float_params(params, c);
+  Tensor xf = x.to(at::kFloat);
+  std::vector<Tensor> saved;
+  const int64_t BT = c.B * c.T;
+  Alloc alloc{save};
+  if (!save) {
+    auto r = [](int64_t n) { return (n + 15) / 16 * 16; };
+    const int64_t per_layer = r(BT * c.d) * 4 + r(BT) * 4 + r(BT * 3 * c.A) + 2 * r(c.B * c.heads * c.T * c.T) +
+                              r(BT * c.A) + 2 * r(BT * c.mlp);
+    alloc.cap = r(c.B * c.Np * c.P) + r(c.B * c.Np * c.d) + r(BT * c.d) + r(c.B * c.E * c.d) +
+                c.layers * per_layer + 2 * r(c.B * c.hidden);
+    alloc.base = thread_arena(alloc.cap);
+  }
+
+  // 1. patches + embedding + position (+ extra tokens)
+  Tensor pm = alloc({c.B * c.Np, c.P});
+  int64_t pi = 0;
+  const Tensor &Wp0 = p[pi++], &bp = p[pi++], &pos = p[pi++];
+  Tensor Wp = Wp0;
+  if (channels_inner(xf)) {
+    patch_permute<false>(xf.data_ptr<float>(), xf.strides().data(), pm.data_ptr<float>(), c);
+  } else {
+    patch_permute_cij<false>(xf.data_ptr<float>(), xf.strides().data(), pm.data_ptr<float>(), c);
+    Wp = Wp0.view({c.d, c.ph, c.pw, c.C}).permute({0, 3, 1, 2}).contiguous().view({c.d, c.P});
+  }
+  Tensor emb = alloc({c.B * c.Np, c.d});
+  at::mm_out(emb, pm, Wp.t());
+  Tensor t = alloc({BT, c.d});
+  {
+    Tensor bias_pos = pos.add(bp).contiguous();
+    const float* e = emb.data_ptr<float>();
+    const float* bpp = bias_pos.data_ptr<float>();
+    float* tp = t.data_ptr<float>();
+    const int64_t nd = c.Np * c.d;
+    at::parallel_for(0, c.B, 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        const float* eb = e + b * nd;
+        float* tb = tp + b * c.T * c.d;
+        for (int64_t k = 0; k < nd; ++k) tb[k] = eb[k] + bpp[k];
+      }
+    });
+  }
+  if (c.E) {
+    const Tensor &We = p[pi++], &be = p[pi++];
+    Tensor extraf = extra->to(at::kFloat).contiguous().view({c.B * c.E, c.De});
+    Tensor ex = alloc({c.B * c.E, c.d});
+    at::addmm_out(ex, be, extraf, We.t());
+    t.view({c.B, c.T, c.d}).narrow(1, c.Np, c.E).copy_(ex.view({c.B, c.E, c.d}));
+  }
+  if (save) saved.push_back(pm);
+
+  const float scale = 1.0f / std::sqrt((float)c.kd);
+  for (int64_t l = 0; l < c.layers; ++l) {
+    const Tensor &g1 = p[pi], &be1 = p[pi + 1];
+    Tensor Wqkv = at::cat({p[pi + 2], p[pi + 4], p[pi + 6]}, 0);
+    Tensor bqkv = at::cat({p[pi + 3], p[pi + 5], p[pi + 7]}, 0);
+    const Tensor &Wo = p[pi + 8], &bo = p[pi + 9], &g2 = p[pi + 10], &be2 = p[pi + 11];
+    const Tensor &W1 = p[pi + 12], &b1 = p[pi + 13], &W2 = p[pi + 14], &b2 = p[pi + 15];
+    pi += kPerLayer;
+
+    Tensor y1 = alloc({BT, c.d}), mean1 = alloc({BT, 1}), rstd1 = alloc({BT, 1});
+    at::native_layer_norm_out(y1, mean1, rstd1, t, {c.d}, g1, be1, eps);
+    Tensor qkv = alloc({BT, 3 * c.A});
+    at::addmm_out(qkv, bqkv, y1, Wqkv.t());
+    Tensor S = alloc({c.B, c.heads, c.T, c.T});
+    attn_scores(qkv.data_ptr<float>(), S.data_ptr<float>(), c, scale);
+    Tensor P = alloc({c.B, c.heads, c.T, c.T});
+    at::_softmax_out(P, S, -1, false);
+    Tensor o = alloc({BT, c.A});
+    attn_pv(P.data_ptr<float>(), qkv.data_ptr<float>(), o.data_ptr<float>(), c);
+    Tensor t1 = alloc({BT, c.d});
+    at::addmm_out(t1, bo, o, Wo.t());
+    t1.add_(t);
+    Tensor y2 = alloc({BT, c.d}), mean2 = alloc({BT, 1}), rstd2 = alloc({BT, 1});
+    at::native_layer_norm_out(y2, mean2, rstd2, t1, {c.d}, g2, be2, eps);
+    Tensor hpre = alloc({BT, c.mlp});
+    at::addmm_out(hpre, b1, y2, W1.t());
+    Tensor hact = alloc({BT, c.mlp});
+    at::gelu_out(hact, hpre);
+    Tensor t2 = alloc({BT, c.d});
+    at::addmm_out(t2, b2, hact, W2.t());
+    if (c.residual) t2.add_(t1);
+    if (save) saved.insert(saved.end(), {t, mean1, rstd1, y1, qkv, P, o, t1, mean2, rstd2, y2, hpre, hact});
+    t = t2;
+  }
+  const Tensor &Wh1 = p[pi], &bh1 = p[pi + 1], &Wh2 = p[pi + 2], &bh2 = p[pi + 3];
+  Tensor flat = t.view({c.B, c.T * c.d});
+  Tensor z = alloc({c.B, c.hidden});
+  at::addmm_out(z, bh1, flat, Wh1.t());
+  Tensor a = alloc({c.B, c.hidden});
+  if (c.act == 0) at::gelu_out(a, z); else at::relu_out(a, z);
+  Tensor out = at::addmm(bh2, a, Wh2.t());  // always a fresh tensor: it is returned
+  std::vector<Tensor> result;
+  result.push_back(out.to(x.scalar_type()));
+  if (save) {
+    saved.insert(saved.end(), {flat, z, a});
+    result.insert(result.end(), saved.begin(), saved.end());
+  }
+  return result;
+}
+
+std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const c10::optional<Tensor>& extra,
+                                  at::TensorList params, at::TensorList saved, at::IntArrayRef cfg, double eps,
+                                  bool need_dx) {
+  Cfg c = make_cfg(x, extra, cfg);
+  SingleThreadScope single(c.B * c.T < kSingleThreadRows);
+  std::vector<Tensor> p = float_params(params, c);
+  const int64_t nsaved = 1 + kSavedPerLayer * c.layers + 3;
+  TORCH_CHECK((int64_t)saved.size() == nsaved, "slvit_fast: backward needs ", nsaved,
+              " saved tensors (was the forward run with save=True?), got ", saved.size());
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == c.B && grad_out.size(1) == c.outputs,
+              "slvit_fast: grad_out must be (", c.B, ", ", c.outputs, "), got ", grad_out.sizes());
+  const auto fopt = at::TensorOptions().dtype(at::kFloat);
+  Tensor g = grad_out.to(at::kFloat).contiguous();
+  std::vector<Tensor> dp(p.size());
+
+  const int64_t head0 = (int64_t)p.size() - 4;
+  const Tensor &Wh1 = p[head0], &Wh2 = p[head0 + 2];
+  const Tensor &flat = saved[nsaved - 3], &z = saved[nsaved - 2], &a = saved[nsaved - 1];
+  dp[head0 + 3] = g.sum(0);
+  dp[head0 + 2] = at::mm(g.t(), a);
+  Tensor dz = act_bwd(at::mm(g, Wh2), z, c.act);
+  dp[head0 + 1] = dz.sum(0);
+  dp[head0] = at::mm(dz.t(), flat);
+  Tensor dt = at::mm(dz, Wh1).view({c.B * c.T, c.d});
+
+  const float scale = 1.0f / std::sqrt((float)c.kd);
+  const int64_t layer0 = 3 + (c.E ? 2 : 0);
+  for (int64_t l = c.layers - 1; l >= 0; --l) {
+    const int64_t pi = layer0 + l * kPerLayer;
+    const Tensor* s = &saved[1 + l * kSavedPerLayer];
+    const Tensor &t_in = s[0], &mean1 = s[1], &rstd1 = s[2], &y1 = s[3], &qkv = s[4], &P = s[5], &o = s[6],
+                 &t1 = s[7], &mean2 = s[8], &rstd2 = s[9], &y2 = s[10], &hpre = s[11], &hact = s[12];
+    const Tensor &g1 = p[pi], &be1 = p[pi + 1], &Wo = p[pi + 8], &g2 = p[pi + 10], &be2 = p[pi + 11];
+    const Tensor &W1 = p[pi + 12], &W2 = p[pi + 14];
+    Tensor Wqkv = at::cat({p[pi + 2], p[pi + 4], p[pi + 6]}, 0);
+
+    // MLP block
+    dp[pi + 15] = dt.sum(0);
+    dp[pi + 14] = at::mm(dt.t(), hact);
+    Tensor dh = at::gelu_backward(at::mm(dt, W2), hpre);
+    dp[pi + 13] = dh.sum(0);
+    dp[pi + 12] = at::mm(dh.t(), y2);
+    Tensor dy2 = at::mm(dh, W1);
+    auto l2 = at::native_layer_norm_backward(dy2, t1, {c.d}, mean2, rstd2, g2, be2, {true, true, true});
+    dp[pi + 10] = std::get<1>(l2);
+    dp[pi + 11] = std::get<2>(l2);
+    Tensor dt1 = std::get<0>(l2);
+    if (c.residual) dt1.add_(dt);
+
+    // attention block
+    dp[pi + 9] = dt1.sum(0);
+    dp[pi + 8] = at::mm(dt1.t(), o);
+    Tensor dO = at::mm(dt1, Wo);  // (B*T, A)
+    Tensor dqkv = at::empty({c.B * c.T, 3 * c.A}, fopt);
+    Tensor dP = at::empty({c.B, c.heads, c.T, c.T}, fopt);
+    {
+      RECORD_FUNCTION("slvit_cpu::attn_backward", std::vector<c10::IValue>());
+      const int64_t T = c.T, A3 = 3 * c.A;
+      const float *Pp = P.data_ptr<float>(), *qp = qkv.data_ptr<float>(), *dOp = dO.data_ptr<float>();
+      float *dqp = dqkv.data_ptr<float>(), *dPp = dP.data_ptr<float>();
+      at::parallel_for(0, c.B * c.heads, head_grain(T, c.kd), [&](int64_t lo, int64_t hi) {
+        SequentialBlas seq;
+        for (int64_t bh = lo; bh < hi; ++bh) {
+          const int64_t b = bh / c.heads, h = bh % c.heads;
+          const float* v = qp + b * T * A3 + 2 * c.A + h * c.kd;
+          const float* dOb = dOp + b * T * c.A + h * c.kd;
+          // dV = P^T dO ; dP = dO V^T
+          gemm_rm(true, false, T, c.kd, T, 1.f, Pp + bh * T * T, T, dOb, c.A, 0.f,
+                  dqp + b * T * A3 + 2 * c.A + h * c.kd, A3);
+          gemm_rm(false, true, T, T, c.kd, 1.f, dOb, c.A, v, A3, 0.f, dPp + bh * T * T, T);
+        }
+      });
+      Tensor dS = at::_softmax_backward_data(dP, P, -1, at::kFloat);
+      const float* dSp = dS.data_ptr<float>();
+      at::parallel_for(0, c.B * c.heads, head_grain(T, c.kd), [&](int64_t lo, int64_t hi) {
+        SequentialBlas seq;
+        for (int64_t bh = lo; bh < hi; ++bh) {
+          const int64_t b = bh / c.heads, h = bh % c.heads;
+          const float* q = qp + b * T * A3 + h * c.kd;
+          const float* k = q + c.A;
+          // dQ = scale dS K ; dK = scale dS^T Q
+          gemm_rm(false, false, T, c.kd, T, scale, dSp + bh * T * T, T, k, A3, 0.f, dqp + b * T * A3 + h * c.kd, A3);
+          gemm_rm(true, false, T, c.kd, T, scale, dSp + bh * T * T, T, q, A3, 0.f,
+                  dqp + b * T * A3 + c.A + h * c.kd, A3);
+        }
+      });
+    }
+    Tensor dWqkv = at::mm(dqkv.t(), y1);
+    Tensor dbqkv = dqkv.sum(0);
+    for (int j = 0; j < 3; ++j) {
+      dp[pi + 2 + 2 * j] = dWqkv.narrow(0, j * c.A, c.A).clone();  // outputs must not alias each other
+      dp[pi + 3 + 2 * j] = dbqkv.narrow(0, j * c.A, c.A).clone();
+    }
+    Tensor dy1 = at::mm(dqkv, Wqkv);
+    auto l1 = at::native_layer_norm_backward(dy1, t_in, {c.d}, mean1, rstd1, g1, be1, {true, true, true});
+    dp[pi] = std::get<1>(l1);
+    dp[pi + 1] = std::get<2>(l1);
+    dt = std::get<0>(l1).add_(dt1);
+  }
+
+  // embedding
+  Tensor dt3 = dt.view({c.B, c.T, c.d});
+  Tensor dtp = dt3.narrow(1, 0, c.Np).contiguous().view({c.B * c.Np, c.d});
+  const Tensor& pm = saved[0];
+  dp[2] = dtp.view({c.B, c.Np, c.d}).sum(0);
+  dp[1] = dtp.sum(0);
+  // pm was gathered in (ph, pw, C) order for channels-innermost x, else in (C, ph, pw) order
+  const bool cl = channels_inner(x);
+  Tensor dW = at::mm(dtp.t(), pm);
+  dp[0] = cl ? dW : dW.view({c.d, c.C, c.ph, c.pw}).permute({0, 2, 3, 1}).contiguous().view({c.d, c.P});
+  Tensor dx;
+  if (need_dx) {
+    Tensor Wp = cl ? p[0] : p[0].view({c.d, c.ph, c.pw, c.C}).permute({0, 3, 1, 2}).contiguous().view({c.d, c.P});
+    Tensor dpm = at::mm(dtp, Wp);
+    dx = at::empty_like(x, fopt);
+    if (cl)
+      patch_permute<true>(dx.data_ptr<float>(), dx.strides().data(), dpm.data_ptr<float>(), c);
+    else
+      patch_permute_cij<true>(dx.data_ptr<float>(), dx.strides().data(), dpm.data_ptr<float>(), c);
+    dx = dx.to(x.scalar_type());
+  } else {
+    dx = at::empty({0}, x.options());  // x needs no gradient: skip the largest GEMM of the backward
+  }
+  Tensor dextra;
+  if (c.E) {
+    Tensor dte = dt3.narrow(1, c.Np, c.E).contiguous().view({c.B * c.E, c.d});
+    Tensor extraf = extra->to(at::kFloat).contiguous().view({c.B * c.E, c.De});
+    dp[3] = at::mm(dte.t(), extraf);
+    dp[4] = dte.sum(0);
+    dextra = at::mm(dte, p[3]).view({c.B, c.E, c.De}).to(extra->scalar_type());
+  } else {
+    dextra = at::empty({0}, x.options());
+  }
+  std::vector<Tensor> result;
+  result.reserve(2 + dp.size());
+  result.push_back(dx);
+  result.push_back(dextra);
+  for (size_t i = 0; i < dp.size(); ++i) result.push_back(dp[i].to(params[i].scalar_type()).contiguous());
+  return result;
+}
+
+bool has_blas() { return find_sgemm() != nullptr; }
+
+}  // namespace slvit_cpu
+
+TORCH_LIBRARY_FRAGMENT(slvit_fast, m) {
+  m.def("cpu_exit_forward(Tensor x, Tensor? extra, Tensor[] params, int[] cfg, float eps, bool save) -> Tensor[]");
+  m.def("cpu_exit_backward(Tensor grad_out, Tensor x, Tensor? extra, Tensor[] params, Tensor[] saved, int[] cfg, "
+        "float eps, bool need_dx) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(slvit_fast, CPU, m) {
+  m.impl("cpu_exit_forward", &slvit_cpu::exit_forward);
+  m.impl("cpu_exit_backward", &slvit_cpu::exit_backward);
+}

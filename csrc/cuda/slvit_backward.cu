@@ -1,0 +1,444 @@
+// SL-ViT exit backward as one CUDA kernel (one block per sample; num_layers == 1).
+//
+// The block recomputes its sample's forward activations into the float32 workspace (the forward
+// kernels keep nothing), then back-propagates: head -> MLP block -> LN2 -> attention block -> LN1 ->
+// patch / extra embedding. Activation gradients stay in the block's workspace; every parameter
+// gradient is first reduced over the sample's tokens inside the block, then added to a float32
+// accumulator with one atomicAdd per parameter element and sample. dx is written directly (each
+// feature-map element belongs to exactly one patch slot, so no atomics are needed).
+// Compiled by nvcc, or as host C++ under csrc/emu/simt_emu.h (SLVIT_EMULATE).
+
+#include "slvit_device.cuh"
+
+namespace slvit {
+
+__device__ __forceinline__ float gelu_grad(float x) {
+  const float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+  const float pdf = 0.39894228040143268f * expf(-0.5f * x * x);
+  return cdf + x * pdf;
+}
+
+// LayerNorm forward that also stores (mean, rstd) per row: a warp per row.
+template <class S>
+__device__ void ln_fwd_stats(const float* in, float* out, float* stats, const S* g, const S* b, int rows, int d,
+                             float eps) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  for (int r = warp; r < rows; r += nwarps) {
+    const float* x = in + (int64_t)r * d;
+    float s = 0.f;
+    for (int k = lane; k < d; k += 32) s += x[k];
+    const float mean = warp_sum(s) / d;
+    float v = 0.f;
+    for (int k = lane; k < d; k += 32) v += (x[k] - mean) * (x[k] - mean);
+    const float rstd = rsqrtf(warp_sum(v) / d + eps);
+    for (int k = lane; k < d; k += 32) out[(int64_t)r * d + k] = (x[k] - mean) * rstd * ld(g + k) + ld(b + k);
+    if (lane == 0) {
+      stats[2 * r] = mean;
+      stats[2 * r + 1] = rstd;
+    }
+  }
+}
+
+// LayerNorm backward: dx (+)= LN'(dy) for each row (a warp per row); then gamma / beta gradients.
+template <class S>
+__device__ void ln_bwd(const float* x, const float* stats, const float* dy, float* dx_acc, const S* g, float* dg,
+                       float* db, int rows, int d) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  for (int r = warp; r < rows; r += nwarps) {
+    const float mean = stats[2 * r], rstd = stats[2 * r + 1];
+    const float* xr = x + (int64_t)r * d;
+    const float* dyr = dy + (int64_t)r * d;
+    float s1 = 0.f, s2 = 0.f;
+    for (int k = lane; k < d; k += 32) {
+      const float dyg = dyr[k] * ld(g + k);
+      s1 += dyg;
+      s2 += dyg * (xr[k] - mean) * rstd;
+    }
+    s1 = warp_sum(s1) / d;
+    s2 = warp_sum(s2) / d;
+    for (int k = lane; k < d; k += 32) {
+      const float xhat = (xr[k] - mean) * rstd;
+      dx_acc[(int64_t)r * d + k] += rstd * (dyr[k] * ld(g + k) - s1 - xhat * s2);
+    }
+  }
+  for (int e = threadIdx.x; e < d; e += blockDim.x) {
+    float sg = 0.f, sb = 0.f;
+    for (int r = 0; r < rows; ++r) {
+      const float xhat = (x[(int64_t)r * d + e] - stats[2 * r]) * stats[2 * r + 1];
+      sg += dy[(int64_t)r * d + e] * xhat;
+      sb += dy[(int64_t)r * d + e];
+    }
+    atomicAdd(dg + e, sg);
+    atomicAdd(db + e, sb);
+  }
+}
+
+template <class S>
+__global__ void __launch_bounds__(kThreads) slvit_backward_kernel(BackwardArgs ba) {
+  const ExitArgs& a = ba.f;
+  const int b = blockIdx.x;
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  const int lane = tid % 32, warp = tid / 32, nwarps = nthreads / 32;
+  const int T = a.T, d = a.d, A = a.A, A3 = 3 * a.A, M = a.M, H = a.heads, kd = a.kd, Hh = a.Hh;
+  const int Td = T * d;
+  const LayerPtrs& lp = a.layers[0];
+  // workspace
+  float* w = a.ws + (int64_t)b * a.ws_stride;
+  float* tin = w; w += Td;
+  float* y1 = w; w += Td;
+  float* st1 = w; w += 2 * T;
+  float* qkv = w; w += (int64_t)T * A3;
+  float* P = w; w += (int64_t)H * T * T;
+  float* o = w; w += (int64_t)T * A;
+  float* t1 = w; w += Td;
+  float* y2 = w; w += Td;
+  float* st2 = w; w += 2 * T;
+  float* hpre = w; w += (int64_t)T * M;
+  float* t2 = w; w += Td;
+  float* z = w; w += Hh;
+  float* za = w; w += Hh;
+  float* dz = w; w += Hh;
+  float* dt = w; w += Td;
+  float* dy = w; w += Td;
+  float* dh = w; w += (int64_t)T * M;
+  float* dO = w; w += (int64_t)T * A;
+  float* dS = w; w += (int64_t)H * T * T;
+  float* dqkv = w;
+  // gradient accumulators, in op parameter order
+  const int base = 3 + (a.E ? 2 : 0);
+  float* G = ba.grads;
+  auto g = [&](int i) { return G + ba.goff[i]; };
+  const int P_dim = a.ph * a.pw * a.C;
+  const S* x = static_cast<const S*>(a.x) + (int64_t)b * a.sx_b;
+  const S* ex = a.E ? static_cast<const S*>(a.extra) + (int64_t)b * a.E * a.De : nullptr;
+
+  // ================= forward recompute =================
+  {
+    const S* wp = static_cast<const S*>(a.wp);
+    const S* bp = static_cast<const S*>(a.bp);
+    const S* pos = static_cast<const S*>(a.pos);
+    for (int idx = tid; idx < a.Np * d; idx += nthreads) {
+      const int n = idx / d, e = idx % d, gy = n / a.gw, gx = n % a.gw;
+      float acc = ld(bp + e) + ld(pos + idx);
+      for (int i = 0; i < a.ph; ++i)
+        for (int j = 0; j < a.pw; ++j) {
+          const S* xp = x + (int64_t)(gy * a.ph + i) * a.sx_h + (int64_t)(gx * a.pw + j) * a.sx_w;
+          const S* wr = static_cast<const S*>(a.wp) + (int64_t)e * P_dim + (i * a.pw + j) * a.C;
+          float part = 0.f;
+          for (int c = 0; c < a.C; ++c) part += ld(xp + (int64_t)c * a.sx_c) * ld(wr + c);
+          acc += part;
+        }
+      (void)wp;
+      tin[idx] = acc;
+    }
+    for (int idx = tid; idx < a.E * d; idx += nthreads) {
+      const int k = idx / d, e = idx % d;
+      const S* we = static_cast<const S*>(a.we) + (int64_t)e * a.De;
+      float acc = ld(static_cast<const S*>(a.be) + e);
+      for (int c = 0; c < a.De; ++c) acc += ld(ex + k * a.De + c) * ld(we + c);
+      tin[(a.Np + k) * d + e] = acc;
+    }
+  }
+  __syncthreads();
+  ln_fwd_stats(tin, y1, st1, static_cast<const S*>(lp.g1), static_cast<const S*>(lp.b1), T, d, a.eps);
+  __syncthreads();
+  for (int idx = tid; idx < T * A3; idx += nthreads) {
+    const int t = idx / A3, col = idx % A3, which = col / A, r = col % A;
+    const S* wq = static_cast<const S*>(which == 0 ? lp.wq : which == 1 ? lp.wk : lp.wv);
+    const S* bq = static_cast<const S*>(which == 0 ? lp.bq : which == 1 ? lp.bk : lp.bv);
+    qkv[idx] = ld(bq + r) + dot_fw(y1 + t * d, wq + (int64_t)r * d, d);
+  }
+  __syncthreads();
+  for (int row = warp; row < H * T; row += nwarps) {
+    const int h = row / T, i = row % T;
+    const float* q = qkv + (int64_t)i * A3 + h * kd;
+    float* prow = P + (int64_t)row * T;
+    float mx = -INFINITY;
+    for (int j = lane; j < T; j += 32) {
+      const float* k = qkv + (int64_t)j * A3 + A + h * kd;
+      float s = 0.f;
+      for (int c = 0; c < kd; ++c) s += q[c] * k[c];
+      s *= a.scale;
+      prow[j] = s;
+      mx = fmaxf(mx, s);
+    }
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int j = lane; j < T; j += 32) {
+      const float e = expf(prow[j] - mx);
+      prow[j] = e;
+      sum += e;
+    }
+    const float inv = 1.0f / warp_sum(sum);
+    __syncwarp();
+    for (int j = lane; j < T; j += 32) prow[j] *= inv;
+    __syncwarp();
+    for (int c = lane; c < kd; c += 32) {
+      float acc = 0.f;
+      for (int j = 0; j < T; ++j) acc += prow[j] * qkv[(int64_t)j * A3 + 2 * A + h * kd + c];
+      o[(int64_t)i * A + h * kd + c] = acc;
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < Td; idx += nthreads) {
+    const int t = idx / d, e = idx % d;
+    t1[idx] = tin[idx] + ld(static_cast<const S*>(lp.bo) + e) +
+              dot_fw(o + (int64_t)t * A, static_cast<const S*>(lp.wo) + (int64_t)e * A, A);
+  }
+  __syncthreads();
+  ln_fwd_stats(t1, y2, st2, static_cast<const S*>(lp.g2), static_cast<const S*>(lp.b2), T, d, a.eps);
+  __syncthreads();
+  for (int idx = tid; idx < T * M; idx += nthreads) {
+    const int t = idx / M, m = idx % M;
+    hpre[idx] = ld(static_cast<const S*>(lp.b1m) + m) + dot_fw(y2 + t * d, static_cast<const S*>(lp.w1) + (int64_t)m * d, d);
+  }
+  __syncthreads();
+  for (int idx = tid; idx < Td; idx += nthreads) {
+    const int t = idx / d, e = idx % d;
+    const S* w2 = static_cast<const S*>(lp.w2) + (int64_t)e * M;
+    float acc = ld(static_cast<const S*>(lp.b2m) + e);
+    for (int m = 0; m < M; ++m) acc += gelu(hpre[(int64_t)t * M + m]) * ld(w2 + m);
+    t2[idx] = a.residual ? t1[idx] + acc : acc;
+  }
+  __syncthreads();
+  const S* wh1 = static_cast<const S*>(a.wh1);
+  const S* wh2 = static_cast<const S*>(a.wh2);
+  for (int j = warp; j < Hh; j += nwarps) {
+    float acc = 0.f;
+    for (int k = lane; k < Td; k += 32) acc += t2[k] * ld(wh1 + (int64_t)j * Td + k);
+    acc = warp_sum(acc) + ld(static_cast<const S*>(a.bh1) + j);
+    if (lane == 0) {
+      z[j] = acc;
+      za[j] = a.act == 0 ? gelu(acc) : fmaxf(acc, 0.f);
+    }
+  }
+  __syncthreads();
+
+  // ================= backward =================
+  const S* go = static_cast<const S*>(ba.gout) + (int64_t)b * a.O;
+  const int ih = base + 16;  // head parameters
+  // head fc2: dWh2[o, j] += g[o] a[j]; dbh2[o] += g[o]; dz[j] = act'(z_j) sum_o g[o] Wh2[o, j]
+  for (int idx = tid; idx < a.O * Hh; idx += nthreads) {
+    const int oi = idx / Hh, j = idx % Hh;
+    atomicAdd(g(ih + 2) + idx, ld(go + oi) * za[j]);
+  }
+  for (int oi = tid; oi < a.O; oi += nthreads) atomicAdd(g(ih + 3) + oi, ld(go + oi));
+  for (int j = tid; j < Hh; j += nthreads) {
+    float acc = 0.f;
+    for (int oi = 0; oi < a.O; ++oi) acc += ld(go + oi) * ld(wh2 + (int64_t)oi * Hh + j);
+    const float der = a.act == 0 ? gelu_grad(z[j]) : (z[j] > 0.f ? 1.f : 0.f);
+    dz[j] = acc * der;
+    atomicAdd(g(ih + 1) + j, dz[j]);
+  }
+  __syncthreads();
+  // head fc1: dWh1[j, k] += dz[j] flat[k]; dflat[k] = sum_j dz[j] Wh1[j, k]
+  for (int idx = tid; idx < Hh * Td; idx += nthreads) atomicAdd(g(ih) + idx, dz[idx / Td] * t2[idx % Td]);
+  for (int k = tid; k < Td; k += nthreads) {
+    float acc = 0.f;
+    for (int j = 0; j < Hh; ++j) acc += dz[j] * ld(wh1 + (int64_t)j * Td + k);
+    dt[k] = acc;
+  }
+  __syncthreads();
+  // MLP fc2: dh = gelu'(hpre) * (dt W2); dW2[e, m] += sum_t dt[t, e] gelu(hpre[t, m]); db2m[e] += sum_t dt
+  const int il = base;  // layer parameters
+  {
+    const S* w2 = static_cast<const S*>(lp.w2);
+    for (int idx = tid; idx < T * M; idx += nthreads) {
+      const int t = idx / M, m = idx % M;
+      float acc = 0.f;
+      for (int e = 0; e < d; ++e) acc += dt[t * d + e] * ld(w2 + (int64_t)e * M + m);
+      dh[idx] = acc * gelu_grad(hpre[idx]);
+    }
+    for (int idx = tid; idx < d * M; idx += nthreads) {
+      const int e = idx / M, m = idx % M;
+      float acc = 0.f;
+      for (int t = 0; t < T; ++t) acc += dt[t * d + e] * gelu(hpre[(int64_t)t * M + m]);
+      atomicAdd(g(il + 14) + idx, acc);
+    }
+    for (int e = tid; e < d; e += nthreads) {
+      float acc = 0.f;
+      for (int t = 0; t < T; ++t) acc += dt[t * d + e];
+      atomicAdd(g(il + 15) + e, acc);
+    }
+  }
+  __syncthreads();
+  // MLP fc1: dy2 = dh W1; dW1[m, e] += sum_t dh[t, m] y2[t, e]; db1m[m] += sum_t dh[t, m]
+  {
+    const S* w1 = static_cast<const S*>(lp.w1);
+    for (int idx = tid; idx < Td; idx += nthreads) {
+      const int t = idx / d, e = idx % d;
+      float acc = 0.f;
+      for (int m = 0; m < M; ++m) acc += dh[(int64_t)t * M + m] * ld(w1 + (int64_t)m * d + e);
+      dy[idx] = acc;
+    }
+    for (int idx = tid; idx < M * d; idx += nthreads) {
+      const int m = idx / d, e = idx % d;
+      float acc = 0.f;
+      for (int t = 0; t < T; ++t) acc += dh[(int64_t)t * M + m] * y2[t * d + e];
+      atomicAdd(g(il + 12) + idx, acc);
+    }
+    for (int m = tid; m < M; m += nthreads) {
+      float acc = 0.f;
+      for (int t = 0; t < T; ++t) acc += dh[(int64_t)t * M + m];
+      atomicAdd(g(il + 13) + m, acc);
+    }
+  }
+  if (!a.residual) {  // without the MLP residual, t1 receives gradient only through LN2
+    __syncthreads();
+    for (int idx = tid; idx < Td; idx += nthreads) dt[idx] = 0.f;
+  }
+  __syncthreads();
+  // LN2: dt1 = dt (residual) + LN2'(dy2)
+  ln_bwd(t1, st2, dy, dt, static_cast<const S*>(lp.g2), g(il + 10), g(il + 11), T, d);
+  __syncthreads();
+  // out projection: dO = dt1 Wo; dWo[e, c] += sum_t dt1[t, e] o[t, c]; dbo[e] += sum_t dt1
+  {
+    const S* wo = static_cast<const S*>(lp.wo);
+    for (int idx = tid; idx < T * A; idx += nthreads) {
+      const int t = idx / A, c = idx % A;
+      float acc = 0.f;
+      for (int e = 0; e < d; ++e) acc += dt[t * d + e] * ld(wo + (int64_t)e * A + c);
+      dO[idx] = acc;
+    }
+    for (int idx = tid; idx < d * A; idx += nthreads) {
+      const int e = idx / A, c = idx % A;
+      float acc = 0.f;
+      for (int t = 0; t < T; ++t) acc += dt[t * d + e] * o[(int64_t)t * A + c];
+      atomicAdd(g(il + 8) + idx, acc);
+    }
+    for (int e = tid; e < d; e += nthreads) {
+      float acc = 0.f;
+      for (int t = 0; t < T; ++t) acc += dt[t * d + e];
+      atomicAdd(g(il + 9) + e, acc);
+    }
+  }
+  __syncthreads();
+  // softmax backward, a warp per (head, query row): dS = P * (dP - sum_j P dP), dP = dO V^T
+  for (int row = warp; row < H * T; row += nwarps) {
+    const int h = row / T, i = row % T;
+    const float* prow = P + (int64_t)row * T;
+    float* srow = dS + (int64_t)row * T;
+    const float* dOi = dO + (int64_t)i * A + h * kd;
+    float dot = 0.f;
+    for (int j = lane; j < T; j += 32) {
+      const float* v = qkv + (int64_t)j * A3 + 2 * A + h * kd;
+      float dp = 0.f;
+      for (int c = 0; c < kd; ++c) dp += dOi[c] * v[c];
+      srow[j] = dp;
+      dot += dp * prow[j];
+    }
+    dot = warp_sum(dot);
+    for (int j = lane; j < T; j += 32) srow[j] = prow[j] * (srow[j] - dot);
+  }
+  __syncthreads();
+  // dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO
+  for (int idx = tid; idx < T * A3; idx += nthreads) {
+    const int t = idx / A3, col = idx % A3, which = col / A, r = col % A, h = r / kd;
+    float acc = 0.f;
+    if (which == 0) {
+      const float* srow = dS + ((int64_t)h * T + t) * T;
+      for (int j = 0; j < T; ++j) acc += srow[j] * qkv[(int64_t)j * A3 + A + r];
+      acc *= a.scale;
+    } else if (which == 1) {
+      for (int i = 0; i < T; ++i) acc += dS[((int64_t)h * T + i) * T + t] * qkv[(int64_t)i * A3 + r];
+      acc *= a.scale;
+    } else {
+      for (int i = 0; i < T; ++i) acc += P[((int64_t)h * T + i) * T + t] * dO[(int64_t)i * A + r];
+    }
+    dqkv[idx] = acc;
+  }
+  __syncthreads();
+  // Q/K/V projections: dy1 = sum dqkv W; dW[r, e] += sum_t dqkv[t, r] y1[t, e]; db[r] += sum_t dqkv
+  for (int idx = tid; idx < Td; idx += nthreads) {
+    const int t = idx / d, e = idx % d;
+    float acc = 0.f;
+    for (int col = 0; col < A3; ++col) {
+      const int which = col / A, r = col % A;
+      const S* wq = static_cast<const S*>(which == 0 ? lp.wq : which == 1 ? lp.wk : lp.wv);
+      acc += dqkv[(int64_t)t * A3 + col] * ld(wq + (int64_t)r * d + e);
+    }
+    dy[idx] = acc;
+  }
+  for (int idx = tid; idx < A3 * d; idx += nthreads) {
+    const int col = idx / d, e = idx % d, which = col / A, r = col % A;
+    float acc = 0.f;
+    for (int t = 0; t < T; ++t) acc += dqkv[(int64_t)t * A3 + col] * y1[t * d + e];
+    atomicAdd(g(il + 2 + 2 * which) + (int64_t)r * d + e, acc);
+  }
+  for (int col = tid; col < A3; col += nthreads) {
+    const int which = col / A, r = col % A;
+    float acc = 0.f;
+    for (int t = 0; t < T; ++t) acc += dqkv[(int64_t)t * A3 + col];
+    atomicAdd(g(il + 3 + 2 * which) + r, acc);
+  }
+  __syncthreads();
+  // LN1: dtin = dt1 + LN1'(dy1)
+  ln_bwd(tin, st1, dy, dt, static_cast<const S*>(lp.g1), g(il), g(il + 1), T, d);
+  __syncthreads();
+  // embedding: dpos[n, e] += dt; dbp[e] += sum_n dt; dWp[e, k] += sum_n dt[n, e] patch[n, k]
+  for (int idx = tid; idx < a.Np * d; idx += nthreads) atomicAdd(g(2) + idx, dt[idx]);
+  for (int e = tid; e < d; e += nthreads) {
+    float acc = 0.f;
+    for (int n = 0; n < a.Np; ++n) acc += dt[n * d + e];
+    atomicAdd(g(1) + e, acc);
+  }
+  for (int idx = tid; idx < d * P_dim; idx += nthreads) {
+    const int e = idx / P_dim, k = idx % P_dim;
+    const int i = k / (a.pw * a.C), j = (k / a.C) % a.pw, c = k % a.C;
+    float acc = 0.f;
+    for (int n = 0; n < a.Np; ++n) {
+      const int gy = n / a.gw, gx = n % a.gw;
+      acc += dt[n * d + e] *
+             ld(x + (int64_t)c * a.sx_c + (int64_t)(gy * a.ph + i) * a.sx_h + (int64_t)(gx * a.pw + j) * a.sx_w);
+    }
+    atomicAdd(g(0) + idx, acc);
+  }
+  if (ba.need_dx) {
+    S* dx = static_cast<S*>(ba.dx) + (int64_t)b * ba.sdx_b;
+    const S* wp = static_cast<const S*>(a.wp);
+    for (int idx = tid; idx < a.C * a.H * a.W; idx += nthreads) {
+      const int c = idx / (a.H * a.W), yy = (idx / a.W) % a.H, xx = idx % a.W;
+      const int n = (yy / a.ph) * a.gw + xx / a.pw, k = ((yy % a.ph) * a.pw + xx % a.pw) * a.C + c;
+      float acc = 0.f;
+      for (int e = 0; e < d; ++e) acc += dt[n * d + e] * ld(wp + (int64_t)e * P_dim + k);
+      st(dx + (int64_t)c * ba.sdx_c + (int64_t)yy * ba.sdx_h + (int64_t)xx * ba.sdx_w, acc);
+    }
+  }
+  if (a.E > 0) {
+    const S* we = static_cast<const S*>(a.we);
+    S* dex = static_cast<S*>(ba.dextra) + (int64_t)b * a.E * a.De;
+    for (int idx = tid; idx < a.E * a.De; idx += nthreads) {
+      const int k = idx / a.De, c = idx % a.De;
+      float acc = 0.f;
+      for (int e = 0; e < d; ++e) acc += dt[(a.Np + k) * d + e] * ld(we + (int64_t)e * a.De + c);
+      st(dex + idx, acc);
+    }
+    for (int idx = tid; idx < d * a.De; idx += nthreads) {
+      const int e = idx / a.De, c = idx % a.De;
+      float acc = 0.f;
+      for (int k = 0; k < a.E; ++k) acc += dt[(a.Np + k) * d + e] * ld(ex + k * a.De + c);
+      atomicAdd(g(3) + idx, acc);
+    }
+    for (int e = tid; e < d; e += nthreads) {
+      float acc = 0.f;
+      for (int k = 0; k < a.E; ++k) acc += dt[(a.Np + k) * d + e];
+      atomicAdd(g(4) + e, acc);
+    }
+  }
+}
+
+const char* launch_exit_backward(const BackwardArgs& ba, void* stream) {
+  if (const char* err = check_exit_args(ba.f)) return err;
+  if (ba.f.L != 1) return "the CUDA backward kernel supports num_layers == 1";
+  slvit_stream_t s = reinterpret_cast<slvit_stream_t>(stream);
+  switch (ba.f.dtype) {
+    case DType::F32: SLVIT_LAUNCH(slvit_backward_kernel<float>, dim3(ba.f.B), dim3(kThreads), 0, s, ba); break;
+    case DType::F16: SLVIT_LAUNCH(slvit_backward_kernel<__half>, dim3(ba.f.B), dim3(kThreads), 0, s, ba); break;
+    case DType::BF16:
+      SLVIT_LAUNCH(slvit_backward_kernel<__nv_bfloat16>, dim3(ba.f.B), dim3(kThreads), 0, s, ba);
+      break;
+  }
+  return SLVIT_CHECK_LAUNCH();
+}
+
+}  // namespace slvit

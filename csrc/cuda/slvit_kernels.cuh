@@ -1,0 +1,83 @@
+// Declarations of the SL-ViT exit CUDA kernels' launch functions (no torch headers: raw pointers,
+// explicit strides, a stream argument). Implemented in slvit_kernels.cu, which is compiled twice:
+// by nvcc (slvit_fast._C_cuda) and as host C++ under csrc/emu/simt_emu.h (slvit_fast._C_emu).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace slvit {
+
+constexpr int kMaxLayers = 4;
+constexpr int kThreads = 256;  // threads per block of both kernels
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+struct LayerPtrs {
+  const void *g1, *b1, *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo, *g2, *b2, *w1, *b1m, *w2, *b2m;
+};
+
+// Everything one exit forward needs. Pointers are of the element type `dtype` (weights contiguous,
+// torch Linear layout (out, in)); x is (B, C, H, W) with arbitrary element strides (NCHW or
+// channels_last); extra is contiguous (B, E, De). `ws` is a float32 workspace of
+// B * workspace_floats_per_sample() elements; `out` is (B, O) contiguous of `dtype`.
+struct ExitArgs {
+  DType dtype;
+  const void* x;
+  int64_t sx_b, sx_c, sx_h, sx_w;
+  const void* extra;
+  const void *wp, *bp, *pos, *we, *be;
+  LayerPtrs layers[kMaxLayers];
+  const void *wh1, *bh1, *wh2, *bh2;
+  int B, C, H, W, ph, pw, gh, gw, Np, E, De, T, d, heads, kd, A, M, Hh, O, L;
+  int residual, act;  // act: 0 exact GELU, 1 ReLU
+  float eps, scale;
+  float* ws;
+  int64_t ws_stride;
+  void* out;
+};
+
+inline int64_t workspace_floats_per_sample(int T, int d, int A, int M) {
+  return (int64_t)T * (2 * d + 4 * A + M);
+}
+
+// Checks the sizes the kernels support; returns nullptr if fine, else a message.
+const char* check_exit_args(const ExitArgs& a);
+
+// The whole exit forward in two launches: encoder (patch embed + L encoder layers) and head.
+// Returns nullptr on success, else an error message (launch failure).
+const char* launch_exit_forward(const ExitArgs& a, void* stream);
+
+// Self-test kernels for the emulator (see csrc/emu/emu_selftest.cpp): a block-wide reversal through
+// shared memory, with or without its __syncthreads, and a warp-shuffle sum.
+const char* launch_selftest_reverse(const float* in, float* out, int n, int threads, bool with_sync, void* stream);
+const char* launch_selftest_warpsum(const float* in, float* out, int n, void* stream);
+
+// ---- backward (one encoder layer) ---------------------------------------------------------------------
+constexpr int kMaxParams = 3 + 2 + 16 + 4;
+
+// Gradients of the exit w.r.t. x, extra and every parameter, one block per sample (recomputes the
+// forward activations of its sample into the workspace, then back-propagates). Parameter gradients
+// are float32 accumulators (zero-initialised by the caller, summed over samples with atomicAdd),
+// at grads + goff[i] for the i-th parameter in op order. Supports num_layers == 1.
+struct BackwardArgs {
+  ExitArgs f;        // forward arguments; f.ws / f.ws_stride describe the *backward* workspace
+  const void* gout;  // (B, O) contiguous, dtype f.dtype
+  float* grads;
+  int64_t goff[kMaxParams];
+  void* dx;  // same dtype as x, strides sdx_*; written only when need_dx
+  int64_t sdx_b, sdx_c, sdx_h, sdx_w;
+  int need_dx;
+  void* dextra;  // (B, E, De) contiguous, dtype f.dtype (when E > 0)
+};
+
+inline int64_t backward_workspace_floats_per_sample(int T, int d, int A, int M, int heads, int Hh) {
+  return (int64_t)T * (8 * d + 4 + 2 * 3 * A + 2 * A + 2 * M) + 2 * (int64_t)heads * T * T + 3 * (int64_t)Hh;
+}
+const char* launch_exit_backward(const BackwardArgs& a, void* stream);
+constexpr int kBackwardLaunches = 1;
+
+// Number of kernel launches made by launch_exit_forward (for slvit_fast.profiling).
+constexpr int kForwardLaunches = 2;
+
+}  // namespace slvit

@@ -1,0 +1,71 @@
+"""Backend "cpu": the fused C++ CPU kernels (csrc/cpu/), the default for CPU tensors when built.
+
+The whole exit forward is one op call (``slvit_fast::cpu_exit_forward``) and the whole backward one
+more (``slvit_fast::cpu_exit_backward``), so batch 1 pays no per-layer framework overhead. Inputs of
+any floating dtype are computed in float32 and the result is returned in the input dtype.
+
+Threading: problems under 256 token rows (batch 1-4 at the paper's sizes) run on the calling thread
+only (per-thread OpenMP/MKL settings, restored afterwards); larger batches use ATen's thread pool and
+MKL. Inference keeps intermediates in a per-thread arena reused across calls (it holds the largest
+batch's intermediates, ~60 MB at batch 64 for the ResNet presets). float64 is left to the 'torch'
+backend (the fused kernels compute in float32).
+
+Dropout is not fused: an exit in training mode with a non-zero dropout rate runs the reference
+(torch) math instead, with a one-time warning, so results are never silently wrong.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..ops import cpp_ops
+
+_warned = False
+
+
+def _dropout_active(module) -> bool:
+    c = module.config
+    return module.training and (c.dropout > 0 or c.attention_dropout > 0 or c.head_dropout > 0)
+
+
+def reference_fallback(module, x: Tensor, extra: Tensor | None, backend: str) -> Tensor:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(f"slvit_fast: backend {backend!r} has no fused dropout; this training-mode exit with "
+                      "dropout > 0 runs the reference torch ops", RuntimeWarning, stacklevel=4)
+    params = dict(module.named_parameters())
+    return reference.slvit_exit(x, params, module.config, extra, training=True)
+
+
+class CPUBackend:
+    name = "cpu"
+
+    def unavailable_reason(self, x: Tensor) -> str | None:
+        reason = cpp_ops.ensure_registered("cpu")
+        if reason is not None:
+            return reason
+        if x.device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got a tensor on {x.device}"
+        if x.dtype == torch.float64:
+            return "float64 runs on the 'torch' backend (the fused CPU kernels compute in float32)"
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"unsupported dtype {x.dtype}"
+        return None
+
+    def slvit_exit(self, module, x: Tensor, extra: Tensor | None) -> Tensor:
+        if _dropout_active(module):
+            return reference_fallback(module, x, extra, self.name)
+        params = cpp_ops.module_params(module)
+        save = torch.is_grad_enabled() and (
+            x.requires_grad or (extra is not None and extra.requires_grad) or any(p.requires_grad for p in params))
+        out = torch.ops.slvit_fast.cpu_exit_forward(
+            x, extra, params, cpp_ops.config_ints(module.config), module.config.ln_eps, save)
+        return out[0]
+
+
+BACKEND = CPUBackend()

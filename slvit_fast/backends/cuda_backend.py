@@ -1,0 +1,45 @@
+"""Backend "cuda": the CUDA C++ kernels of csrc/cuda/ (extension ``slvit_fast._C_cuda``).
+
+Forward: two kernel launches (encoder block per sample, then the flatten head), fp32/fp16/bf16 with
+float32 accumulation. Backward: one launch of the backward kernel for one-layer exits (the paper's;
+it recomputes the forward per sample, reduces parameter gradients per block, one atomicAdd per
+element and sample), the reference math recomputed in torch for deeper exits. The same kernel source
+is tested on CPU through the "cuda-emu" backend (no GPU here).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops import cpp_ops
+from ..profiling import record_launches
+from .cpu_backend import _dropout_active, reference_fallback
+from .cuda_emu_backend import FORWARD_LAUNCHES, check_config
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def unavailable_reason(self, x: Tensor) -> str | None:
+        reason = cpp_ops.ensure_registered("cuda")
+        if reason is not None:
+            return reason
+        if x.device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got a tensor on {x.device}"
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"the CUDA kernels support float32, float16 and bfloat16, got {x.dtype}"
+        return None
+
+    def slvit_exit(self, module, x: Tensor, extra: Tensor | None) -> Tensor:
+        reason = check_config(module)
+        if reason is not None:
+            raise ValueError(f"backend 'cuda': {reason}")
+        if _dropout_active(module):
+            return reference_fallback(module, x, extra, self.name)
+        record_launches("slvit_fast.cuda.exit_forward", FORWARD_LAUNCHES)
+        return torch.ops.slvit_fast.cuda_exit_forward(
+            x, extra, cpp_ops.module_params(module), cpp_ops.config_ints(module.config), module.config.ln_eps)
+
+
+BACKEND = CudaBackend()

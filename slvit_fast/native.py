@@ -1,0 +1,258 @@
+"""The compiled extensions: loading them, and reporting what was compiled for which GPU architectures.
+
+Three independent extension modules (see ``csrc/native_build.py``):
+
+====================  ==============  ===================================================================
+module                backend         contents
+====================  ==============  ===================================================================
+``slvit_fast._C_cpu``  ``"cpu"``       fused C++ CPU forward/backward (``slvit_fast::cpu_exit_*`` ops)
+``slvit_fast._C_emu``  ``"cuda-emu"``  the CUDA kernel sources compiled as host C++ under the SIMT
+                                      emulation header (``slvit_fast::emu_*`` ops); a test backend
+``slvit_fast._C_cuda`` ``"cuda"``      the CUDA kernels (``slvit_fast::cuda_*`` ops), built by nvcc
+====================  ==============  ===================================================================
+
+Importing a module registers its ops with ``torch.library``; :func:`load` does that once and remembers
+why a module could not be imported (not built, or broken), so backends can report a reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import threading
+from types import ModuleType
+from typing import Any
+
+MODULES = {"cpu": "slvit_fast._C_cpu", "emu": "slvit_fast._C_emu", "cuda": "slvit_fast._C_cuda"}
+
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType] = {}
+_errors: dict[str, str] = {}
+
+
+def load(kind: str) -> ModuleType | None:
+    """Import the extension ``kind`` ('cpu', 'emu' or 'cuda') once; None (with a reason) if impossible."""
+    if kind in _loaded:
+        return _loaded[kind]
+    with _lock:
+        if kind in _loaded:
+            return _loaded[kind]
+        if kind in _errors:
+            return None
+        name = MODULES[kind]
+        try:
+            import torch  # noqa: F401  (the extensions link against libtorch; load it first)
+
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                _errors[kind] = (f"extension {name} was not built (rebuild with `pip install --no-build-isolation "
+                                 f"-e .`; see csrc/native_build.py for when it is skipped)")
+            else:
+                _errors[kind] = f"import of {name} failed: {e}"
+            return None
+        except Exception as e:  # noqa: BLE001  (a broken build is a reason, not a crash)
+            _errors[kind] = f"import of {name} failed: {type(e).__name__}: {e}"
+            return None
+        _loaded[kind] = mod
+        return mod
+
+
+def load_error(kind: str) -> str | None:
+    """Why :func:`load` returned None for ``kind`` (None if it loaded or was not tried)."""
+    return _errors.get(kind)
+
+
+def _module_file(kind: str) -> str | None:
+    spec = importlib.util.find_spec(MODULES[kind]) if _package_present() else None
+    return spec.origin if spec is not None else None
+
+
+def _package_present() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("slvit_fast") is not None
+
+
+def cuobjdump() -> str | None:
+    """A cuobjdump binary: the CUDA toolkit's, else the one Triton ships."""
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    for cand in (os.path.join(home, "bin", "cuobjdump"), shutil.which("cuobjdump")):
+        if cand and os.path.exists(cand):
+            return cand
+    try:
+        import triton
+
+        cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        return cand if os.path.exists(cand) else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def compiled_cuda_archs() -> list[str]:
+    """GPU architectures the CUDA extension holds code for, e.g. ['sm_80', 'sm_90'] ([] if not built)."""
+    path = _module_file("cuda")
+    if path is None:
+        return []
+    tool = cuobjdump()
+    if tool is None:
+        return []
+    r = subprocess.run([tool, "--list-elf", path], capture_output=True, text=True)
+    archs = sorted(set(re.findall(r"\.(sm_\d+a?)\.cubin", r.stdout)))
+    return archs
+
+
+def build_info() -> dict[str, Any]:
+    """What was compiled and what is usable here: {kind: {compiled, loadable, reason, ...}}."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for kind in MODULES:
+        compiled = _module_file(kind) is not None
+        mod = load(kind) if compiled else None
+        entry: dict[str, Any] = {"compiled": compiled, "loadable": mod is not None}
+        if not compiled:
+            entry["reason"] = "not built"
+        elif mod is None:
+            entry["reason"] = load_error(kind)
+        if kind == "cuda":
+            entry["archs"] = compiled_cuda_archs() if compiled else []
+            entry["usable_here"] = bool(mod is not None and torch.cuda.is_available())
+            if mod is not None and not torch.cuda.is_available():
+                entry["reason"] = "compiled, but no CUDA device is available on this machine"
+        else:
+            entry["usable_here"] = mod is not None
+        out[kind] = entry
+    return out
+
+
+def cuda_kernel_resources(path: str | None = None) -> list[dict[str, Any]]:
+    """Per-kernel resource usage of the compiled CUDA extension, from ``cuobjdump -res-usage``.
+
+    Rows: {"kernel", "arch", "registers", "shared_bytes", "local_bytes" (spill/stack), "constant_bytes"}.
+    ``path`` defaults to the installed ``slvit_fast._C_cuda``; [] when it is not built or no cuobjdump.
+    Used by ``slvit-fast gpu-report`` and ``slvit-fast info``.
+    """
+    path = path or _module_file("cuda")
+    tool = cuobjdump()
+    if path is None or tool is None:
+        return []
+    r = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True)
+    return parse_res_usage(r.stdout)
+
+
+def parse_res_usage(text: str) -> list[dict[str, Any]]:
+    """Parse ``cuobjdump -res-usage`` output (also accepts ``nvcc --resource-usage`` ptxas lines)."""
+    rows: list[dict[str, Any]] = []
+    arch = None
+    kernel = None
+    for line in text.splitlines():
+        m = re.search(r"arch = (sm_\d+a?)", line)
+        if m:
+            arch = m.group(1)
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'", line)  # ptxas -v style
+        if m:
+            kernel, arch = m.group(1), m.group(2)
+        m = re.search(r"Function ([^\s:]+):", line)
+        if m:
+            kernel = m.group(1)
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m and kernel:
+            reg, stack, shared, local = (int(v) for v in m.groups())
+            mc = re.search(r"CONSTANT\[0\]:(\d+)", line)
+            const = int(mc.group(1)) if mc else 0
+            rows.append({"kernel": _demangle(kernel), "mangled": kernel, "arch": arch, "registers": reg,
+                         "stack_bytes": stack, "shared_bytes": shared, "local_bytes": local,
+                         "constant_bytes": const, "spill_bytes": local})
+            kernel = None
+        m = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+        if m and kernel and "ptxas info" in line:
+            rows.append({"kernel": _demangle(kernel), "mangled": kernel, "arch": arch,
+                         "registers": int(m.group(1)), "shared_bytes": int(m.group(2))})
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and kernel:
+            pending = {"kernel": _demangle(kernel), "mangled": kernel, "arch": arch,
+                       "stack_bytes": int(m.group(1)),
+                       "spill_bytes": int(m.group(2)) + int(m.group(3))}
+            rows.append(pending)
+    return _merge_ptxas_rows(rows)
+
+
+def _merge_ptxas_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    merged: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        key = (r["mangled"], r["arch"])
+        merged.setdefault(key, {}).update(r)
+    return list(merged.values())
+
+
+def _demangle(name: str) -> str:
+    exe = shutil.which("c++filt")
+    if exe is None or not name.startswith("_Z"):
+        return name
+    r = subprocess.run([exe, name], capture_output=True, text=True)
+    return r.stdout.strip() or name
+
+
+_DTYPES = {"float": "float32", "__half": "float16", "__nv_bfloat16": "bfloat16"}
+
+
+def nvcc_resource_usage(archs=(80, 90), nvcc: str | None = None) -> list[dict[str, Any]]:
+    """Compile csrc/cuda/*.cu with ``nvcc --resource-usage`` (source tree only; no GPU needed)."""
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src_dir = os.path.join(root, "csrc", "cuda")
+    nvcc = nvcc or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
+    if not os.path.isdir(src_dir) or not os.path.exists(nvcc):
+        return []
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for src in ("slvit_kernels.cu", "slvit_backward.cu"):
+            r = subprocess.run([nvcc, "-std=c++20", "-O3", "--resource-usage", *gencode, "-I", src_dir, "-c",
+                                os.path.join(src_dir, src), "-o", os.path.join(tmp, src + ".o")],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"nvcc failed on {src}: {r.stderr[-2000:]}")
+            rows += parse_res_usage(r.stdout + r.stderr)
+    return rows
+
+
+def gpu_report_rows(archs=(80, 90)) -> list[dict[str, Any]]:
+    """CUDA C++ kernel rows for ``slvit-fast gpu-report`` (``gpu_report.register_provider("cuda", ...)``).
+
+    From the built extension (cuobjdump) when it exists, else by compiling the sources with nvcc. The
+    kernels are shape-generic (sizes are runtime arguments), so one row per kernel x dtype x arch
+    covers every preset.
+    """
+    from .exit_presets import PRESETS
+
+    wanted = {f"sm_{a}" for a in archs}
+    raw = cuda_kernel_resources() if build_info_cuda_compiled() else []
+    if not raw or not wanted <= {r["arch"] for r in raw}:
+        raw = nvcc_resource_usage(archs)
+    rows = []
+    for r in raw:
+        m = re.match(r"void slvit::slvit_(\w+)_kernel<([\w:]+)>", r["kernel"])
+        if not m or r["arch"] not in wanted:
+            continue
+        stack, local = r.get("stack_bytes", 0), r.get("local_bytes", r.get("spill_bytes", 0))
+        rows.append({"family": "cuda", "kernel": m.group(1), "config": "runtime shapes (all presets)",
+                     "dtype": _DTYPES.get(m.group(2), m.group(2)), "arch": r["arch"],
+                     "registers": r.get("registers", 0), "shared_bytes": r.get("shared_bytes", 0),
+                     "local_bytes": local, "stack_bytes": stack, "spill_bytes": stack + local,
+                     "presets": list(PRESETS), "ok": True, "error": ""})
+    return rows
+
+
+def build_info_cuda_compiled() -> bool:
+    return _module_file("cuda") is not None
+
+
+__all__ = ["MODULES", "gpu_report_rows", "nvcc_resource_usage", "load", "load_error", "build_info", "compiled_cuda_archs", "cuda_kernel_resources",
+           "parse_res_usage"]
