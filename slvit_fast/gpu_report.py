@@ -1,0 +1,273 @@
+"""Ahead-of-time GPU compile report: compile every kernel configuration the presets use, no GPU needed.
+
+Each Triton kernel launch of the exit (forward and backward) is described by the same ``Launch`` object
+the backend runs (:mod:`slvit_fast.ops.triton_ops`), built here on ``meta`` tensors of the preset's
+shapes. It is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and
+the cubin is inspected with ``cuobjdump -res-usage`` (shipped with Triton) for registers, shared memory
+and LOCAL (spill / stack) bytes.
+
+Other kernel families (e.g. CUDA C++) join the report by registering a row provider::
+
+    from slvit_fast import gpu_report
+    gpu_report.register_provider("cuda", lambda archs: [ {...row...}, ... ])
+
+A row is a dict with keys ``family, kernel, config, dtype, arch, registers, shared_bytes, local_bytes,
+stack_bytes, spill_bytes (= stack + local), presets, ok, error``. ``slvit-fast gpu-report [--json]`` prints all rows.
+
+Triton kernels cannot be compiled while ``TRITON_INTERPRET=1`` (the kernels are then interpreter
+objects); :func:`report_rows` then runs the Triton part in a subprocess without that variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any, Callable, Iterable
+
+import torch
+
+DEFAULT_ARCHS = (80, 90)
+# "float32": fp32 models at torch's default matmul precision "highest" (3xTF32 dots on the GPU);
+# "float32-tf32": fp32 at "high"/"medium" (TF32 dots); "float32-ieee": diagnostic, FMA (IEEE) dots as in
+# the interpreter - not used on GPUs because it spills; then the half types.
+DEFAULT_DTYPES = ("float32", "float32-tf32", "float16", "bfloat16")
+DTYPE_VARIANTS = ("float32", "float32-tf32", "float32-ieee", "float16", "bfloat16")
+_PROVIDERS: dict[str, Callable[[tuple[int, ...]], list[dict[str, Any]]]] = {}
+
+
+def register_provider(family: str, provider: Callable[[tuple[int, ...]], list[dict[str, Any]]]) -> None:
+    """Add a kernel family to the report; ``provider(archs)`` returns rows (see module docstring)."""
+    _PROVIDERS[family] = provider
+
+
+def _cuobjdump() -> str | None:
+    try:
+        import triton
+
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(path):
+            return path
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
+def parse_res_usage(text: str) -> dict[str, int]:
+    """``cuobjdump -res-usage`` output -> registers, shared_bytes, local_bytes, stack_bytes (first function)."""
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", text)
+    if not m:
+        raise RuntimeError(f"cannot parse cuobjdump -res-usage output: {text[:500]!r}")
+    reg, stack, shared, local = (int(v) for v in m.groups())
+    return dict(registers=reg, stack_bytes=stack, shared_bytes=shared, local_bytes=local)
+
+
+def _sig_type(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unsupported kernel argument {value!r}")
+
+
+def compile_launch(launch: Any, arch: int) -> dict[str, Any]:
+    """Compile one ``triton_ops.Launch`` for ``sm_<arch>``; returns resource usage."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = launch.kernel
+    signature = {}
+    for name in kernel.arg_names:
+        if name in launch.meta:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = _sig_type(launch.args[name])
+    src = ASTSource(fn=kernel, signature=signature, constexprs=dict(launch.meta))
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch.options())
+    cubin = compiled.asm["cubin"]
+    tool = _cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (expected in triton/backends/nvidia/bin)")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = parse_res_usage(text)
+    # spills live in the stack frame (cuobjdump's LOCAL is per-kernel local arrays): count both
+    usage["spill_bytes"] = usage["stack_bytes"] + usage["local_bytes"]
+    usage["shared_bytes"] = max(usage["shared_bytes"], int(getattr(compiled.metadata, "shared", 0) or 0))
+    return usage
+
+
+def preset_launches(preset: str, dtype: torch.dtype, batch: int = 2) -> list[Any]:
+    """Every Triton launch (forward and backward) of the preset's exit, described on meta tensors."""
+    from .exit_presets import get_preset
+    from .config import SLViTConfig
+    from .ops import triton_ops as T
+
+    c = SLViTConfig(**get_preset(preset).slvit_kwargs())
+    dev = "meta"
+    e = lambda *s, dt=dtype: torch.empty(s, device=dev, dtype=dt)  # noqa: E731
+    f32 = torch.float32
+    B, D, A, Fd = batch, c.embed_dim, c.attn_dim, c.mlp_dim
+    N, Tn, K = c.num_patches, c.num_tokens, c.patch_dim
+    ph, pw = c.patch_size
+    x = e(B, c.in_channels, *c.feature_size)
+    w, bias, pos = e(D, K), e(D), e(N, D)
+    extra = e(B, c.extra_tokens, c.extra_dim) if c.extra_tokens else None
+    we = e(D, c.extra_dim) if c.extra_tokens else None
+    be = e(D) if c.extra_tokens else None
+    t = e(B, Tn, D, dt=f32)
+    lnw, lnb = e(D), e(D)
+    wq, bq = e(A, D), e(A)
+    wo = e(D, A)
+    KD = c.key_dim
+    H = c.num_heads
+    attn_outs = (t, e(B, Tn, dt=f32), e(B, Tn, dt=f32), e(B, H, Tn, KD, dt=f32), e(B, H, Tn, KD, dt=f32),
+                 e(B, H, Tn, KD, dt=f32), e(B, Tn, A, dt=f32), e(B, H, Tn, dt=f32))
+    w1, b1, w2, b2 = e(Fd, D), e(Fd), e(D, Fd), e(D)
+    hw1, hb1, hw2, hb2 = e(c.head_hidden, Tn * D), e(c.head_hidden), e(c.num_outputs, c.head_hidden), \
+        e(c.num_outputs)
+    act = T.ACTIVATIONS[c.activation]
+    mean = e(B, Tn, dt=f32)
+    hpre = e(B, c.head_hidden, dt=f32)
+    flat = e(10_000_000, dt=f32)
+    launches = [
+        T.patch_embed_fwd_launch(x, w, bias, pos, extra, we, be, ph, pw, t),
+        T.attention_fwd_launch(t, lnw, lnb, wq, bq, wq, bq, wq, bq, wo, b2, H, c.ln_eps, attn_outs),
+        T.mlp_head_fwd_launch(t, lnw, lnb, w1, b1, w2, b2, hw1, hb1, hw2, hb2, c.ln_eps, c.mlp_residual, act,
+                              (t, mean, mean, hpre, e(B, c.num_outputs))),
+        T.mlp_head_bwd_launch(e(B, c.num_outputs), None, t, t, lnw, lnb, w1, b1, w2, mean, mean, hw1, hw2, hpre,
+                              c.mlp_residual, act, t, e(B, Tn * D, dt=f32), hpre, flat),
+        T.attention_bwd_launch(t, t, lnw, lnb, wq, wq, wq, wo, mean, mean, *attn_outs[3:], H, t,
+                               (attn_outs[3], attn_outs[7], attn_outs[3], attn_outs[3], attn_outs[3]), flat),
+        T.patch_embed_bwd_launch(x, w, extra, we, t, ph, pw, x, extra if extra is not None else x, flat),
+    ]
+    return launches
+
+
+def _config_key(launch: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(launch.meta.items()))
+
+
+def triton_rows(archs: Iterable[int] = DEFAULT_ARCHS, dtypes: Iterable[str] = DEFAULT_DTYPES,
+                presets: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Compile every distinct Triton kernel configuration of the presets, in this process."""
+    from .exit_presets import list_presets
+
+    rows, seen = [], {}
+    for preset in presets or list_presets():
+        for dtype_name in dtypes:
+            if dtype_name not in DTYPE_VARIANTS:
+                raise ValueError(f"unknown dtype {dtype_name!r}; valid: {DTYPE_VARIANTS}")
+            from .ops import triton_ops
+
+            dtype = getattr(torch, dtype_name.split("-")[0])
+            saved = torch.get_float32_matmul_precision(), triton_ops.FP32_EXACT_GPU_PRECISION
+            torch.set_float32_matmul_precision("high" if dtype_name.endswith("-tf32") else "highest")
+            if dtype_name.endswith("-ieee"):
+                triton_ops.FP32_EXACT_GPU_PRECISION = "ieee"
+            try:
+                launches = preset_launches(preset, dtype)
+            finally:
+                torch.set_float32_matmul_precision(saved[0])
+                triton_ops.FP32_EXACT_GPU_PRECISION = saved[1]
+            for launch in launches:
+                for arch in archs:
+                    key = (launch.kernel.__name__, _config_key(launch), dtype_name, arch)
+                    if key in seen:
+                        seen[key]["presets"].append(preset)
+                        continue
+                    row = dict(family="triton", kernel=launch.kernel.__name__, config=_config_key(launch),
+                               dtype=dtype_name, arch=f"sm_{arch}", num_warps=launch.num_warps, presets=[preset],
+                               ok=True, error="")
+                    try:
+                        row.update(compile_launch(launch, arch))
+                    except Exception as exc:  # report, don't stop: one bad config must not hide the others
+                        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+                    seen[key] = row
+                    rows.append(row)
+    return rows
+
+
+def _interpreted() -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from .kernels.attention_block import attention_fwd_kernel
+    except ImportError:
+        return False
+    return isinstance(attention_fwd_kernel, InterpretedFunction)
+
+
+def report_rows(archs: Iterable[int] = DEFAULT_ARCHS, dtypes: Iterable[str] = DEFAULT_DTYPES,
+                presets: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """All rows: Triton (in a subprocess when this process runs the interpreter) plus registered providers."""
+    archs, dtypes = tuple(archs), tuple(dtypes)
+    presets = tuple(presets) if presets else None
+    if _interpreted() or os.environ.get("TRITON_INTERPRET") == "1":
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "slvit_fast.gpu_report", "--json", "--triton-only",
+               "--archs", ",".join(map(str, archs)), "--dtypes", ",".join(dtypes)]
+        if presets:
+            cmd += ["--presets", ",".join(presets)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"gpu report subprocess failed ({proc.returncode}): {proc.stderr[-3000:]}")
+        rows = json.loads(proc.stdout)
+    else:
+        rows = triton_rows(archs, dtypes, presets)
+    for family, provider in _PROVIDERS.items():
+        rows += provider(archs)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'family':<7} {'kernel':<24} {'dtype':<13} {'arch':<6} {'regs':>4} {'shared':>7} {'spill':>6}  "
+             f"{'ok':<3} presets"]
+    for r in rows:
+        presets = ",".join(r.get("presets", []))
+        if len(presets) > 60:
+            presets = presets[:57] + "..."
+        if r.get("ok"):
+            lines.append(f"{r['family']:<7} {r['kernel']:<24} {r['dtype']:<13} {r['arch']:<6} {r['registers']:>4} "
+                         f"{r['shared_bytes']:>7} {r['spill_bytes']:>6}  yes {presets}")
+        else:
+            lines.append(f"{r['family']:<7} {r['kernel']:<24} {r['dtype']:<13} {r['arch']:<6} FAILED: "
+                         f"{r['error'][:200]}")
+    ok = [r for r in rows if r.get("ok")]
+    spills = sum(r["spill_bytes"] for r in ok)
+    spilling = sum(1 for r in ok if r["spill_bytes"])
+    lines.append(f"{len(ok)}/{len(rows)} kernel configurations compiled; {spilling} of them spill "
+                 f"(stack+local bytes, total {spills})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="slvit-fast gpu-report", description=__doc__.split("\n")[0])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--archs", default=",".join(map(str, DEFAULT_ARCHS)))
+    p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES))
+    p.add_argument("--presets", default="")
+    p.add_argument("--triton-only", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    archs = tuple(int(a) for a in args.archs.split(","))
+    dtypes = tuple(d for d in args.dtypes.split(",") if d)
+    presets = tuple(x for x in args.presets.split(",") if x) or None
+    rows = triton_rows(archs, dtypes, presets) if args.triton_only else report_rows(archs, dtypes, presets)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+    return 0 if all(r.get("ok") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
