@@ -96,6 +96,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gpu_report(args: argparse.Namespace) -> int:
+    from .gpu_report_cli import run
+
+    return run(tuple(int(a) for a in _csv(args.archs)), tuple(_csv(args.dtypes)) or None,
+               tuple(_csv(args.presets)) or None, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slvit-fast", description="Fast single-layer ViT early exits.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,15 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="cache branch features here (later epochs skip the backbone)")
     p.add_argument("--checkpoint-dir", help="save exits + training state every epoch; resume from it")
     p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("gpu-report", help="compile every Triton kernel config for sm_80/sm_90 (no GPU) and "
-                       "list registers, shared memory and spill bytes")
+    p = sub.add_parser("gpu-report", help="compile every Triton and CUDA kernel for sm_80/sm_90 (no GPU needed): "
+                       "registers, shared memory, spill bytes; plus an H100 roofline vs eager PyTorch")
     p.add_argument("--json", action="store_true")
     p.add_argument("--archs", default="80,90")
-    p.add_argument("--dtypes", default="", help="comma list (default: float32,float32-tf32,float16,bfloat16)")
+    p.add_argument("--dtypes", default="", help="Triton dtypes, comma list (default: float32,float32-tf32,float16,bfloat16)")
     p.add_argument("--presets", default="", help="comma list (default: every preset)")
-    p.set_defaults(func=lambda a: __import__("slvit_fast.gpu_report", fromlist=["main"]).main(
-        ["--archs", a.archs, "--presets", a.presets] + (["--dtypes", a.dtypes] if a.dtypes else [])
-        + (["--json"] if a.json else [])))
+    p.set_defaults(func=_cmd_gpu_report)
     return parser
 
 
