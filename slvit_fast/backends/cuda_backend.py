@@ -4,7 +4,7 @@ Forward: two kernel launches (encoder block per sample, then the flatten head), 
 float32 accumulation. Backward: one launch of the backward kernel for one-layer exits (the paper's;
 it recomputes the forward per sample, reduces parameter gradients per block, one atomicAdd per
 element and sample), the reference math recomputed in torch for deeper exits. The same kernel source
-is tested on CPU through the "cuda-emu" backend (no GPU here).
+is tested on CPU through the "cuda-emu" backend (no GPU here), which is this class on another op.
 """
 
 from __future__ import annotations
@@ -15,31 +15,36 @@ from torch import Tensor
 from ..ops import cpp_ops
 from ..profiling import record_launches
 from .cpu_backend import _dropout_active, reference_fallback
-from .cuda_emu_backend import FORWARD_LAUNCHES, check_config
+
+FORWARD_LAUNCHES = 2
+MAX_LAYERS = 4
 
 
-class CudaBackend:
-    name = "cuda"
+class CudaKernelBackend:
+    """The CUDA exit kernels behind one torch op: compiled by nvcc ("cuda") or emulated ("cuda-emu")."""
+
+    def __init__(self, name: str, extension: str, device_type: str, op_name: str):
+        self.name, self.extension, self.device_type, self.op_name = name, extension, device_type, op_name
 
     def unavailable_reason(self, x: Tensor) -> str | None:
-        reason = cpp_ops.ensure_registered("cuda")
+        reason = cpp_ops.ensure_registered(self.extension)
         if reason is not None:
             return reason
-        if x.device.type != "cuda":
-            return f"the cuda backend runs on CUDA tensors, got a tensor on {x.device}"
+        if x.device.type != self.device_type:
+            return f"the {self.name} backend runs on {self.device_type.upper()} tensors, got a tensor on {x.device}"
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"the CUDA kernels support float32, float16 and bfloat16, got {x.dtype}"
         return None
 
     def slvit_exit(self, module, x: Tensor, extra: Tensor | None) -> Tensor:
-        reason = check_config(module)
-        if reason is not None:
-            raise ValueError(f"backend 'cuda': {reason}")
+        if module.config.num_layers > MAX_LAYERS:
+            raise ValueError(f"backend {self.name!r}: the CUDA kernels support num_layers <= {MAX_LAYERS}, "
+                             f"got {module.config.num_layers}")
         if _dropout_active(module):
             return reference_fallback(module, x, extra, self.name)
         record_launches("slvit_fast.cuda.exit_forward", FORWARD_LAUNCHES)
-        return torch.ops.slvit_fast.cuda_exit_forward(
-            x, extra, cpp_ops.module_params(module), cpp_ops.config_ints(module.config), module.config.ln_eps)
+        op = getattr(torch.ops.slvit_fast, self.op_name)
+        return op(x, extra, cpp_ops.module_params(module), cpp_ops.config_ints(module.config), module.config.ln_eps)
 
 
-BACKEND = CudaBackend()
+BACKEND = CudaKernelBackend("cuda", "cuda", "cuda", "cuda_exit_forward")
