@@ -116,7 +116,8 @@ def attention_bwd_kernel(
     wmask = kmask[:, None] & dmask[None, :]
     wot_mask = dmask[:, None] & kmask[None, :]
     base = b * H * T * KD
-    # phase 0: dO = g Wo_h, dWo, dbo, delta = rowsum(dO * O)
+    # phase 0: dO = g Wo_h, dbo, delta = rowsum(dO * O); then dWo = g^T O in a separate pass (fused, the
+    # (BD, BKD) dWo tile and the dO tile together spill registers when compiled with 3xTF32 dots)
     dbo = tl.zeros((BD,), dtype=tl.float32)
     for t0 in range(0, T, BT):
         rows = t0 + offs_t
@@ -124,19 +125,25 @@ def attention_bwd_kernel(
         m2 = rmask[:, None] & dmask[None, :]
         sm = rmask[:, None] & kmask[None, :]
         g = tl.load(g_ptr + b * T * D + rows[:, None] * D + offs_d[None, :], mask=m2, other=0.0)
-        # transposed tiles are loaded as such: transposing computed tiles costs registers when compiled
-        gT = tl.load(g_ptr + b * T * D + rows[None, :] * D + offs_d[:, None], mask=rmask[None, :] & dmask[:, None],
-                     other=0.0)
         dbo += tl.sum(g, 0)
         for h in range(0, H):
             wo = tl.load(wo_ptr + offs_d[:, None] * A + h * KD + offs_k[None, :], mask=wot_mask,
                          other=0.0).to(tl.float32)  # (BD, BKD)
             oh = tl.load(o_ptr + b * T * A + rows[:, None] * A + h * KD + offs_k[None, :], mask=sm, other=0.0)
             do = tl.dot(g, wo, input_precision=PREC)
-            tl.atomic_add(dwo_ptr + offs_d[:, None] * A + h * KD + offs_k[None, :],
-                          tl.dot(gT, oh, input_precision=PREC), mask=wot_mask, sem="relaxed")
             tl.store(do_ptr + base + h * T * KD + rows[:, None] * KD + offs_k[None, :], do, mask=sm)
             tl.store(delta_ptr + (b * H + h) * T + rows, tl.sum(do * oh, 1), mask=rmask)
+    for t0 in range(0, T, BT):
+        rows = t0 + offs_t
+        rmask = rows < T
+        sm = rmask[:, None] & kmask[None, :]
+        # transposed tiles are loaded as such: transposing computed tiles costs registers when compiled
+        gT = tl.load(g_ptr + b * T * D + rows[None, :] * D + offs_d[:, None], mask=rmask[None, :] & dmask[:, None],
+                     other=0.0)
+        for h in range(0, H):
+            oh = tl.load(o_ptr + b * T * A + rows[:, None] * A + h * KD + offs_k[None, :], mask=sm, other=0.0)
+            tl.atomic_add(dwo_ptr + offs_d[:, None] * A + h * KD + offs_k[None, :],
+                          tl.dot(gT, oh, input_precision=PREC), mask=wot_mask, sem="relaxed")
     tl.atomic_add(dbo_ptr + offs_d, dbo, mask=dmask, sem="relaxed")
     tl.debug_barrier()
     # phase 1: dK, dV per key block; dQ per query block (softmax recomputed from lse)
@@ -193,7 +200,8 @@ def attention_bwd_kernel(
                 dq += tl.dot(ds, kt, input_precision=PREC)
             tl.store(dq_ptr + hb + rows[:, None] * KD + offs_k[None, :], dq * scale, mask=sm)
     tl.debug_barrier()
-    # phase 2: back through the Q/K/V projections and the LayerNorm; residual
+    # phase 2: back through the Q/K/V projections and the LayerNorm; residual. The Q/K/V bias gradients are
+    # summed here from the (BT, BKD) tiles (reducing phase 3's transposed tiles spills registers)
     lnw = tl.load(lnw_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
     lnb = tl.load(lnb_ptr + offs_d, mask=dmask, other=0.0).to(tl.float32)
     dlnw = tl.zeros((BD,), dtype=tl.float32)
@@ -214,12 +222,15 @@ def attention_bwd_kernel(
             dq = tl.load(dq_ptr + soff, mask=sm, other=0.0)
             w = tl.load(wq_ptr + woff, mask=wmask, other=0.0).to(tl.float32)
             dy += tl.dot(dq, w, input_precision=PREC)
+            tl.atomic_add(dbq_ptr + h * KD + offs_k, tl.sum(dq, 0), mask=kmask, sem="relaxed")
             dk = tl.load(dk_ptr + soff, mask=sm, other=0.0)
             w = tl.load(wk_ptr + woff, mask=wmask, other=0.0).to(tl.float32)
             dy += tl.dot(dk, w, input_precision=PREC)
+            tl.atomic_add(dbk_ptr + h * KD + offs_k, tl.sum(dk, 0), mask=kmask, sem="relaxed")
             dv = tl.load(dv_ptr + soff, mask=sm, other=0.0)
             w = tl.load(wv_ptr + woff, mask=wmask, other=0.0).to(tl.float32)
             dy += tl.dot(dv, w, input_precision=PREC)
+            tl.atomic_add(dbv_ptr + h * KD + offs_k, tl.sum(dv, 0), mask=kmask, sem="relaxed")
         dlnw += tl.sum(dy * xhat, 0)
         dlnb += tl.sum(dy, 0)
         dx = layer_norm_rows_bwd(dy, xhat, lnw, rstd, m2, D)
@@ -242,10 +253,7 @@ def attention_bwd_kernel(
             woff = (h * KD + offs_k)[:, None] * D + offs_d[None, :]
             dT = tl.load(dq_ptr + soffT, mask=smT, other=0.0)
             tl.atomic_add(dwq_ptr + woff, tl.dot(dT, y, input_precision=PREC), mask=wmask, sem="relaxed")
-            tl.atomic_add(dbq_ptr + h * KD + offs_k, tl.sum(dT, 1), mask=kmask, sem="relaxed")
             dT = tl.load(dk_ptr + soffT, mask=smT, other=0.0)
             tl.atomic_add(dwk_ptr + woff, tl.dot(dT, y, input_precision=PREC), mask=wmask, sem="relaxed")
-            tl.atomic_add(dbk_ptr + h * KD + offs_k, tl.sum(dT, 1), mask=kmask, sem="relaxed")
             dT = tl.load(dv_ptr + soffT, mask=smT, other=0.0)
             tl.atomic_add(dwv_ptr + woff, tl.dot(dT, y, input_precision=PREC), mask=wmask, sem="relaxed")
-            tl.atomic_add(dbv_ptr + h * KD + offs_k, tl.sum(dT, 1), mask=kmask, sem="relaxed")
