@@ -21,11 +21,8 @@ def built(name: str, exit_type: str = "slvit"):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread_and_fresh_nets(one_thread):
     yield
-    torch.set_num_threads(n)
     _NETS.clear()
 
 

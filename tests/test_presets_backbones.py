@@ -14,12 +14,7 @@ from slvit_fast.exit_presets import get_preset
 warnings.filterwarnings("ignore", category=RuntimeWarning)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 @pytest.mark.parametrize("name", ["resnet152", "densenet201", "inception_v3", "audiocsrnet"])
