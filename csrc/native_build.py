@@ -19,6 +19,7 @@ emulation build.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -85,10 +86,17 @@ def _extensions() -> list:
         info["skipped"]["cpu"] = info["skipped"]["emu"] = info["skipped"]["cuda"] = "no C++ compiler"
         return []
     common = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    cpu_sources = [_rel("cpu", "slvit_cpu.cpp"), _rel("cpu", "module_cpu.cpp")]
+    cpu_macros = []
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # fused AVX2/FMA inference kernels; entered only after a run-time CPU check
+        cpu_sources.append(_rel("cpu", "fused_avx2.cpp"))
+        cpu_macros.append(("SLVIT_FUSED_AVX2", "1"))
+    # -fopenmp: at::parallel_for is a header template that is only parallel when the including file
+    # is compiled with OpenMP; the link resolves to the libgomp.so.1 torch already loaded (same soname).
     exts.append(CppExtension(
-        "slvit_fast._C_cpu",
-        [_rel("cpu", "slvit_cpu.cpp"), _rel("cpu", "module_cpu.cpp")],
-        extra_compile_args={"cxx": common},
+        "slvit_fast._C_cpu", cpu_sources, define_macros=cpu_macros,
+        extra_compile_args={"cxx": common + ["-fopenmp"]}, extra_link_args=["-fopenmp"],
     ))
     info["cpu"] = True
 

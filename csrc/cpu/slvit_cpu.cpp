@@ -31,11 +31,18 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include <ATen/Config.h>
 #include <dlfcn.h>
 
+#ifdef SLVIT_FUSED_AVX2
+#include "fused_avx2.h"
+#endif
+
 #include <algorithm>
-#include <memory>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <vector>
 
 namespace slvit_cpu {
@@ -361,9 +368,76 @@ struct Alloc {
   }
 };
 
+// ----------------------------------------------------------------------------------------------
+// Inference through the fused AVX2 kernels (fused_avx2.cpp): one parallel region, workers meet at a
+// spin barrier. SLVIT_FAST_CPU_FUSED=0 forces the ATen/BLAS path below (also used on CPUs without
+// AVX2/FMA and for training, which needs the saved activations).
+#ifdef SLVIT_FUSED_AVX2
+static bool fused_wanted() {
+  static const bool supported = slvit_fused::cpu_supported();
+  const char* env = std::getenv("SLVIT_FAST_CPU_FUSED");
+  return supported && !(env && std::strcmp(env, "0") == 0);
+}
+
+static Tensor fused_forward(const Tensor& x, const c10::optional<Tensor>& extra, at::TensorList params,
+                            const Cfg& c, double eps) {
+  RECORD_FUNCTION("slvit_cpu::fused_forward", std::vector<c10::IValue>());
+  std::vector<Tensor> p = float_params(params, c);
+  Tensor xf = x.to(at::kFloat);
+  Tensor extraf;
+  if (c.E) extraf = extra->to(at::kFloat).contiguous();
+  slvit_fused::Problem pr;
+  pr.B = c.B; pr.C = c.C; pr.H = c.H; pr.W = c.W; pr.ph = c.ph; pr.pw = c.pw; pr.gh = c.gh; pr.gw = c.gw;
+  pr.Np = c.Np; pr.E = c.E; pr.De = c.De; pr.T = c.T; pr.d = c.d; pr.heads = c.heads; pr.kd = c.kd; pr.A = c.A;
+  pr.mlp = c.mlp; pr.hidden = c.hidden; pr.outputs = c.outputs; pr.layers = c.layers;
+  pr.residual = c.residual;
+  pr.head_act = c.act == 0 ? 1 : 2;
+  pr.eps = (float)eps;
+  pr.x = xf.data_ptr<float>();
+  pr.sb = xf.stride(0); pr.sc = xf.stride(1); pr.sh = xf.stride(2); pr.sw = xf.stride(3);
+  pr.extra = c.E ? extraf.data_ptr<float>() : nullptr;
+  int64_t i = 0;
+  pr.Wp = p[i++].data_ptr<float>(); pr.bp = p[i++].data_ptr<float>(); pr.pos = p[i++].data_ptr<float>();
+  pr.We = pr.be = nullptr;
+  if (c.E) { pr.We = p[i++].data_ptr<float>(); pr.be = p[i++].data_ptr<float>(); }
+  std::vector<slvit_fused::LayerWeights> layers(c.layers);
+  for (auto& L : layers) {
+    const float* w[kPerLayer];
+    for (int64_t j = 0; j < kPerLayer; ++j) w[j] = p[i++].data_ptr<float>();
+    L = {w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], w[11], w[12], w[13], w[14], w[15]};
+  }
+  pr.layer = layers.data();
+  pr.Wh1 = p[i++].data_ptr<float>(); pr.bh1 = p[i++].data_ptr<float>();
+  pr.Wh2 = p[i++].data_ptr<float>(); pr.bh2 = p[i++].data_ptr<float>();
+  Tensor out = at::empty({c.B, c.outputs}, at::TensorOptions().dtype(at::kFloat));
+  pr.out = out.data_ptr<float>();
+
+  // Workers must run concurrently (they meet at barriers): only OpenMP's parallel_for promises that.
+  int nw = 1;
+#if AT_PARALLEL_OPENMP
+  if (!at::in_parallel_region()) nw = std::max(1, at::get_num_threads());
+#endif
+  float* ws = thread_arena(slvit_fused::workspace_floats(pr, nw));
+  slvit_fused::Barrier bar;
+  bar.total = nw;
+  if (nw == 1) {
+    slvit_fused::run(pr, ws, 1, 0, 1, &bar);
+  } else {
+    at::parallel_for(0, nw, 1, [&](int64_t lo, int64_t hi) { slvit_fused::run(pr, ws, nw, (int)lo, (int)hi, &bar); });
+  }
+  return out.to(x.scalar_type());
+}
+#else
+static bool fused_wanted() { return false; }
+static Tensor fused_forward(const Tensor&, const c10::optional<Tensor>&, at::TensorList, const Cfg&, double) {
+  TORCH_CHECK(false, "slvit_fast: this build has no fused AVX2 kernels (not an x86-64 build)");
+}
+#endif
+
 std::vector<Tensor> exit_forward(const Tensor& x, const c10::optional<Tensor>& extra, at::TensorList params,
                                  at::IntArrayRef cfg, double eps, bool save) {
   Cfg c = make_cfg(x, extra, cfg);
+  if (!save && fused_wanted()) return {fused_forward(x, extra, params, c, eps)};
   SingleThreadScope single(c.B * c.T < kSingleThreadRows);
   std::vector<Tensor> p = float_params(params, c);
   Tensor xf = x.to(at::kFloat);

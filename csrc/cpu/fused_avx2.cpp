@@ -1,0 +1,666 @@
+// Fused AVX2/FMA inference forward of the SL-ViT exit. API and layout: fused_avx2.h.
+//
+// This translation unit is compiled for AVX2+FMA (the pragma below) and is only entered after
+// cpu_supported() said yes. It deliberately uses no std:: templates: an inline function instantiated
+// here with AVX2 code could be picked by the linker for the rest of the library too.
+#pragma GCC target("avx2,fma")
+
+#include "fused_avx2.h"
+
+#include <immintrin.h>
+#include <sched.h>
+
+#include <cmath>
+
+namespace slvit_fused {
+namespace {
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------------------------
+// Vector math. exp: Cephes-style range reduction + degree-5 polynomial (~1 ulp). erf: Abramowitz &
+// Stegun 7.1.26 (|error| < 1.5e-7), the same formula ATen's vectorized CPU erf uses, so GELU agrees
+// with eager PyTorch to float32 rounding. Constant first in min/max: a NaN input stays NaN.
+inline __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
+  x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
+  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+  fx = _mm256_floor_ps(fx);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
+}
+
+inline __m256 erf_ps(__m256 x) {
+  const __m256 sign_mask = _mm256_set1_ps(-0.f);
+  __m256 sign = _mm256_and_ps(x, sign_mask);
+  __m256 ax = _mm256_andnot_ps(sign_mask, x);
+  __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), ax, _mm256_set1_ps(1.f)));
+  __m256 r = _mm256_set1_ps(1.061405429f);
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-1.453152027f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
+  r = _mm256_mul_ps(r, t);
+  __m256 e = exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(ax, ax)));
+  __m256 y = _mm256_fnmadd_ps(r, e, _mm256_set1_ps(1.f));
+  return _mm256_xor_ps(y, sign);
+}
+
+inline __m256 gelu_ps(__m256 x) {
+  __m256 c = erf_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
+  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.f), c));
+}
+
+inline __m256 relu_ps(__m256 x) {
+  // max(x, 0) that keeps NaN (constant first)
+  return _mm256_max_ps(_mm256_setzero_ps(), x);
+}
+
+enum Act { kNone = 0, kGelu = 1, kRelu = 2 };
+
+inline __m256 apply_act(__m256 x, int act) {
+  return act == kGelu ? gelu_ps(x) : act == kRelu ? relu_ps(x) : x;
+}
+
+inline __m256i tail_mask(int n) {  // first n lanes on (0 <= n <= 8)
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM: C[r][c] = act(alpha * sum_k A[r][k] B[k][c] + row_bias[r] + add[r][c]).
+// A[r][k] sits at A + r*a_rs + k*a_ks (weights: a_rs = in_features, a_ks = 1; attention operands
+// are read transposed through the strides), B rows are contiguous token columns (ldb apart).
+// Micro-tile: MR rows x 8*NV columns, MR*NV <= 12 accumulators; columns past `nvalid` are neither
+// loaded from `add` nor stored (B is read up to the 8*NV boundary: buffers carry column padding).
+struct Epi {
+  const float* row_bias = nullptr;
+  const float* add = nullptr;
+  int64_t ld_add = 0;
+  float alpha = 1.f;
+  int act = kNone;
+};
+
+// The K loop may be cut into `nseg` segments of K each (A and B jump by a_seg / b_seg floats
+// between them): the patch matrix is stored in 16 (i, j) segments so that its gather never writes
+// rows a multiple of 4 KiB apart.
+struct Shape {
+  int64_t K, a_rs, a_ks, ldb, ldc;
+  int64_t nseg = 1, a_seg = 0, b_seg = 0;
+};
+
+template <int MR, int NV>
+void micro_tile(const Shape& sh, const float* A, const float* Bm, float* C, const float* rbias, const float* add,
+                int64_t ld_add, float alpha, int act, int nvalid) {
+  __m256 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  const int64_t K = sh.K, a_rs = sh.a_rs, a_ks = sh.a_ks, ldb = sh.ldb;
+  for (int64_t seg = 0; seg < sh.nseg; ++seg) {
+    const float* a = A + seg * sh.a_seg;
+    const float* b = Bm + seg * sh.b_seg;
+    for (int64_t k = 0; k < K; ++k) {
+      __m256 bv[NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + 8 * v);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m256 ar = _mm256_broadcast_ss(a + r * a_rs);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(ar, bv[v], acc[r][v]);
+      }
+      a += a_ks;
+      b += ldb;
+    }
+  }
+  const int64_t ldc = sh.ldc;
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      const int nv = nvalid - 8 * v;
+      if (nv <= 0) continue;
+      __m256 x = acc[r][v];
+      if (alpha != 1.f) x = _mm256_mul_ps(x, _mm256_set1_ps(alpha));
+      if (rbias) x = _mm256_add_ps(x, _mm256_broadcast_ss(rbias + r));
+      float* cp = C + r * ldc + 8 * v;
+      if (nv >= 8) {
+        if (add) x = _mm256_add_ps(x, _mm256_loadu_ps(add + r * ld_add + 8 * v));
+        _mm256_storeu_ps(cp, apply_act(x, act));
+      } else {
+        const __m256i m = tail_mask(nv);
+        if (add) x = _mm256_add_ps(x, _mm256_maskload_ps(add + r * ld_add + 8 * v, m));
+        _mm256_maskstore_ps(cp, m, apply_act(x, act));
+      }
+    }
+  }
+}
+
+typedef void (*tile_fn)(const Shape&, const float*, const float*, float*, const float*, const float*, int64_t, float,
+                        int, int);
+
+constexpr int kMR = 6;
+
+tile_fn pick_tile(int mr, int nv) {
+  static const tile_fn table[kMR][2] = {
+      {micro_tile<1, 1>, micro_tile<1, 2>}, {micro_tile<2, 1>, micro_tile<2, 2>},
+      {micro_tile<3, 1>, micro_tile<3, 2>}, {micro_tile<4, 1>, micro_tile<4, 2>},
+      {micro_tile<5, 1>, micro_tile<5, 2>}, {micro_tile<6, 1>, micro_tile<6, 2>}};
+  return table[mr - 1][nv - 1];
+}
+
+// Rows [r0, r1) of C, columns [0, ncols). Column blocks outer: the B block (K x 16) stays in cache
+// while every row block of the weights streams past it. B is either row-major (b_blk = 0) or stored
+// as 16-column panels b_blk floats apart (ldb = 16): the gathered patch matrix.
+void gemm_sh(int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, const float* A, const float* Bm, float* C,
+             const Epi& e, int64_t b_blk = 0) {
+  for (int64_t c = 0; c < ncols; c += 16) {
+    const int nvalid = (int)imin(16, ncols - c);
+    const int nv = nvalid > 8 ? 2 : 1;
+    const float* bc = b_blk ? Bm + (c / 16) * b_blk : Bm + c;
+    for (int64_t r = r0; r < r1; r += kMR) {
+      const int mr = (int)imin(kMR, r1 - r);
+      pick_tile(mr, nv)(sh, A + r * sh.a_rs, bc, C + r * sh.ldc + c, e.row_bias ? e.row_bias + r : nullptr,
+                        e.add ? e.add + r * e.ld_add + c : nullptr, e.ld_add, e.alpha, e.act, nvalid);
+    }
+  }
+}
+
+void gemm(int64_t r0, int64_t r1, int64_t ncols, int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
+          const float* Bm, int64_t ldb, float* C, int64_t ldc, const Epi& e) {
+  Shape sh;
+  sh.K = K; sh.a_rs = a_rs; sh.a_ks = a_ks; sh.ldb = ldb; sh.ldc = ldc;
+  gemm_sh(r0, r1, ncols, sh, A, Bm, C, e);
+}
+
+float dot(const float* a, const float* b, int64_t K) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+  }
+  float s = hsum(_mm256_add_ps(s0, s1));
+  for (; k < K; ++k) s += a[k] * b[k];
+  return s;
+}
+
+float act_scalar(float x, int act) {
+  if (act == kGelu) return 0.5f * x * (1.f + std::erf(x * 0.70710678118654752f));
+  if (act == kRelu) return x > 0.f ? x : (x == x ? 0.f : x);
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Team of workers: a worker range [w0, w1) of n runs on this thread; sync() is a barrier across
+// all n (this thread arrives once per worker it holds, so any grouping of workers is deadlock-free).
+void barrier_wait(Barrier* b, int arrivals) {
+  const int g = __atomic_load_n(&b->gen, __ATOMIC_ACQUIRE);
+  if (__atomic_add_fetch(&b->count, arrivals, __ATOMIC_ACQ_REL) == b->total) {
+    __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&b->gen, g + 1, __ATOMIC_RELEASE);
+    return;
+  }
+  int spins = 0;
+  while (__atomic_load_n(&b->gen, __ATOMIC_ACQUIRE) == g) {
+    _mm_pause();
+    if (++spins == 2048) {  // the other worker is descheduled: stop burning its core
+      sched_yield();
+      spins = 0;
+    }
+  }
+}
+
+struct Team {
+  int w0, w1, n;
+  Barrier* bar;
+  void sync() const {
+    if (n > 1) barrier_wait(bar, w1 - w0);
+  }
+  // [lo, hi) of `count` items for worker w
+  static void share(int64_t count, int w, int n, int64_t& lo, int64_t& hi) {
+    lo = count * w / n;
+    hi = count * (w + 1) / n;
+  }
+};
+
+// Rows [0, M) in whole micro-tile blocks per worker (a split inside a block wastes FMA lanes).
+template <class F>
+void for_row_share(const Team& t, int64_t M, F f) {
+  const int64_t nblk = (M + kMR - 1) / kMR;
+  for (int w = t.w0; w < t.w1; ++w) {
+    int64_t lo, hi;
+    Team::share(nblk, w, t.n, lo, hi);
+    if (lo < hi) f(lo * kMR, imin(hi * kMR, M));
+  }
+}
+
+template <class F>
+void for_share(const Team& t, int64_t count, F f) {
+  for (int w = t.w0; w < t.w1; ++w) {
+    int64_t lo, hi;
+    Team::share(count, w, t.n, lo, hi);
+    if (lo < hi) f(lo, hi);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workspace plan. Activations of a chunk of S samples: rows = features, columns = S*T tokens
+// (sample-major), row length `ld` = S*T rounded up to 16 plus 16 spare columns, because attention
+// reads 16-column blocks starting at any sample's first token.
+struct Plan {
+  bool team;        // all workers share one chunk (small batch) instead of owning samples
+  bool head_gemm;   // head as a GEMM over a feature-major flat batch (else per-sample dot products)
+  int64_t S, cols, ncomp, ld, ldS, ldf;
+  int64_t pt_floats, n_set, n_scratch, n_flat, n_hid, n_outT;
+};
+
+Plan make_plan(const Problem& p, int nw) {
+  Plan pl;
+  pl.team = nw > 1 && p.B * p.T <= 256;
+  pl.S = pl.team ? p.B : (p.T >= 128 ? 1 : imin(p.B, 128 / p.T));
+  if (pl.S < 1) pl.S = 1;
+  pl.cols = pl.S * p.T;
+  pl.ncomp = round_up(pl.cols, 8);
+  pl.ld = round_up(pl.cols, 16) + 16;
+  // rows a multiple of 256 bytes apart fall into few cache sets: GEMM operand blocks are read row
+  // by row down K, so keep the row pitch an odd multiple of 64 bytes
+  if (pl.ld % 32 == 0) pl.ld += 16;
+  pl.ldS = round_up(p.T, 16);
+  pl.head_gemm = p.B >= 4;
+  pl.ldf = round_up(p.B, 16) + 16;
+  // a team gathers every 16-token panel of its chunk up front; a single worker reuses one panel
+  const int64_t panels = pl.team ? (pl.ld + 15) / 16 : 1;
+  pl.pt_floats = round_up(panels * p.ph * p.pw * (p.C * 16 + 16), 16);
+  pl.n_set = round_up(pl.pt_floats + (6 * p.d + 4 * p.A + p.mlp) * pl.ld, 16);
+  pl.n_scratch = round_up(p.T * pl.ldS + 16, 16);
+  const int64_t Td = p.T * p.d;
+  pl.n_flat = round_up(pl.head_gemm ? Td * pl.ldf : p.B * Td, 16);
+  pl.n_hid = round_up(pl.head_gemm ? p.hidden * pl.ldf : p.B * p.hidden, 16);
+  pl.n_outT = round_up(p.outputs * pl.ldf, 16);
+  return pl;
+}
+
+struct ChunkBufs {
+  float *PT, *add, *tA, *tB, *y, *t1, *q, *k, *v, *o, *h;
+};
+
+ChunkBufs chunk_bufs(const Problem& p, const Plan& pl, float* base) {
+  ChunkBufs c;
+  const int64_t ld = pl.ld;
+  float* q = base;
+  c.PT = q; q += pl.pt_floats;
+  c.add = q; q += p.d * ld;
+  c.tA = q; q += p.d * ld;
+  c.tB = q; q += p.d * ld;
+  c.y = q; q += p.d * ld;
+  c.t1 = q; q += p.d * ld;
+  q += p.d * ld;  // spare (keeps the layout in step with n_set)
+  c.q = q; q += p.A * ld;
+  c.k = q; q += p.A * ld;
+  c.v = q; q += p.A * ld;
+  c.o = q; q += p.A * ld;
+  c.h = q;
+  return c;
+}
+
+// (bias + position embedding) in the chunk layout; extra-token and padding columns are zero.
+void build_add(const Problem& p, const Plan& pl, float* add, int64_t r0, int64_t r1) {
+  for (int64_t n = r0; n < r1; ++n) {
+    float* row = add + n * pl.ld;
+    for (int64_t c = 0; c < pl.ld; ++c) row[c] = 0.f;
+    for (int64_t s = 0; s < pl.S; ++s)
+      for (int64_t m = 0; m < p.Np; ++m) row[s * p.T + m] = p.bp[n] + p.pos[m * p.d + n];
+  }
+}
+
+// Patch panel: the patch matrix (transposed) for the 16 token columns [tok0, tok0 + 16) of a chunk,
+// stored as ph*pw segments (one per in-patch pixel (i, j)) of C rows x 16 floats:
+//   panel[(i*pw + j)*seg + c*16 + t] = x[b, c, gy*ph + i, gx*pw + j]   for token t = (b, gy, gx)
+// which is the column order of the PyTorch patch-embedding weight, so the weight is used as stored.
+// seg = C*16 + 16 floats: segments a multiple of 4 KiB apart would put the 16 rows written per
+// channel into one cache set. Channels outermost, so x is read plane by plane, in memory order.
+// Extra-token and padding columns are zero. Channel range [c0, c1) per worker.
+inline int64_t panel_seg(const Problem& p) { return p.C * 16 + 16; }
+inline int64_t panel_floats(const Problem& p) { return p.ph * p.pw * panel_seg(p); }
+
+void gather_panel(const Problem& p, int64_t b0, int64_t S, int64_t tok0, float* panel, int64_t c0, int64_t c1) {
+  static const float zeros[16] = {0.f};
+  const int64_t seg = panel_seg(p);
+  const float* src[16];  // token's (c = 0, i = 0, j = 0) pixel, or zeros
+  int64_t sc[16], sh[16];
+  for (int t = 0; t < 16; ++t) {
+    const int64_t tok = tok0 + t, s = tok / p.T, m = tok % p.T;
+    if (s < S && m < p.Np) {
+      const int64_t gy = m / p.gw, gx = m % p.gw;
+      src[t] = p.x + (b0 + s) * p.sb + gy * p.ph * p.sh + gx * p.pw * p.sw;
+      sc[t] = p.sc;
+      sh[t] = p.sh;
+    } else {
+      src[t] = zeros;
+      sc[t] = sh[t] = 0;
+    }
+  }
+  if (p.pw == 4 && p.sw == 1) {
+    // each token's 4 pixels of a patch row are contiguous: load 4 tokens x 4 pixels, transpose to
+    // 4 pixel columns x 4 tokens
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t i = 0; i < p.ph; ++i) {
+        float* dst = panel + (i * 4) * seg + c * 16;
+        for (int g = 0; g < 16; g += 4) {
+          __m128 r0 = _mm_loadu_ps(src[g] + c * sc[g] + i * sh[g]);
+          __m128 r1 = _mm_loadu_ps(src[g + 1] + c * sc[g + 1] + i * sh[g + 1]);
+          __m128 r2 = _mm_loadu_ps(src[g + 2] + c * sc[g + 2] + i * sh[g + 2]);
+          __m128 r3 = _mm_loadu_ps(src[g + 3] + c * sc[g + 3] + i * sh[g + 3]);
+          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+          _mm_storeu_ps(dst + g, r0);
+          _mm_storeu_ps(dst + seg + g, r1);
+          _mm_storeu_ps(dst + 2 * seg + g, r2);
+          _mm_storeu_ps(dst + 3 * seg + g, r3);
+        }
+      }
+  } else {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t i = 0; i < p.ph; ++i)
+        for (int64_t j = 0; j < p.pw; ++j) {
+          float* dst = panel + (i * p.pw + j) * seg + c * 16;
+          const int64_t sj = j * p.sw;
+          for (int t = 0; t < 16; ++t) dst[t] = sc[t] ? src[t][c * sc[t] + i * sh[t] + sj] : 0.f;
+        }
+  }
+}
+
+// LayerNorm down each token column: y = (x - mean) * rstd * g + b over the d feature rows.
+void layer_norm_cols(const float* X, float* Y, int64_t ld, int64_t d, int64_t cb0, int64_t cb1, const float* g,
+                     const float* b, float eps) {
+  const __m256 inv_d = _mm256_set1_ps(1.f / (float)d);
+  for (int64_t cb = cb0; cb < cb1; ++cb) {
+    const float* x = X + cb * 8;
+    __m256 mean = _mm256_setzero_ps();
+    for (int64_t f = 0; f < d; ++f) mean = _mm256_add_ps(mean, _mm256_loadu_ps(x + f * ld));
+    mean = _mm256_mul_ps(mean, inv_d);
+    __m256 var = _mm256_setzero_ps();
+    for (int64_t f = 0; f < d; ++f) {
+      const __m256 dv = _mm256_sub_ps(_mm256_loadu_ps(x + f * ld), mean);
+      var = _mm256_fmadd_ps(dv, dv, var);
+    }
+    var = _mm256_mul_ps(var, inv_d);
+    const __m256 rstd = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_sqrt_ps(_mm256_add_ps(var, _mm256_set1_ps(eps))));
+    float* y = Y + cb * 8;
+    for (int64_t f = 0; f < d; ++f) {
+      const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + f * ld), mean), rstd);
+      _mm256_storeu_ps(y + f * ld, _mm256_fmadd_ps(n, _mm256_set1_ps(g[f]), _mm256_set1_ps(b[f])));
+    }
+  }
+}
+
+// Softmax down each column of a T x ldS score tile (keys are rows, queries are columns).
+void softmax_cols(float* St, int64_t T, int64_t ncol, int64_t ldS) {
+  for (int64_t cb = 0; cb < ncol; cb += 8) {
+    float* s = St + cb;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < T; ++j) mx = _mm256_max_ps(_mm256_loadu_ps(s + j * ldS), mx);
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < T; ++j) {
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j * ldS), mx));
+      _mm256_storeu_ps(s + j * ldS, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), sum);
+    for (int64_t j = 0; j < T; ++j) _mm256_storeu_ps(s + j * ldS, _mm256_mul_ps(_mm256_loadu_ps(s + j * ldS), inv));
+  }
+}
+
+// One (sample, head): St = scale * K Q^T (keys x queries), softmax down columns, O^T = V^T St.
+void attention_head(const Problem& p, const Plan& pl, const ChunkBufs& cb, int64_t s, int64_t h, float* St,
+                    float scale) {
+  const int64_t ld = pl.ld, T = p.T, kd = p.kd;
+  const int64_t off = h * kd * ld + s * T;
+  Epi e;
+  e.alpha = scale;
+  const int64_t ncol = round_up(T, 8);  // query columns computed (ldS = round16(T) keeps rows aligned)
+  gemm(0, T, ncol, kd, cb.k + off, 1, ld, cb.q + off, ld, St, pl.ldS, e);
+  softmax_cols(St, T, ncol, pl.ldS);
+  gemm(0, kd, T, T, cb.v + off, ld, 1, St, pl.ldS, cb.o + off, ld, Epi());
+}
+
+// The encoder (all layers) over one chunk of S samples starting at b0; the result is left in the
+// returned buffer (tA or tB). Team phases are separated by sync().
+float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float* scratch0, int64_t scratch_stride,
+                    int64_t b0, int64_t S, const Team& t) {
+  const int64_t ld = pl.ld, d = p.d, A = p.A;
+  const int64_t cols = S * p.T;
+  const int64_t ncomp = round_up(cols, 8);
+  const int64_t P = p.C * p.ph * p.pw;
+
+  // 1. patches -> embedding (+ bias + position), extra tokens. A team gathers every panel (split by
+  // channel) and then splits the weight rows; a single worker gathers each panel right before the
+  // GEMM that consumes it, while it is still in L1/L2.
+  {
+    Epi e;
+    e.add = cb.add;
+    e.ld_add = ld;
+    const int64_t npanel = (ncomp + 15) / 16, panel_sz = panel_floats(p);
+    Shape sh;
+    sh.K = p.C; sh.a_rs = P; sh.a_ks = 1; sh.ldb = 16; sh.ldc = ld;
+    sh.nseg = p.ph * p.pw; sh.a_seg = p.C; sh.b_seg = panel_seg(p);
+    if (t.n > 1) {
+      for_share(t, p.C, [&](int64_t c0, int64_t c1) {
+        for (int64_t b = 0; b < npanel; ++b) gather_panel(p, b0, S, b * 16, cb.PT + b * panel_sz, c0, c1);
+      });
+      t.sync();
+      for_row_share(t, d, [&](int64_t r0, int64_t r1) { gemm_sh(r0, r1, ncomp, sh, p.Wp, cb.PT, cb.tA, e, panel_sz); });
+    } else {
+      for (int64_t b = 0; b < npanel; ++b) {
+        gather_panel(p, b0, S, b * 16, cb.PT, 0, p.C);
+        Epi eb = e;
+        eb.add = cb.add + b * 16;
+        gemm_sh(0, d, imin(16, ncomp - b * 16), sh, p.Wp, cb.PT, cb.tA + b * 16, eb);
+      }
+    }
+  }
+  t.sync();
+  if (p.E > 0 && t.w0 == 0) {
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t e = 0; e < p.E; ++e) {
+        const float* ex = p.extra + ((b0 + s) * p.E + e) * p.De;
+        for (int64_t n = 0; n < d; ++n)
+          cb.tA[n * ld + s * p.T + p.Np + e] = p.be[n] + dot(p.We + n * p.De, ex, p.De);
+      }
+  }
+  if (p.E > 0) t.sync();
+
+  float* cur = cb.tA;
+  float* nxt = cb.tB;
+  const float scale = 1.f / std::sqrt((float)p.kd);
+  const int64_t ncb = ncomp / 8;
+  for (int64_t l = 0; l < p.layers; ++l) {
+    const LayerWeights& w = p.layer[l];
+    for_share(t, ncb, [&](int64_t lo, int64_t hi) { layer_norm_cols(cur, cb.y, ld, d, lo, hi, w.g1, w.b1, p.eps); });
+    t.sync();
+    {
+      const float* Ws[3] = {w.Wq, w.Wk, w.Wv};
+      const float* bs[3] = {w.bq, w.bk, w.bv};
+      float* outs[3] = {cb.q, cb.k, cb.v};
+      for (int j = 0; j < 3; ++j) {
+        Epi e;
+        e.row_bias = bs[j];
+        for_row_share(t, A, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, d, Ws[j], d, 1, cb.y, ld, outs[j], ld, e); });
+      }
+      // queries past the chunk's last token are read (into discarded score columns): keep them finite
+      for_share(t, A, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = ncomp; c < ld; ++c) cb.q[r * ld + c] = cb.o[r * ld + c] = 0.f;
+      });
+    }
+    t.sync();
+    for (int w = t.w0; w < t.w1; ++w) {
+      int64_t lo, hi;
+      Team::share(S * p.heads, w, t.n, lo, hi);
+      float* St = scratch0 + (w - t.w0) * scratch_stride;
+      for (int64_t sh = lo; sh < hi; ++sh) attention_head(p, pl, cb, sh / p.heads, sh % p.heads, St, scale);
+      // the last sample's padding columns of O^T are never written by the masked attention store
+      if (hi == S * p.heads)
+        for (int64_t r = 0; r < A; ++r)
+          for (int64_t c = cols; c < ncomp; ++c) cb.o[r * ld + c] = 0.f;
+    }
+    t.sync();
+    {
+      Epi e;
+      e.row_bias = w.bo;
+      e.add = cur;
+      e.ld_add = ld;
+      for_row_share(t, d, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, A, w.Wo, A, 1, cb.o, ld, cb.t1, ld, e); });
+    }
+    t.sync();
+    for_share(t, ncb, [&](int64_t lo, int64_t hi) { layer_norm_cols(cb.t1, cb.y, ld, d, lo, hi, w.g2, w.b2, p.eps); });
+    t.sync();
+    {
+      Epi e;
+      e.row_bias = w.c1;
+      e.act = kGelu;
+      for_row_share(t, p.mlp, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, d, w.W1, d, 1, cb.y, ld, cb.h, ld, e); });
+    }
+    t.sync();
+    {
+      Epi e;
+      e.row_bias = w.c2;
+      if (p.residual) {
+        e.add = cb.t1;
+        e.ld_add = ld;
+      }
+      for_row_share(t, d, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, p.mlp, w.W2, p.mlp, 1, cb.h, ld, nxt, ld, e); });
+    }
+    t.sync();
+    float* tmp = cur;
+    cur = nxt;
+    nxt = tmp;
+  }
+  return cur;
+}
+
+// Head input, flattened per sample in (token, feature) order like the reference's view(B, T*d):
+// feature-major flatT[(m*d + f)][b] for the GEMM head, row-major flat[b][m*d + f] otherwise.
+void write_flat(const Problem& p, const Plan& pl, const float* tT, int64_t b0, int64_t S, float* flat, int64_t f0,
+                int64_t f1) {
+  const int64_t T = p.T, d = p.d;
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t f = f0; f < f1; ++f) {
+      const float* src = tT + f * pl.ld + s * T;
+      if (pl.head_gemm) {
+        for (int64_t m = 0; m < T; ++m) flat[(m * d + f) * pl.ldf + b0 + s] = src[m];
+      } else {
+        for (int64_t m = 0; m < T; ++m) flat[(b0 + s) * T * d + m * d + f] = src[m];
+      }
+    }
+}
+
+}  // namespace
+
+bool cpu_supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+int64_t workspace_floats(const Problem& p, int nw) {
+  const Plan pl = make_plan(p, nw);
+  const int64_t sets = pl.team ? 1 : nw;
+  return pl.n_flat + pl.n_hid + pl.n_outT + sets * pl.n_set + nw * pl.n_scratch + 64;
+}
+
+void run(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar) {
+  const Plan pl = make_plan(p, nw);
+  const Team team{wlo, whi, nw, bar};
+  // score-tile columns past round8(T) are read (into discarded results) by the P V product: finite
+  for (int w = wlo; w < whi; ++w) {
+    float* st = ws + pl.n_flat + pl.n_hid + pl.n_outT + (pl.team ? 1 : nw) * pl.n_set + w * pl.n_scratch;
+    for (int64_t i = 0; i < pl.n_scratch; ++i) st[i] = 0.f;
+  }
+  float* flat = ws;
+  float* hid = flat + pl.n_flat;
+  float* outT = hid + pl.n_hid;
+  float* sets = outT + pl.n_outT;
+  float* scratch = sets + (pl.team ? 1 : nw) * pl.n_set;
+  const int64_t Td = p.T * p.d;
+
+  if (pl.head_gemm && wlo == 0)  // batch padding columns of the head input (read, results discarded)
+    for (int64_t k = 0; k < Td; ++k)
+      for (int64_t c = p.B; c < pl.ldf; ++c) flat[k * pl.ldf + c] = 0.f;
+
+  if (pl.team) {
+    const ChunkBufs cb = chunk_bufs(p, pl, sets);
+    for_share(team, p.d, [&](int64_t r0, int64_t r1) { build_add(p, pl, cb.add, r0, r1); });
+    // (the patch gather's sync inside encode_chunk orders build_add before its first use)
+    const float* tT = encode_chunk(p, pl, cb, scratch + wlo * pl.n_scratch, pl.n_scratch, 0, p.B, team);
+    for_share(team, p.d, [&](int64_t f0, int64_t f1) { write_flat(p, pl, tT, 0, p.B, flat, f0, f1); });
+  } else {
+    const Team solo{0, 1, 1, nullptr};
+    for (int w = wlo; w < whi; ++w) {
+      const ChunkBufs cb = chunk_bufs(p, pl, sets + w * pl.n_set);
+      float* st = scratch + w * pl.n_scratch;
+      build_add(p, pl, cb.add, 0, p.d);
+      int64_t lo, hi;
+      Team::share(p.B, w, nw, lo, hi);
+      for (int64_t b0 = lo; b0 < hi; b0 += pl.S) {
+        const int64_t S = imin(pl.S, hi - b0);
+        const float* tT = encode_chunk(p, pl, cb, st, pl.n_scratch, b0, S, solo);
+        write_flat(p, pl, tT, b0, S, flat, 0, p.d);
+      }
+    }
+  }
+  team.sync();
+
+  // head: hidden = act(Wh1 flat + bh1); out = Wh2 hidden + bh2
+  if (pl.head_gemm) {
+    Epi e;
+    e.row_bias = p.bh1;
+    e.act = p.head_act;
+    for_row_share(team, p.hidden, [&](int64_t r0, int64_t r1) {
+      gemm(r0, r1, round_up(p.B, 8), Td, p.Wh1, Td, 1, flat, pl.ldf, hid, pl.ldf, e);
+    });
+    team.sync();
+    Epi e2;
+    e2.row_bias = p.bh2;
+    for_row_share(team, p.outputs, [&](int64_t r0, int64_t r1) {
+      gemm(r0, r1, p.B, p.hidden, p.Wh2, p.hidden, 1, hid, pl.ldf, outT, pl.ldf, e2);
+    });
+    team.sync();
+    for_share(team, p.B, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b)
+        for (int64_t o = 0; o < p.outputs; ++o) p.out[b * p.outputs + o] = outT[o * pl.ldf + b];
+    });
+  } else {
+    for_share(team, p.hidden, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = 0; b < p.B; ++b)
+        for (int64_t n = lo; n < hi; ++n)
+          hid[b * p.hidden + n] = act_scalar(dot(p.Wh1 + n * Td, flat + b * Td, Td) + p.bh1[n], p.head_act);
+    });
+    team.sync();
+    for_share(team, p.B * p.outputs, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t b = i / p.outputs, o = i % p.outputs;
+        p.out[i] = dot(p.Wh2 + o * p.hidden, hid + b * p.hidden, p.hidden) + p.bh2[o];
+      }
+    });
+  }
+}
+
+}  // namespace slvit_fused

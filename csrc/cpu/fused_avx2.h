@@ -1,0 +1,55 @@
+// Fused AVX2/FMA inference forward of the SL-ViT exit (plain C++ API, no torch types).
+//
+// Layout: every activation is stored feature-major ("transposed": features x token columns), so the
+// weights are the left GEMM operand read straight from their PyTorch (out, in) row-major storage -
+// no packed copy of the weights is ever made or cached (a cache keyed on tensor identity could go
+// stale when weights change through .data) - and the token columns are the SIMD dimension.
+// Patches are gathered into that layout directly from NCHW or channels_last memory; bias, position
+// embedding, residual adds, GELU/ReLU and the attention scale are GEMM epilogues; LayerNorm and
+// softmax run down the columns (no horizontal reductions). See csrc/README.md "CPU backend design".
+#pragma once
+
+#include <cstdint>
+
+namespace slvit_fused {
+
+struct LayerWeights {
+  const float *g1, *b1, *Wq, *bq, *Wk, *bk, *Wv, *bv, *Wo, *bo, *g2, *b2, *W1, *c1, *W2, *c2;
+};
+
+struct Problem {
+  // shapes (as the op's cfg, plus the input's)
+  int64_t B, C, H, W, ph, pw, gh, gw, Np, E, De, T, d, heads, kd, A, mlp, hidden, outputs, layers;
+  bool residual;   // encoder MLP residual
+  int head_act;    // 1 gelu, 2 relu
+  float eps;
+  // input feature map, any strides (elements)
+  const float* x;
+  int64_t sb, sc, sh, sw;
+  const float* extra;  // (B, E, De) contiguous, or nullptr
+  // weights, PyTorch layouts, float32 contiguous
+  const float *Wp, *bp, *pos, *We, *be;
+  const LayerWeights* layer;  // [layers]
+  const float *Wh1, *bh1, *Wh2, *bh2;
+  // result, row-major (B, outputs)
+  float* out;
+};
+
+// Spin barrier shared by the workers of one call (sense by generation counter).
+struct Barrier {
+  alignas(64) int count = 0;
+  alignas(64) int gen = 0;
+  int total = 1;
+};
+
+// True when this CPU has AVX2 and FMA (checked at run time; the file is compiled for them).
+bool cpu_supported();
+
+// Floats of workspace run() needs for `nw` workers.
+int64_t workspace_floats(const Problem& p, int nw);
+
+// Runs workers [wlo, whi) of `nw` on the calling thread. Every worker range of one call must run
+// concurrently (one OpenMP team), because workers meet at `bar` between dependent phases.
+void run(const Problem& p, float* workspace, int nw, int wlo, int whi, Barrier* bar);
+
+}  // namespace slvit_fused

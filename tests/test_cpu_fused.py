@@ -1,0 +1,127 @@
+"""The fused AVX2 inference forward of backend="cpu" (csrc/cpu/fused_avx2.cpp) against the reference.
+
+Inference (no autograd graph) takes the fused path; training takes the ATen/BLAS path that saves
+activations (tests/test_cpu_backend.py). Both thread-work splits are covered: a *team* (every worker on
+one small batch, split by weight rows / heads / token columns, meeting at barriers) for batch*tokens
+<= 256 with several threads, and *sample ownership* (each worker its own samples in chunks) otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_cases import AWKWARD_CONFIGS, TOLERANCES, awkward_config, check_against_reference, randomize_
+from slvit_fast import SLViTConfig, SLViTExit
+from slvit_fast.backends import cpu_backend
+from slvit_fast.exit_presets import PRESETS
+
+reason = cpu_backend.BACKEND.unavailable_reason(torch.empty(1, 1, 1, 1))
+has_avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+pytestmark = [
+    pytest.mark.skipif(reason is not None, reason=f"cpu backend not built: {reason}"),
+    pytest.mark.skipif(not has_avx2, reason="the fused CPU kernels need AVX2+FMA"),
+]
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    n = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(n)
+
+
+def check_inference(config, batch, dtype=torch.float32, **kw):
+    with torch.no_grad():
+        return check_against_reference("cpu", config, batch, dtype, backward=False, **kw)
+
+
+def fused_was_used(module, x, extra=None) -> bool:
+    with torch.no_grad(), torch.autograd.profiler.profile() as prof:
+        module(x, extra)
+    return any(e.name == "slvit_cpu::fused_forward" for e in prof.function_events)
+
+
+@pytest.mark.parametrize("name", list(AWKWARD_CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3, 7, 24])
+def test_awkward_configs(name, batch, threads):
+    check_inference(awkward_config(name), batch)
+
+
+@pytest.mark.parametrize("name", ["N49-h8-kd36", "grid16x9-h24-extra", "nonsquare-patch"])
+def test_channels_last(name, threads):
+    check_inference(awkward_config(name), 5, channels_last=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype):
+    check_inference(awkward_config("N49-h8-kd36"), 3, dtype)
+
+
+@pytest.mark.parametrize("preset", ["resnet152-b1", "inceptionv3-b1-cifar100", "audiocsrnet-av1"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_presets(preset, batch, threads):
+    check_inference(SLViTConfig(**PRESETS[preset].slvit_kwargs()), batch)
+
+
+def test_batch_64_two_layers(threads):
+    check_inference(awkward_config("N49-nores-relu", num_layers=2), 64)
+
+
+@pytest.mark.parametrize("heads", [1, 24])
+def test_heads(heads):
+    check_inference(awkward_config("N25-h1", num_heads=heads), 2)
+
+
+@pytest.mark.parametrize("batch", [2, 40])
+def test_nan_stays_in_its_sample(batch, threads):
+    c = awkward_config("N49-h8-kd36")
+    m = randomize_(SLViTExit(c, backend="cpu")).eval()
+    ref = randomize_(SLViTExit(c, backend="torch")).eval()
+    x = torch.randn(batch, c.in_channels, *c.feature_size)
+    x[1, 0, 3, 4] = float("nan")
+    with torch.no_grad():
+        out, expected = m(x), ref(x)
+    assert torch.isnan(out[1]).all()
+    keep = [i for i in range(batch) if i != 1]
+    assert torch.isfinite(out[keep]).all()
+    torch.testing.assert_close(out[keep], expected[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_inference_takes_the_fused_path_and_training_does_not():
+    c = awkward_config("N25-h1")
+    m = randomize_(SLViTExit(c, backend="cpu"))
+    x = torch.randn(2, c.in_channels, *c.feature_size)
+    assert fused_was_used(m, x)
+    with torch.autograd.profiler.profile() as prof:
+        m(x).sum().backward()
+    assert not any(e.name == "slvit_cpu::fused_forward" for e in prof.function_events)
+
+
+def test_generic_path_switch(monkeypatch):
+    """SLVIT_FAST_CPU_FUSED=0 selects the ATen/BLAS inference path; both agree with the reference."""
+    c = awkward_config("grid16x9-h24-extra")
+    m = randomize_(SLViTExit(c, backend="cpu")).eval()
+    x = torch.randn(3, c.in_channels, *c.feature_size)
+    extra = torch.randn(3, c.extra_tokens, c.extra_dim)
+    with torch.no_grad():
+        fused = m(x, extra)
+        monkeypatch.setenv("SLVIT_FAST_CPU_FUSED", "0")
+        assert not fused_was_used(m, x, extra)
+        generic = m(x, extra)
+    torch.testing.assert_close(fused, generic, rtol=1e-5, atol=1e-5)
+    check_inference(c, 3)  # generic path (env still set) against the reference
+
+
+def test_calls_with_different_shapes_reuse_the_workspace_safely(threads):
+    """The per-thread workspace is reused across calls of different sizes: no stale values leak in."""
+    small, big = awkward_config("N25-h1"), awkward_config("N144-h12")
+    ms = randomize_(SLViTExit(small, backend="cpu")).eval()
+    mb = randomize_(SLViTExit(big, backend="cpu")).eval()
+    xs = torch.randn(2, small.in_channels, *small.feature_size)
+    xb = torch.randn(9, big.in_channels, *big.feature_size)
+    with torch.no_grad():
+        first = ms(xs)
+        mb(xb)
+        assert torch.equal(ms(xs), first)
