@@ -44,7 +44,11 @@ inline __m256 erf_ps(__m256 x) {
   const __m256 sign_mask = _mm256_set1_ps(-0.f);
   __m256 sign = _mm256_and_ps(x, sign_mask);
   __m256 ax = _mm256_andnot_ps(sign_mask, x);
-  __m256 t = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), ax, _mm256_set1_ps(1.f)));
+  // t = 1 / (1 + p|x|): rcp estimate + one Newton step (~2^-22 relative; the divide's latency
+  // and throughput cost more than the rest of GELU)
+  const __m256 den = _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), ax, _mm256_set1_ps(1.f));
+  __m256 t = _mm256_rcp_ps(den);
+  t = _mm256_mul_ps(t, _mm256_fnmadd_ps(den, t, _mm256_set1_ps(2.f)));
   __m256 r = _mm256_set1_ps(1.061405429f);
   r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-1.453152027f));
   r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
@@ -90,6 +94,7 @@ inline float hsum(__m256 v) {
 // Micro-tile: MR rows x 8*NV columns, MR*NV <= 12 accumulators; columns past `nvalid` are neither
 // loaded from `add` nor stored (B is read up to the 8*NV boundary: buffers carry column padding).
 struct Epi {
+  const float* col_scale = nullptr;  // per output column (softmax 1/sum folded into P V)
   const float* row_bias = nullptr;
   const float* add = nullptr;
   int64_t ld_add = 0;
@@ -107,7 +112,7 @@ struct Shape {
 
 template <int MR, int NV>
 void micro_tile(const Shape& sh, const float* A, const float* Bm, float* C, const float* rbias, const float* add,
-                int64_t ld_add, float alpha, int act, int nvalid) {
+                int64_t ld_add, float alpha, int act, int nvalid, const float* cscale) {
   __m256 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -140,6 +145,7 @@ void micro_tile(const Shape& sh, const float* A, const float* Bm, float* C, cons
       if (nv <= 0) continue;
       __m256 x = acc[r][v];
       if (alpha != 1.f) x = _mm256_mul_ps(x, _mm256_set1_ps(alpha));
+      if (cscale) x = _mm256_mul_ps(x, _mm256_loadu_ps(cscale + 8 * v));
       if (rbias) x = _mm256_add_ps(x, _mm256_broadcast_ss(rbias + r));
       float* cp = C + r * ldc + 8 * v;
       if (nv >= 8) {
@@ -155,7 +161,7 @@ void micro_tile(const Shape& sh, const float* A, const float* Bm, float* C, cons
 }
 
 typedef void (*tile_fn)(const Shape&, const float*, const float*, float*, const float*, const float*, int64_t, float,
-                        int, int);
+                        int, int, const float*);
 
 constexpr int kMR = 6;
 
@@ -179,7 +185,8 @@ void gemm_sh(int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, const float
     for (int64_t r = r0; r < r1; r += kMR) {
       const int mr = (int)imin(kMR, r1 - r);
       pick_tile(mr, nv)(sh, A + r * sh.a_rs, bc, C + r * sh.ldc + c, e.row_bias ? e.row_bias + r : nullptr,
-                        e.add ? e.add + r * e.ld_add + c : nullptr, e.ld_add, e.alpha, e.act, nvalid);
+                        e.add ? e.add + r * e.ld_add + c : nullptr, e.ld_add, e.alpha, e.act, nvalid,
+                        e.col_scale ? e.col_scale + c : nullptr);
     }
   }
 }
@@ -291,7 +298,7 @@ Plan make_plan(const Problem& p, int nw) {
   const int64_t panels = pl.team ? (pl.ld + 15) / 16 : 1;
   pl.pt_floats = round_up(panels * p.ph * p.pw * (p.C * 16 + 16), 16);
   pl.n_set = round_up(pl.pt_floats + (6 * p.d + 4 * p.A + p.mlp) * pl.ld, 16);
-  pl.n_scratch = round_up(p.T * pl.ldS + 16, 16);
+  pl.n_scratch = round_up((p.T + 1) * pl.ldS + 32, 16);  // score tile + 1/sum row + read-past slack
   const int64_t Td = p.T * p.d;
   pl.n_flat = round_up(pl.head_gemm ? Td * pl.ldf : p.B * Td, 16);
   pl.n_hid = round_up(pl.head_gemm ? p.hidden * pl.ldf : p.B * p.hidden, 16);
@@ -361,8 +368,27 @@ void gather_panel(const Problem& p, int64_t b0, int64_t S, int64_t tok0, float* 
   }
   if (p.pw == 4 && p.sw == 1) {
     // each token's 4 pixels of a patch row are contiguous: load 4 tokens x 4 pixels, transpose to
-    // 4 pixel columns x 4 tokens
-    for (int64_t c = c0; c < c1; ++c)
+    // 4 pixel columns x 4 tokens. The image rows a panel needs from one channel plane are read
+    // ahead a few planes early: the planes are C*H*W*4 bytes apart, too far for the hardware
+    // prefetcher, and x is usually not in cache (it was just written by the backbone).
+    const float* rows[48];  // first pixel of each image row the panel reads (per sample, per y)
+    int nrows = 0;
+    for (int t = 0; t < 16 && nrows < 48; ++t) {
+      if (!sc[t]) continue;
+      const float* r = src[t] - (((src[t] - p.x) % p.sb) % p.sh);  // row start (gx = 0) of token's y
+      for (int64_t i = 0; i < p.ph && nrows < 48; ++i) {
+        const float* ri = r + i * p.sh;
+        if (nrows == 0 || rows[nrows - 1] < ri) rows[nrows++] = ri;
+      }
+    }
+    constexpr int64_t kAhead = 4;
+    const int64_t row_bytes = p.W * 4;
+    for (int64_t c = c0; c < c1; ++c) {
+      if (c + kAhead < c1)
+        for (int r = 0; r < nrows; ++r) {
+          const char* q = (const char*)(rows[r] + (c + kAhead) * p.sc);
+          for (int64_t bo = 0; bo < row_bytes; bo += 64) _mm_prefetch(q + bo, _MM_HINT_T0);
+        }
       for (int64_t i = 0; i < p.ph; ++i) {
         float* dst = panel + (i * 4) * seg + c * 16;
         for (int g = 0; g < 16; g += 4) {
@@ -377,6 +403,7 @@ void gather_panel(const Problem& p, int64_t b0, int64_t S, int64_t tok0, float* 
           _mm_storeu_ps(dst + 3 * seg + g, r3);
         }
       }
+    }
   } else {
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t i = 0; i < p.ph; ++i)
@@ -412,8 +439,9 @@ void layer_norm_cols(const float* X, float* Y, int64_t ld, int64_t d, int64_t cb
   }
 }
 
-// Softmax down each column of a T x ldS score tile (keys are rows, queries are columns).
-void softmax_cols(float* St, int64_t T, int64_t ncol, int64_t ldS) {
+// Softmax down each column of a T x ldS score tile (keys are rows, queries are columns), left
+// unnormalised: St = exp(St - colmax), inv_sum[col] = 1 / sum; the P V GEMM applies inv_sum.
+void softmax_cols(float* St, int64_t T, int64_t ncol, int64_t ldS, float* inv_sum) {
   for (int64_t cb = 0; cb < ncol; cb += 8) {
     float* s = St + cb;
     __m256 mx = _mm256_set1_ps(-INFINITY);
@@ -424,8 +452,7 @@ void softmax_cols(float* St, int64_t T, int64_t ncol, int64_t ldS) {
       _mm256_storeu_ps(s + j * ldS, e);
       sum = _mm256_add_ps(sum, e);
     }
-    const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.f), sum);
-    for (int64_t j = 0; j < T; ++j) _mm256_storeu_ps(s + j * ldS, _mm256_mul_ps(_mm256_loadu_ps(s + j * ldS), inv));
+    _mm256_storeu_ps(inv_sum + cb, _mm256_div_ps(_mm256_set1_ps(1.f), sum));
   }
 }
 
@@ -438,8 +465,11 @@ void attention_head(const Problem& p, const Plan& pl, const ChunkBufs& cb, int64
   e.alpha = scale;
   const int64_t ncol = round_up(T, 8);  // query columns computed (ldS = round16(T) keeps rows aligned)
   gemm(0, T, ncol, kd, cb.k + off, 1, ld, cb.q + off, ld, St, pl.ldS, e);
-  softmax_cols(St, T, ncol, pl.ldS);
-  gemm(0, kd, T, T, cb.v + off, ld, 1, St, pl.ldS, cb.o + off, ld, Epi());
+  float* inv_sum = St + T * pl.ldS;  // scratch tail (ldS + 16 floats)
+  softmax_cols(St, T, ncol, pl.ldS, inv_sum);
+  Epi e2;
+  e2.col_scale = inv_sum;
+  gemm(0, kd, T, T, cb.v + off, ld, 1, St, pl.ldS, cb.o + off, ld, e2);
 }
 
 // The encoder (all layers) over one chunk of S samples starting at b0; the result is left in the
