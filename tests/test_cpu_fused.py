@@ -125,3 +125,18 @@ def test_calls_with_different_shapes_reuse_the_workspace_safely(threads):
         first = ms(xs)
         mb(xb)
         assert torch.equal(ms(xs), first)
+
+
+@pytest.mark.parametrize("patch", [(2, 2), (2, 4)])
+@pytest.mark.parametrize("how", ["batch", "channels", "rows"])
+def test_expanded_inputs_with_zero_strides(patch, how):
+    """Broadcast (stride-0) feature maps: the gather must not use strides to mean anything else."""
+    c = SLViTConfig(in_channels=3, feature_size=(4, 8), patch_size=patch, embed_dim=16, num_heads=2, mlp_dim=32,
+                    head_hidden=20, num_outputs=5)
+    m = randomize_(SLViTExit(c, backend="cpu")).eval()
+    ref = randomize_(SLViTExit(c, backend="torch")).eval()
+    x = {"batch": torch.randn(1, 3, 4, 8).expand(3, 3, 4, 8),
+         "channels": torch.randn(3, 1, 4, 8).expand(3, 3, 4, 8),
+         "rows": torch.randn(3, 3, 1, 8).expand(3, 3, 4, 8)}[how]
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x.contiguous()), rtol=1e-5, atol=1e-5)

@@ -175,6 +175,8 @@ static Cfg make_cfg(const Tensor& x, const c10::optional<Tensor>& extra, at::Int
               " not divisible by patch ", c.ph, "x", c.pw);
   c.gh = c.H / c.ph; c.gw = c.W / c.pw; c.Np = c.gh * c.gw; c.T = c.Np + c.E;
   c.P = c.ph * c.pw * c.C; c.A = c.heads * c.kd;
+  TORCH_CHECK(c.T > 0 && c.C > 0, "slvit_fast: no tokens or channels: feature map ", c.H, "x", c.W, " with ", c.C,
+              " channels and patch ", c.ph, "x", c.pw);
   if (c.E > 0) {
     TORCH_CHECK(extra.has_value() && extra->defined(), "slvit_fast: cfg has extra tokens but extra is None");
     TORCH_CHECK(extra->dim() == 3 && extra->size(0) == c.B && extra->size(1) == c.E && extra->size(2) == c.De,
@@ -305,7 +307,6 @@ static void patch_permute_cij(float* x, const int64_t* xs, float* pm, const Cfg&
 
 static bool channels_inner(const Tensor& x) { return x.stride(1) < x.stride(3); }
 
-static Tensor act_fwd(const Tensor& z, int64_t act) { return act == 0 ? at::gelu(z) : at::relu(z); }
 static Tensor act_bwd(const Tensor& g, const Tensor& z, int64_t act) {
   return act == 0 ? at::gelu_backward(g, z) : g.mul(z.gt(0).to(g.scalar_type()));
 }
