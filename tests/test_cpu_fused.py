@@ -25,7 +25,9 @@ pytestmark = [
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
+def threads(request, monkeypatch):
+    # small test shapes would otherwise run on one thread (below the parallel-work threshold)
+    monkeypatch.setenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS", "0")
     n = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param

@@ -414,9 +414,16 @@ static Tensor fused_forward(const Tensor& x, const c10::optional<Tensor>& extra,
   pr.out = out.data_ptr<float>();
 
   // Workers must run concurrently (they meet at barriers): only OpenMP's parallel_for promises that.
+  // Tiny exits (well under a millisecond of math) run on the calling thread: waking the OpenMP team
+  // and a dozen barriers cost more than they save. SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS overrides the
+  // threshold (the tests set 0 to run the multi-worker paths on small shapes).
+  const char* min_env = std::getenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS");
+  const double min_flops = min_env ? std::atof(min_env) : 2e6;
+  const double flops = 2.0 * c.B * c.T *
+                       (double(c.P) * c.d + 4.0 * c.d * c.A + 2.0 * c.d * c.mlp + 2.0 * c.T * c.A + c.d * c.hidden);
   int nw = 1;
 #if AT_PARALLEL_OPENMP
-  if (!at::in_parallel_region()) nw = std::max(1, at::get_num_threads());
+  if (!at::in_parallel_region() && flops >= min_flops) nw = std::max(1, at::get_num_threads());
 #endif
   float* ws = thread_arena(slvit_fused::workspace_floats(pr, nw));
   slvit_fused::Barrier bar;
