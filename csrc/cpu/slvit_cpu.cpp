@@ -3,6 +3,9 @@
 //   slvit_fast::cpu_exit_backward(grad_out, x, extra, params, saved, cfg, eps) -> Tensor[]
 // Fake (meta) implementations and autograd live in Python (slvit_fast/ops/cpp_ops.py).
 //
+// Inference (save=false) on AVX2+FMA CPUs runs the fused kernels of fused_avx2.cpp (fused_forward
+// below); the rest of this file is the training path (and the fallback), which keeps activations.
+//
 // Design (see csrc/README.md): one C++ call per forward / backward, so batch 1 pays no per-op
 // Python overhead; everything computes in float32 (fp16/bf16 inputs are upcast once, outputs cast
 // back). Weight-shared projections run as one GEMM over all B*T token rows (MKL through ATen);
