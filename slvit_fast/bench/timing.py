@@ -58,8 +58,12 @@ def time_interleaved(impls: dict[str, Callable[[], object]], repeats: int = 15, 
     return {n: Timing(n, statistics.median(s), min(s), s) for n, s in samples.items()}
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 7, dtype: torch.dtype = torch.float32) -> float:
-    """Measured large-matrix-multiply throughput of this machine (GFLOP/s): the roof for our GEMMs."""
+def matmul_gflops(n: int = 1536, repeats: int = 15, dtype: torch.dtype = torch.float32) -> float:
+    """Measured large-matrix-multiply throughput of this machine (GFLOP/s): the roof for our GEMMs.
+
+    The *fastest* round, not the median: the roof is what the machine can do, and a noisy moment
+    while it is measured must not lower the bar the "fraction of matmul peak" figures are held to.
+    """
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     t = time_interleaved({"mm": lambda: torch.mm(a, b)}, repeats=repeats, warmup=2)["mm"]
-    return 2 * n**3 / t.median_s / 1e9
+    return 2 * n**3 / t.min_s / 1e9
