@@ -18,27 +18,6 @@ __device__ __forceinline__ float gelu_grad(float x) {
   return cdf + x * pdf;
 }
 
-// LayerNorm forward that also stores (mean, rstd) per row: a warp per row.
-template <class S>
-__device__ void ln_fwd_stats(const float* in, float* out, float* stats, const S* g, const S* b, int rows, int d,
-                             float eps) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-  for (int r = warp; r < rows; r += nwarps) {
-    const float* x = in + (int64_t)r * d;
-    float s = 0.f;
-    for (int k = lane; k < d; k += 32) s += x[k];
-    const float mean = warp_sum(s) / d;
-    float v = 0.f;
-    for (int k = lane; k < d; k += 32) v += (x[k] - mean) * (x[k] - mean);
-    const float rstd = rsqrtf(warp_sum(v) / d + eps);
-    for (int k = lane; k < d; k += 32) out[(int64_t)r * d + k] = (x[k] - mean) * rstd * ld(g + k) + ld(b + k);
-    if (lane == 0) {
-      stats[2 * r] = mean;
-      stats[2 * r + 1] = rstd;
-    }
-  }
-}
-
 // LayerNorm backward: dx (+)= LN'(dy) for each row (a warp per row); then gamma / beta gradients.
 template <class S>
 __device__ void ln_bwd(const float* x, const float* stats, const float* dy, float* dx_acc, const S* g, float* dg,
@@ -140,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) slvit_backward_kernel(BackwardArgs b
     }
   }
   __syncthreads();
-  ln_fwd_stats(tin, y1, st1, static_cast<const S*>(lp.g1), static_cast<const S*>(lp.b1), T, d, a.eps);
+  layer_norm_rows(tin, y1, static_cast<const S*>(lp.g1), static_cast<const S*>(lp.b1), T, d, a.eps, st1);
   __syncthreads();
   for (int idx = tid; idx < T * A3; idx += nthreads) {
     const int t = idx / A3, col = idx % A3, which = col / A, r = col % A;
@@ -186,7 +165,7 @@ __global__ void __launch_bounds__(kThreads) slvit_backward_kernel(BackwardArgs b
               dot_fw(o + (int64_t)t * A, static_cast<const S*>(lp.wo) + (int64_t)e * A, A);
   }
   __syncthreads();
-  ln_fwd_stats(t1, y2, st2, static_cast<const S*>(lp.g2), static_cast<const S*>(lp.b2), T, d, a.eps);
+  layer_norm_rows(t1, y2, static_cast<const S*>(lp.g2), static_cast<const S*>(lp.b2), T, d, a.eps, st2);
   __syncthreads();
   for (int idx = tid; idx < T * M; idx += nthreads) {
     const int t = idx / M, m = idx % M;

@@ -63,9 +63,11 @@ __device__ __forceinline__ float dot_fw(const float* a, const S* w, int n) {
   return (a0 + a1) + (a2 + a3);
 }
 
-// LayerNorm of `rows` rows of width d (a warp per row): out = (in - mean) * rstd * g + b
+// LayerNorm of `rows` rows of width d (a warp per row): out = (in - mean) * rstd * g + b; with
+// `stats`, (mean, rstd) of row r are also stored at stats[2r], stats[2r + 1] (the backward's recompute).
 template <class S>
-__device__ void layer_norm_rows(const float* in, float* out, const S* g, const S* b, int rows, int d, float eps) {
+__device__ void layer_norm_rows(const float* in, float* out, const S* g, const S* b, int rows, int d, float eps,
+                                float* stats = nullptr) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
   for (int r = warp; r < rows; r += nwarps) {
     const float* x = in + (int64_t)r * d;
@@ -79,6 +81,10 @@ __device__ void layer_norm_rows(const float* in, float* out, const S* g, const S
     }
     const float rstd = rsqrtf(warp_sum(v) / d + eps);
     for (int k = lane; k < d; k += 32) out[(int64_t)r * d + k] = (x[k] - mean) * rstd * ld(g + k) + ld(b + k);
+    if (stats && lane == 0) {
+      stats[2 * r] = mean;
+      stats[2 * r + 1] = rstd;
+    }
   }
 }
 
