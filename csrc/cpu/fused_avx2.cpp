@@ -274,7 +274,7 @@ void for_share(const Team& t, int64_t count, F f) {
 // ---------------------------------------------------------------------------------------------
 // Workspace plan. Activations of a chunk of S samples: rows = features, columns = S*T tokens
 // (sample-major), row length `ld` = S*T rounded up to 16 plus 16 spare columns, because attention
-// reads 16-column blocks starting at any sample's first token.
+// reads query columns up to round8(T) past any sample's first token (results past T are discarded).
 struct Plan {
   bool team;        // all workers share one chunk (small batch) instead of owning samples
   bool head_gemm;   // head as a GEMM over a feature-major flat batch (else per-sample dot products)
