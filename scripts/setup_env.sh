@@ -27,7 +27,8 @@ if [ "$(cat "$deps_stamp" 2>/dev/null)" != "$deps_hash" ]; then
   "$VPY" -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
   "$VPY" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
   "$VPY" -m pip install -q --disable-pip-version-check einops numpy safetensors tqdm pytest pytest-benchmark \
-      hypothesis "keras>=3" matplotlib ninja build
+      hypothesis "keras>=3" matplotlib ninja build \
+      scikit-learn onnx onnxscript onnxruntime
   echo "$deps_hash" > "$deps_stamp"
 fi
 
