@@ -40,6 +40,14 @@ def distill_loss(output: Tensor, teacher: Tensor, kd: Distillation) -> Tensor:
                     reduction="batchmean") * (T * T)
 
 
+def exit_loss(output: Tensor, target: Tensor, final: Tensor, task: str, kd: Distillation | None) -> Tensor:
+    """One exit's training loss: the task loss, mixed with distillation from ``final`` when ``kd`` is set."""
+    loss = task_loss(output, target, task)
+    if kd is not None and task == "classification":
+        loss = (1 - kd.alpha) * loss + kd.alpha * distill_loss(output, final, kd)
+    return loss
+
+
 def metric_sum(output: Tensor, target: Tensor, task: str) -> float:
     """Sum over the batch of correct predictions (classification) or absolute errors (regression)."""
     with torch.no_grad():
