@@ -20,8 +20,15 @@ from .errors import (
 from .exit_presets import list_presets
 from .slvit_exit import SLViTExit
 from .version import __version__
-from .multi_exit import EarlyExitResult, MultiExitNetwork
-from . import accounting, analysis, policies, presets  # noqa: E402  (submodules: slvit_fast.policies, ...)
+from .exit_result import EarlyExitResult
+from .multi_exit import MultiExitNetwork
+from . import accounting, analysis, calibration, policies, presets  # noqa: E402  (slvit_fast.policies, ...)
+
+# Budget calibration moved from policies to calibration (which imports policies); its names stay
+# reachable where they used to be, e.g. ``policies.calibrate_budget``.
+for _name in ("calibrate_budget", "BudgetCandidate", "BudgetCalibration"):
+    setattr(policies, _name, getattr(calibration, _name))
+del _name
 
 __all__ = [
     "SLViTConfig",

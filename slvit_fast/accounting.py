@@ -30,6 +30,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .shape_probe import input_sizes, probe
+
 __all__ = ["summary", "Summary", "ExitRow", "count_flops", "exit_flops", "slvit_flops", "cnn_exit_flops"]
 
 
@@ -87,36 +89,15 @@ class Summary:
         return self.table()
 
 
-def _sizes(input_size: Any) -> list[tuple[int, ...]]:
-    if isinstance(input_size, (tuple, list)) and input_size and isinstance(input_size[0], int):
-        return [tuple(input_size)]
-    return [tuple(s) for s in input_size]
-
-
 def count_flops(module: nn.Module, input_size: Any, hooks: Sequence[str] = ()) -> tuple[int, dict[str, int]]:
     """FLOPs of ``module`` for one sample of ``input_size`` ((C, H, W) or a list of per-input sizes),
     and the running count when each module path in ``hooks`` finished."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    modules = dict(module.named_modules())
     at: dict[str, int] = {}
     counter = FlopCounterMode(display=False)
-    handles = [modules[p].register_forward_hook(
-        lambda _m, _a, _o, p=p: at.__setitem__(p, counter.get_total_flops())) for p in set(hooks)]
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-            param = next(iter(module.parameters()), None)
-            device = param.device if param is not None else torch.device("cpu")  # works for meta modules too
-            xs = [torch.empty(1, *s, device=device) for s in _sizes(input_size)]
-            with counter:
-                module(*xs)
-    finally:
-        for h in handles:
-            h.remove()
-        module.train(was)
+    probe(module, [(1, *s) for s in input_sizes(input_size)], sorted(set(hooks)), stop_early=False,
+          on_output=lambda p, _o: at.__setitem__(p, counter.get_total_flops()), context=counter)
     return int(counter.get_total_flops()), at
 
 
@@ -153,16 +134,11 @@ def exit_flops(exit_module: nn.Module, feature_shape: tuple, extra_shape: tuple 
         return slvit_flops(exit_module.config)
     if isinstance(exit_module, CNNExit):
         return cnn_exit_flops(exit_module.config)
-    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-        f = torch.empty(1, *feature_shape[1:])
-        with FlopCounterMode(display=False) as counter:
-            if extra_shape is not None:
-                exit_module(f, extra=torch.empty(1, *extra_shape[1:]))
-            else:
-                exit_module(f)
+    counter = FlopCounterMode(display=False)
+    kwargs = None if extra_shape is None else {"extra": (1, *extra_shape[1:])}
+    probe(exit_module, [(1, *feature_shape[1:])], stop_early=False, context=counter, kwargs=kwargs)
     return int(counter.get_total_flops())
 
 
@@ -179,7 +155,7 @@ def summary(net: Any, input_size: Any = None) -> Summary:
     paths = set(net.exit_modules) | set(net.compaction_points) | set(net._triggers)
     paths |= {p for p in net.extra_paths if p}
     total, at = count_flops(net.backbone, input_size, sorted(paths))
-    shapes = net.feature_shapes(tuple(torch.empty(1, *s) for s in _sizes(input_size)))
+    shapes = net.feature_shapes(tuple(torch.empty(1, *s, device="meta") for s in input_sizes(input_size)))
     rows: list[ExitRow] = []
     running = 0
     names = getattr(net, "branch_names", None) or [f"exit{i}" for i in range(net.num_exits)]

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import policies as _policies
+from .calibration import collect_outputs
 
 __all__ = [
     "collect", "per_exit_accuracy", "per_exit_error", "overthinking", "Overthinking", "upper_bounds",
@@ -35,7 +36,7 @@ __all__ = [
 
 def collect(net: Any, loader: Iterable) -> tuple[list[Tensor], Tensor]:
     """Run ``net(x)`` over ``(x, y)`` batches: (outputs of every exit and the final output, labels)."""
-    outputs, labels, _ = _policies._collect(net, loader)
+    outputs, labels, _ = collect_outputs(net, loader, "analysis.collect")
     return outputs, labels
 
 

@@ -53,41 +53,16 @@ must be in eval mode (BatchNorm with batch statistics would couple the samples).
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from .exit_result import EarlyExitResult
+from .policies import Policy
+from .shape_probe import probe, shape_of
+
 __all__ = ["MultiExitNetwork", "EarlyExitResult"]
-
-
-@dataclass
-class EarlyExitResult:
-    """What :meth:`MultiExitNetwork.early_exit` returns.
-
-    ``outputs`` (B, K) in input order; ``exit_index`` (B,) - ``num_exits`` means the final output;
-    ``counts[i]`` samples answered by exit i (``counts[-1]``: the final output); ``evaluated[i]`` the
-    number of samples exit i was run on (the final entry: samples that reached the backbone's end).
-    """
-
-    outputs: Tensor
-    exit_index: Tensor
-    counts: list[int]
-    evaluated: list[int] = field(default_factory=list)
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.exit_index.shape[0])
-
-    @property
-    def remaining(self) -> list[int]:
-        """Samples still in the batch after each exit (last entry: after the final output, i.e. 0)."""
-        left, out = self.batch_size, []
-        for c in self.counts:
-            left -= c
-            out.append(left)
-        return out
 
 
 class _AllExited(Exception):
@@ -125,14 +100,6 @@ def _compact(obj: Any, keep: Tensor, n: int) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(_compact(o, keep, n) for o in obj)
     return obj
-
-
-def _shape_of(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return tuple(obj.shape)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_shape_of(o) for o in obj)
-    return type(obj).__name__
 
 
 def _post_order(root: nn.Module) -> dict[str, int]:
@@ -306,7 +273,7 @@ class MultiExitNetwork(nn.Module):
         module = self.exits[_sanitize(self.exit_paths[i])]
         if not isinstance(feat, Tensor):
             raise TypeError(
-                f"exit {i} at {self.exit_paths[i]!r}: the module output is {_shape_of(feat)}, not a tensor; "
+                f"exit {i} at {self.exit_paths[i]!r}: the module output is {shape_of(feat)}, not a tensor; "
                 "attach the exit to a submodule that returns the feature map"
             )
         if extra is not None:
@@ -449,28 +416,8 @@ class MultiExitNetwork(nn.Module):
 
         Cheap: runs under ``FakeTensorMode`` (no real arithmetic), so use any input size.
         """
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
         inputs = _as_inputs(inputs[0]) if len(inputs) == 1 else inputs
-        shapes: dict[str, Any] = {}
-        modules = self._hooked_modules()
-
-        def grab(p, o):
-            shapes[p] = _shape_of(o)
-            if len(shapes) == len(modules):
-                raise _AllExited  # every shape known: skip the rest of the backbone
-
-        handles = [m.register_forward_hook(lambda _m, _a, o, p=p: grab(p, o)) for p, m in modules.items()]
-        try:
-            with FakeTensorMode(allow_non_fake_inputs=True):
-                fake = tuple(torch.empty(t.shape, dtype=t.dtype) if isinstance(t, Tensor) else t for t in inputs)
-                self.backbone(*fake)
-        except _AllExited:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return shapes
+        return probe(self.backbone, inputs, sorted(self._hooked_modules()))
 
     def validate(self, *inputs: Any) -> dict[str, Any]:
         """Check every exit's config against the actual feature shapes for ``inputs`` (shapes only, cheap).
@@ -505,8 +452,6 @@ class MultiExitNetwork(nn.Module):
         fed from a backbone module - ``{exit path: tensor (B, ...)}``, or a tensor when exactly one exit
         takes an extra input.
         """
-        from .policies import Policy
-
         if not isinstance(policy, Policy):
             raise TypeError(f"policy must be a slvit_fast.policies.Policy, got {type(policy).__name__}")
         policy.check(self.num_exits)
@@ -549,7 +494,7 @@ class MultiExitNetwork(nn.Module):
             decide = policy.decide(state, i, out, orig)
             if not isinstance(decide, Tensor) or decide.dtype != torch.bool or decide.shape != (idx.numel(),):
                 raise TypeError(f"{type(policy).__name__}.decide must return a bool tensor of shape "
-                                f"({idx.numel()},), got {_shape_of(decide)} {getattr(decide, 'dtype', '')}")
+                                f"({idx.numel()},), got {shape_of(decide)} {getattr(decide, 'dtype', '')}")
             st.record(i, orig[decide], out[decide])
             st.alive[idx[decide]] = False
             if not st.alive.any():
@@ -580,7 +525,7 @@ class MultiExitNetwork(nn.Module):
         if final is not None:
             if not isinstance(final, Tensor) or final.shape[0] != st.rows.numel():
                 raise RuntimeError(
-                    f"after batch compaction the backbone returned {_shape_of(final)} for {st.rows.numel()} "
+                    f"after batch compaction the backbone returned {shape_of(final)} for {st.rows.numel()} "
                     "remaining samples: a compaction point is not safe for this backbone; pass compact_at="
                 )
             idx = st.alive.nonzero().squeeze(1)
