@@ -25,11 +25,13 @@ def test_each_benchmark_runs_once():
 @pytest.mark.slow
 def test_bench_cli_writes_table_json_and_plot(tmp_path):
     out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
+    # the slow anchors (max-autotune, ONNX export) are covered at a tiny size below
+    env = {**os.environ, "SLVIT_BENCH_SKIP_SLOW_ANCHORS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "slvit_fast.cli", "bench", "--presets", "resnet152-b1", "--batches", "1",
          "--train-batches", "", "--backbones", "", "--throughput-backbone", "", "--repeats", "3",
          "--json", str(out_json), "--plot", str(out_png)],
-        cwd=REPO, capture_output=True, text=True, timeout=1800)
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "vs eager" in result.stdout and "targets:" in result.stdout
     data = json.loads(out_json.read_text())
@@ -48,3 +50,71 @@ def test_overhead_benchmark_rows_are_consistent():
     for r in rows:
         assert r.prefix_s > 0 and r.exit_s > 0 and 0 < r.flop_ratio < 1
         assert r.overhead_vs_flops == pytest.approx(r.time_ratio / r.flop_ratio)
+
+
+TINY = dict(in_channels=4, feature_size=(8, 8), patch_size=(2, 2), embed_dim=16, num_heads=2, mlp_dim=32,
+            head_hidden=16, num_outputs=5)
+
+
+def test_anchors_are_columns_of_the_same_interleaved_run():
+    """max-autotune and ONNX Runtime join the rounds; every ratio against every anchor exists and is positive."""
+    from slvit_fast import SLViTConfig
+    from slvit_fast.bench.exit_bench import RATIO_FIELDS, run_exit_bench
+    from slvit_fast.bench.run import format_exit_table
+
+    r = run_exit_bench(SLViTConfig(**TINY, extra_tokens=1, extra_dim=6), batch=2, repeats=2,
+                       anchors=("max-autotune", "onnxruntime"))
+    assert r.anchors_skipped == {}
+    impls = set(r.times_s)
+    assert impls >= {"eager", "compile", "max-autotune", "onnxruntime"}
+    for anchor, field_name in RATIO_FIELDS.items():
+        ratios = getattr(r, field_name)
+        assert set(ratios) == impls, (anchor, ratios)
+        assert ratios[anchor] == 1.0 and all(v > 0 for v in ratios.values())
+        # one run: every ratio is a quotient of the same medians
+        for name in impls:
+            assert ratios[name] == pytest.approx(r.times_s[anchor] / r.times_s[name])
+    assert r.setup_s["onnxruntime"] > 0 and r.setup_s["max-autotune"] > 0
+    assert r.max_abs_diff_vs_eager["onnxruntime"] < 1e-4  # checked against eager before timing
+    table = format_exit_table([r])
+    assert "vs max-at" in table and "vs ORT" in table and "onnxruntime" in table
+
+
+def test_slow_anchors_can_be_skipped_and_training_reports_why(monkeypatch):
+    from slvit_fast import SLViTConfig
+    from slvit_fast.bench import run as bench_run
+    from slvit_fast.bench.exit_bench import build, run_exit_bench
+
+    monkeypatch.setenv("SLVIT_BENCH_SKIP_SLOW_ANCHORS", "1")
+    assert bench_run.default_anchors() == ()
+    monkeypatch.setenv("SLVIT_BENCH_SKIP_SLOW_ANCHORS", "0")
+    assert bench_run.default_anchors() == ("max-autotune", "onnxruntime")
+
+    cfg = SLViTConfig(**TINY)
+    b = build(cfg, 2, "train", anchors=("max-autotune", "onnxruntime"))
+    assert "max-autotune" not in b.timed and "onnxruntime" not in b.timed
+    assert set(b.skipped) == {"max-autotune", "onnxruntime"} and "inference" in b.skipped["onnxruntime"]
+    with pytest.raises(ValueError, match="unknown anchor"):
+        build(cfg, 1, "inference", anchors=("tensorrt",))
+
+    r = run_exit_bench(cfg, batch=1, repeats=1, include=("eager", "cpu"))
+    assert r.speedup_vs_max_autotune == {} and r.speedup_vs_onnxruntime == {}
+    table = bench_run.format_exit_table([r])
+    assert "vs ORT" not in table and "vs max-at" not in table
+    # a target against an absent anchor says why it has no value instead of failing or passing
+    report = bench_run.BenchReport(machine="test", matmul_gflops=1.0, exits=[r])
+    r.preset, r.batch = bench_run.TARGET_PRESET, 1
+    rows = {t["target"]: t for t in bench_run.evaluate_targets(report)}
+    ort = rows["batch 1: cpu vs ONNX Runtime"]
+    assert ort["met"] is None and ort["why_missing"] == "onnxruntime not requested"
+
+
+def test_onnxruntime_anchor_reports_a_missing_install(monkeypatch):
+    from slvit_fast import SLViTConfig
+    from slvit_fast.bench import anchors
+    from slvit_fast.bench.exit_bench import build
+
+    real = anchors.importlib.util.find_spec
+    monkeypatch.setattr(anchors.importlib.util, "find_spec", lambda n: None if n == "onnxruntime" else real(n))
+    b = build(SLViTConfig(**TINY), 1, "inference", include=("eager",), anchors=("onnxruntime",))
+    assert "onnxruntime is not installed" in b.skipped["onnxruntime"] and "onnxruntime" not in b.timed

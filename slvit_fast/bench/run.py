@@ -1,4 +1,9 @@
-"""``slvit-fast bench``: the microbenchmark table, the end-to-end benchmarks, the targets, JSON and a plot."""
+"""``slvit-fast bench``: the microbenchmark table, the end-to-end benchmarks, the targets, JSON and a plot.
+
+The slow anchors (``max-autotune``: ~35 s of autotuning per inference shape on this 2-core machine;
+``onnxruntime``: ~6 s of ONNX export per shape) are on by default and skipped with
+``anchors=()`` (CLI ``--no-slow-anchors``) or the environment variable ``SLVIT_BENCH_SKIP_SLOW_ANCHORS=1``.
+"""
 
 from __future__ import annotations
 
@@ -13,18 +18,29 @@ from typing import Any
 
 import torch
 
-from .exit_bench import ExitBenchResult, run_exit_bench
+from .anchors import SLOW_ANCHORS
+from .exit_bench import ANCHORS, ExitBenchResult, run_exit_bench
 from .timing import matmul_gflops
 
-# The issue's targets (CPU, resnet152-b1, inference unless noted); ratios of our "cpu" backend.
+# The issues' targets (CPU, resnet152-b1, inference unless noted); ratios of our "cpu" backend. Where
+# issue 14 restates an earlier target, the stricter goal is kept (a target is never weakened).
 TARGETS = [
     ("batch 1: cpu vs eager", "inference", 1, "speedup_vs_eager", 5.0),
     ("batch 1: cpu vs torch.compile", "inference", 1, "speedup_vs_compile", 3.0),
+    ("batch 1: cpu vs torch.compile max-autotune", "inference", 1, "speedup_vs_max_autotune", 2.5),
+    ("batch 1: cpu vs ONNX Runtime", "inference", 1, "speedup_vs_onnxruntime", 2.0),
     ("batch 64: cpu vs eager", "inference", 64, "speedup_vs_eager", 2.5),
     ("batch 64: cpu vs torch.compile", "inference", 64, "speedup_vs_compile", 1.5),
-    ("batch 64: cpu fraction of matmul GFLOP/s", "inference", 64, "fraction_of_matmul_peak", 0.5),
+    ("batch 64: cpu fraction of matmul GFLOP/s", "inference", 64, "fraction_of_matmul_peak", 0.65),
     ("training step batch 64: cpu vs eager", "train", 64, "speedup_vs_eager", 2.0),
 ]
+
+
+def default_anchors() -> tuple[str, ...]:
+    """Every optional anchor, unless SLVIT_BENCH_SKIP_SLOW_ANCHORS=1 asks for a quick run."""
+    if os.environ.get("SLVIT_BENCH_SKIP_SLOW_ANCHORS", "") not in ("", "0"):
+        return tuple(a for a in ANCHORS if a not in SLOW_ANCHORS)
+    return ANCHORS
 TARGET_PRESET = "resnet152-b1"
 E2E_TARGET = 1.5  # exit time overhead / exit FLOP overhead
 
@@ -50,9 +66,11 @@ class BenchReport:
     throughput: list[dict] = field(default_factory=list)
     targets: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    anchors: list[str] = field(default_factory=list)  # optional anchors requested for this run
 
     def to_dict(self) -> dict[str, Any]:
         return {"machine": self.machine, "matmul_gflops": self.matmul_gflops, "seconds": self.seconds,
+                "anchors": self.anchors,
                 "exits": [e.to_dict() for e in self.exits], "overhead": self.overhead,
                 "throughput": self.throughput, "targets": self.targets}
 
@@ -62,8 +80,10 @@ def evaluate_targets(report: BenchReport) -> list[dict]:
     for label, mode, batch, metric, goal in TARGETS:
         match = [e for e in report.exits if e.preset == TARGET_PRESET and e.mode == mode and e.batch == batch]
         value = getattr(match[0], metric).get("cpu") if match else None
-        rows.append({"target": label, "goal": goal, "measured": value,
-                     "met": None if value is None else value >= goal})
+        row = {"target": label, "goal": goal, "measured": value, "met": None if value is None else value >= goal}
+        if value is None:
+            row["why_missing"] = _why_missing(match[0] if match else None, metric)
+        rows.append(row)
     for r in report.overhead:
         if r["backbone"] == "resnet152" and r["branch"] == "b1":
             v = r["overhead_vs_flops"]
@@ -73,17 +93,44 @@ def evaluate_targets(report: BenchReport) -> list[dict]:
     return rows
 
 
+def _why_missing(result: ExitBenchResult | None, metric: str) -> str:
+    if result is None:
+        return "case not in this run"
+    if "cpu" not in result.times_s:
+        return "cpu backend not built/usable"
+    anchor = {"speedup_vs_max_autotune": "max-autotune", "speedup_vs_onnxruntime": "onnxruntime"}.get(metric)
+    if anchor is not None:
+        return result.anchors_skipped.get(anchor, f"{anchor} not requested")
+    return "not measured"
+
+
+# (column title, ratio field) of the exit table; an anchor's column shows only when some row has it
+RATIO_COLUMNS = [("vs eager", "speedup_vs_eager"), ("vs compile", "speedup_vs_compile"),
+                 ("vs max-at", "speedup_vs_max_autotune"), ("vs ORT", "speedup_vs_onnxruntime")]
+
+
 def format_exit_table(results: list[ExitBenchResult]) -> str:
-    head = f"{'preset':<16}{'mode':<10}{'batch':>5}  {'impl':<8}{'time':>10}  {'vs eager':>8}  {'vs compile':>10}  " \
-           f"{'GFLOP/s':>8}  {'of mm peak':>10}"
+    columns = [(t, f) for t, f in RATIO_COLUMNS if any(getattr(r, f) for r in results)]
+    head = f"{'preset':<16}{'mode':<10}{'batch':>5}  {'impl':<13}{'time':>10}  " + \
+        "".join(f"{t:>11}" for t, _ in columns) + f"  {'GFLOP/s':>8}  {'of mm peak':>10}"
     lines = [head, "-" * len(head)]
     for r in results:
         for name, t in r.times_s.items():
             frac = r.fraction_of_matmul_peak.get(name)
-            lines.append(f"{r.preset:<16}{r.mode:<10}{r.batch:>5}  {name:<8}{_fmt_time(t):>10}  "
-                         f"{r.speedup_vs_eager.get(name, float('nan')):>7.2f}x  "
-                         f"{r.speedup_vs_compile.get(name, float('nan')):>9.2f}x  {r.gflops[name]:>8.1f}  "
-                         f"{'' if frac is None else f'{frac:.0%}':>10}")
+            ratios = "".join(f"{getattr(r, f).get(name, float('nan')):>10.2f}x" for _, f in columns)
+            lines.append(f"{r.preset:<16}{r.mode:<10}{r.batch:>5}  {name:<13}{_fmt_time(t):>10}  {ratios}"
+                         f"  {r.gflops[name]:>8.1f}  {'' if frac is None else f'{frac:.0%}':>10}")
+    notes = {}
+    for r in results:
+        for name, s in r.setup_s.items():
+            if name != "eager" and s >= 1.0:
+                notes.setdefault(name, []).append(f"{r.mode} b{r.batch} {s:.1f} s")
+    if notes:
+        lines.append("first call / export (not in the times above): "
+                     + "; ".join(f"{n}: {', '.join(v)}" for n, v in notes.items()))
+    skipped = {(a, why) for r in results for a, why in r.anchors_skipped.items() if r.mode == "inference"}
+    for a, why in sorted(skipped):
+        lines.append(f"anchor {a} skipped: {why}")
     return "\n".join(lines)
 
 
@@ -112,7 +159,8 @@ def format_report(report: BenchReport) -> str:
         out += ["", "targets:"]
         for t in report.targets:
             cmp = "<=" if t.get("lower_is_better") else ">="
-            state = "n/a (backend not built)" if t["met"] is None else ("MET" if t["met"] else "MISSED")
+            state = f"n/a ({t.get('why_missing', 'not measured')})" if t["met"] is None else \
+                ("MET" if t["met"] else "MISSED")
             value = "-" if t["measured"] is None else f"{t['measured']:.2f}"
             out.append(f"  {t['target']:<72} goal {cmp} {t['goal']:<5} measured {value:<7} {state}")
     out.append(f"\n(total {report.seconds:.0f} s)")
@@ -150,18 +198,21 @@ def plot_report(report: BenchReport, path: str | Path) -> None:
 def run_bench(presets: list[str], batches: list[int], train_batches: list[int], backbones: list[str],
               e2e_batches: list[int], throughput_backbone: str | None, throughput_batch: int,
               throughput_input: int | None, repeats: int, json_path: str | None, plot_path: str | None,
-              log=print) -> BenchReport:
+              log=print, anchors: tuple[str, ...] | None = None) -> BenchReport:
+    """One interleaved run of everything; ``anchors`` = optional anchor columns (default: :func:`default_anchors`)."""
     from .e2e_bench import run_early_exit_throughput, run_overhead
 
     t0 = time.perf_counter()
-    report = BenchReport(machine=machine_description(), matmul_gflops=matmul_gflops())
+    anchors = default_anchors() if anchors is None else tuple(anchors)
+    report = BenchReport(machine=machine_description(), matmul_gflops=matmul_gflops(), anchors=list(anchors))
     log(f"[bench] {report.machine}; matmul {report.matmul_gflops:.1f} GFLOP/s")
     jobs = [(p, b, "inference") for p in presets for b in batches] + [(p, b, "train") for p in presets[:1]
                                                                       for b in train_batches]
     for k, (preset, batch, mode) in enumerate(jobs, 1):
-        log(f"[bench] exit {k}/{len(jobs)}: {preset} {mode} batch {batch} (torch.compile warm-up included)")
+        extra = f", anchors {', '.join(anchors)}" if anchors and mode == "inference" else ""
+        log(f"[bench] exit {k}/{len(jobs)}: {preset} {mode} batch {batch} (torch.compile warm-up included{extra})")
         report.exits.append(run_exit_bench(preset, batch, mode, repeats=repeats,
-                                           matmul_peak_gflops=report.matmul_gflops))
+                                           matmul_peak_gflops=report.matmul_gflops, anchors=anchors))
     for backbone in backbones:
         for batch in e2e_batches:
             log(f"[bench] end-to-end overhead: {backbone} batch {batch}")
