@@ -4,15 +4,19 @@
   stored as JSON metadata - loading never unpickles anything.
 * Training state (optimizer and scheduler state, epoch, history) goes through ``torch.save`` and is
   read back with ``torch.load(weights_only=True)``, which refuses arbitrary objects.
+* Loading is all or nothing: every tensor and config is checked against the network before the first
+  copy, so a checkpoint that does not fit leaves the network unchanged.
 * Every write goes to a temporary file in the same folder, is flushed to disk, then atomically
   renamed over the target: a crash mid-write leaves the previous file intact.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -70,42 +74,114 @@ def _config_diff(saved: dict | None, current: dict | None) -> list[str]:
     return [f"{k}: checkpoint {saved.get(k)!r} vs model {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
 
 
-def read_exit_metadata(path: str | os.PathLike) -> list[dict[str, Any]]:
-    from safetensors import safe_open
+def _open_error(path: str | os.PathLike, err: Exception) -> Exception:
+    """A load error that names the file and says what is wrong with it."""
+    return CheckpointMismatchError(f"{path}: not a readable safetensors file ({err}); expected a file written by "
+                                   "save_exits / net.save_exits")
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+
+def _check_file(path: str | os.PathLike) -> None:
+    if os.path.isdir(path):
+        found = sorted(p.name for p in Path(path).glob("*.safetensors"))
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise IsADirectoryError(errno.EISDIR, f"load_exits needs the .safetensors file written by save_exits, "
+                                              f"not a directory{hint}", str(path))
+
+
+def read_exit_metadata(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The ``exits`` list of a checkpoint's metadata (type, module path, config of each exit), checked."""
+    from safetensors import SafetensorError, safe_open
+
+    _check_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise _open_error(path, e) from None
     if meta.get("format") != FORMAT:
         raise CheckpointMismatchError(f"{path}: not a slvit_fast exits checkpoint (format {meta.get('format')!r})")
-    return json.loads(meta["exits"])
+    if "exits" not in meta:
+        raise CheckpointMismatchError(f"{path}: the metadata has no 'exits' entry (the list of exits with their "
+                                      f"types and configs); metadata keys: {sorted(meta)}")
+    try:
+        exits = json.loads(meta["exits"])
+    except json.JSONDecodeError as e:
+        raise CheckpointMismatchError(f"{path}: the metadata 'exits' entry is not valid JSON ({e.msg} at "
+                                      f"character {e.pos})") from None
+    if not isinstance(exits, list):
+        raise CheckpointMismatchError(f"{path}: the metadata 'exits' entry must be a list, got {type(exits).__name__}")
+    for i, entry in enumerate(exits):
+        lacking = [k for k in ("key", "path", "type", "config") if not isinstance(entry, dict) or k not in entry]
+        if lacking:
+            raise CheckpointMismatchError(f"{path}: metadata entry {i} of 'exits' lacks {lacking}: {entry!r}")
+    return exits
+
+
+def _load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise _open_error(path, e) from None
+
+
+def _plan(net: torch.nn.Module, saved: list[dict], tensors: dict[str, torch.Tensor]):
+    """Match every checkpoint tensor to an exit tensor; every problem found, or the per-exit states."""
+    problems, states = [], []
+    claimed: set[str] = set()
+    for entry, (key, module) in zip(saved, net.exits.items()):
+        where = f"exit {entry['path']!r}"
+        current = _describe(module)
+        if entry["type"] != current["type"]:
+            problems.append(f"{where}: checkpoint holds a {entry['type']}, the network a {current['type']}")
+        diff = _config_diff(entry["config"], current["config"])
+        if diff:
+            problems.append(f"{where}: config mismatch: " + "; ".join(diff))
+        state = {name[len(key) + 1:]: t for name, t in tensors.items() if name.startswith(key + "/")}
+        claimed.update(f"{key}/{n}" for n in state)
+        own = module.state_dict()
+        for name, t in own.items():
+            if name not in state:
+                problems.append(f"{where}: checkpoint lacks {name!r}")
+            elif state[name].shape != t.shape:
+                problems.append(f"{where}: {name!r} has shape {tuple(state[name].shape)} in the checkpoint, "
+                                f"{tuple(t.shape)} in the model")
+        problems.extend(f"{where}: unexpected tensor {n!r} in the checkpoint" for n in sorted(set(state) - set(own)))
+        states.append(state)
+    problems.extend(f"tensor {n!r} belongs to no exit" for n in sorted(set(tensors) - claimed))
+    return problems, states
 
 
 def load_exits(net: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load exits saved by :func:`save_exits`; any config or shape mismatch is an error naming it."""
+    """Load exits saved by :func:`save_exits`, all or nothing.
+
+    Everything is checked before anything is copied - exit paths, types, configs, every tensor's name
+    and shape, tensors that belong to no exit - and one error lists every problem; on any error the
+    network is left exactly as it was. Weights holding NaN or Inf load, with a warning naming them.
+    """
     saved = read_exit_metadata(path)
     keys = list(net.exits.keys())
     if [e["key"] for e in saved] != keys:
         raise CheckpointMismatchError(
             f"{path}: checkpoint has exits at {[e['path'] for e in saved]}, the network at {list(net.exit_paths)}"
         )
-    tensors = load_file(str(path))
-    for entry, (key, module) in zip(saved, net.exits.items()):
-        current = _describe(module)
-        if entry["type"] != current["type"]:
-            raise CheckpointMismatchError(f"exit {entry['path']!r}: checkpoint holds a {entry['type']}, "
-                                          f"the network a {current['type']}")
-        diff = _config_diff(entry["config"], current["config"])
-        if diff:
-            raise CheckpointMismatchError(f"exit {entry['path']!r}: config mismatch: " + "; ".join(diff))
-        state = {name[len(key) + 1:]: t for name, t in tensors.items() if name.startswith(key + "/")}
-        own = module.state_dict()
-        for name, t in own.items():
-            if name not in state:
-                raise CheckpointMismatchError(f"exit {entry['path']!r}: checkpoint lacks {name!r}")
-            if state[name].shape != t.shape:
-                raise CheckpointMismatchError(f"exit {entry['path']!r}: {name!r} has shape {tuple(state[name].shape)} "
-                                              f"in the checkpoint, {tuple(t.shape)} in the model")
-        module.load_state_dict(state, strict=True)
+    tensors = _load_tensors(path)
+    problems, states = _plan(net, saved, tensors)
+    if problems:
+        raise CheckpointMismatchError(f"{path}: does not fit this network, nothing was loaded:\n  " + "\n  ".join(problems))
+    bad = [n for n, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        warnings.warn(f"{path}: non-finite values (NaN or Inf) in {len(bad)} tensor(s): {', '.join(sorted(bad))}",
+                      RuntimeWarning, stacklevel=2)
+    backup = [{n: t.detach().clone() for n, t in m.state_dict().items()} for m in net.exits.values()]
+    try:
+        for state, module in zip(states, net.exits.values()):
+            module.load_state_dict(state, strict=True)
+    except BaseException:  # not expected after the checks above; still all or nothing
+        for state, module in zip(backup, net.exits.values()):
+            module.load_state_dict(state, strict=True)
+        raise
 
 
 def exit_from_metadata(entry: dict[str, Any]) -> torch.nn.Module:
