@@ -6,6 +6,10 @@ every input (features, extra tokens) and every parameter. Tolerances are *paired
 at most ``factor`` times what the torch reference itself errs in that dtype (vs float64), plus a small
 floor relative to the tensor's scale - tight where the reference is exact, loose only where the dtype
 forces it.
+
+Scenarios every fused backend runs (tests/test_cpu_backend.py, tests/test_cuda_emu.py, ...):
+``check_nan_isolated`` (a NaN in one sample stays in that sample) and ``property_test`` (hypothesis
+over random valid configurations, skipped when hypothesis is not installed).
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
+try:
+    import hypothesis
+    from hypothesis import strategies as st
+except ImportError:  # the property tests skip; everything else here works without it
+    hypothesis = None
 
 from slvit_fast import SLViTConfig, SLViTExit
 
@@ -145,3 +155,53 @@ def half_dtype_available(backend_dtype: torch.dtype) -> bool:
 
 
 requires_half = pytest.mark.skipif(not half_dtype_available(torch.float16), reason="no fp16 CPU reference ops")
+
+
+# -- scenarios shared by the backend test files ----------------------------------------------------------
+def check_nan_isolated(backend: str, *, batch: int = 3, nan_at: tuple = (1, 0, 3, 4)) -> None:
+    """A NaN in one sample's features makes that sample's logits NaN and leaves the others equal to the
+    reference: no kernel may mix samples (batch-shared workspaces, a head shared across the batch).
+    Checked with autograd recording (training path) and without (inference path)."""
+    c = awkward_config("N25-h1")
+    m = randomize_(SLViTExit(c, backend=backend)).eval()
+    ref = randomize_(SLViTExit(c, backend="torch")).eval()
+    x = torch.randn(batch, c.in_channels, *c.feature_size, generator=torch.Generator().manual_seed(3))
+    x[nan_at] = float("nan")
+    bad = nan_at[0]
+    others = [i for i in range(batch) if i != bad]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out, expected = m(x).detach(), ref(x).detach()
+        assert torch.isnan(out[bad]).all(), f"grad={grad}: the NaN sample's logits are not all NaN"
+        assert torch.isfinite(out[others]).all(), f"grad={grad}: a NaN leaked into another sample"
+        torch.testing.assert_close(out[others], expected[others], rtol=1e-5, atol=1e-5)
+
+
+def _random_config(gh, gw, ph, pw, C, d, heads, kd, extra, residual, act) -> SLViTConfig:
+    return SLViTConfig(in_channels=C, feature_size=(gh * ph, gw * pw), patch_size=(ph, pw), embed_dim=d,
+                       num_heads=heads, key_dim=kd, mlp_dim=24, head_hidden=12, num_outputs=3, extra_tokens=extra,
+                       extra_dim=5 if extra else 0, mlp_residual=residual, activation=act)
+
+
+def property_test(*, max_examples: int, batch: tuple[int, int] = (1, 4), channels_last: bool = False,
+                  max_grid: int = 5, max_patch: int = 3, max_channels: int = 5,
+                  dims: tuple = (4, 8, 12, 16, 36, 64), max_heads: int = 6, key_dims: tuple = (None, 4, 8, 20),
+                  extras: tuple = (0, 1, 2)):
+    """Decorator for ``test(config, batch, channels_last)``: a derandomized hypothesis property test over
+    random valid exit configurations (grid, patch, channels, width, heads, key_dim, extra tokens, MLP
+    residual, head activation) within the given ranges; ``channels_last=True`` also draws the memory
+    format. Backends pass their own (smaller) ranges when a run is slow (the emulator)."""
+
+    def wrap(fn):
+        if hypothesis is None:
+            return pytest.mark.skip(reason="hypothesis is not installed")(fn)
+        configs = st.builds(
+            _random_config, gh=st.integers(1, max_grid), gw=st.integers(1, max_grid), ph=st.integers(1, max_patch),
+            pw=st.integers(1, max_patch), C=st.integers(1, max_channels), d=st.sampled_from(dims),
+            heads=st.integers(1, max_heads), kd=st.sampled_from(key_dims), extra=st.sampled_from(extras),
+            residual=st.booleans(), act=st.sampled_from(["gelu", "relu"]))
+        given = hypothesis.given(config=configs, batch=st.integers(*batch),
+                                 channels_last=st.booleans() if channels_last else st.just(False))
+        return hypothesis.settings(max_examples=max_examples, deadline=None, derandomize=True)(given(fn))
+
+    return wrap

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from kernel_cases import (AWKWARD_CONFIGS, TOLERANCES, awkward_config, check_against_reference, randomize_,
-                          requires_half)
+from kernel_cases import (AWKWARD_CONFIGS, TOLERANCES, awkward_config, check_against_reference, check_nan_isolated,
+                          property_test, randomize_, requires_half)
 from slvit_fast import SLViTConfig, SLViTExit
 from slvit_fast.backends import cpu_backend
 from slvit_fast.exit_presets import PRESETS
@@ -65,15 +65,7 @@ def test_magnitudes(scale):
 
 
 def test_nan_propagates_per_sample():
-    c = awkward_config("N25-h1")
-    m = randomize_(SLViTExit(c, backend="cpu")).eval()
-    ref = randomize_(SLViTExit(c, backend="torch")).eval()
-    x = torch.randn(3, c.in_channels, *c.feature_size)
-    x[1, 0, 3, 4] = float("nan")
-    out, expected = m(x), ref(x)
-    assert torch.isnan(out[1]).all()
-    assert torch.isfinite(out[[0, 2]]).all()
-    torch.testing.assert_close(out[[0, 2]], expected[[0, 2]], rtol=1e-5, atol=1e-5)
+    check_nan_isolated("cpu")
 
 
 def test_auto_prefers_cpu():
@@ -200,22 +192,9 @@ def test_torch_compile_fullgraph_forward_backward():
 
 
 # -- property test ----------------------------------------------------------------------------------------
-hypothesis = pytest.importorskip("hypothesis")
-st = hypothesis.strategies
-
-
-@hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
-@hypothesis.given(
-    gh=st.integers(1, 5), gw=st.integers(1, 5), ph=st.integers(1, 3), pw=st.integers(1, 3), C=st.integers(1, 5),
-    d=st.sampled_from([4, 8, 12, 16, 36, 64]), heads=st.integers(1, 6), kd=st.sampled_from([None, 4, 8, 20]),
-    extra=st.sampled_from([0, 1, 2]), residual=st.booleans(), act=st.sampled_from(["gelu", "relu"]),
-    batch=st.integers(1, 4), channels_last=st.booleans(),
-)
-def test_property_random_configs(gh, gw, ph, pw, C, d, heads, kd, extra, residual, act, batch, channels_last):
-    c = SLViTConfig(in_channels=C, feature_size=(gh * ph, gw * pw), patch_size=(ph, pw), embed_dim=d,
-                    num_heads=heads, key_dim=kd, mlp_dim=24, head_hidden=12, num_outputs=3, extra_tokens=extra,
-                    extra_dim=5 if extra else 0, mlp_residual=residual, activation=act)
-    check_against_reference("cpu", c, batch, torch.float32, channels_last=channels_last)
+@property_test(max_examples=12, batch=(1, 4), channels_last=True)
+def test_property_random_configs(config, batch, channels_last):
+    check_against_reference("cpu", config, batch, torch.float32, channels_last=channels_last)
 
 
 def test_tolerance_table_is_the_shared_one():

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_cases import AWKWARD_CONFIGS, awkward_config, check_against_reference, randomize_, requires_half
+from kernel_cases import (AWKWARD_CONFIGS, awkward_config, check_against_reference, check_nan_isolated, property_test,
+                          randomize_, requires_half)
 from slvit_fast import SLViTConfig, SLViTExit
 from slvit_fast.backends import cuda_emu_backend
 from slvit_fast.exit_presets import PRESETS
@@ -101,15 +102,7 @@ def test_magnitude_1e4():
 
 
 def test_nan_propagates_per_sample():
-    c = awkward_config("N25-h1")
-    m = randomize_(SLViTExit(c, backend="cuda-emu")).eval()
-    ref = randomize_(SLViTExit(c, backend="torch")).eval()
-    x = torch.randn(3, c.in_channels, *c.feature_size)
-    x[2, 1, 0, 0] = float("nan")
-    with torch.no_grad():
-        out, expected = m(x), ref(x)
-    assert torch.isnan(out[2]).all()
-    torch.testing.assert_close(out[:2], expected[:2], rtol=1e-5, atol=1e-5)
+    check_nan_isolated("cuda-emu", nan_at=(2, 1, 0, 0))
 
 
 def test_forward_is_two_launches_backward_one():
@@ -176,18 +169,7 @@ def test_opcheck_emu_op():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-hypothesis = pytest.importorskip("hypothesis")
-st = hypothesis.strategies
-
-
-@hypothesis.settings(max_examples=5, deadline=None, derandomize=True)
-@hypothesis.given(
-    gh=st.integers(1, 4), gw=st.integers(1, 4), ph=st.integers(1, 3), pw=st.integers(1, 3), C=st.integers(1, 4),
-    d=st.sampled_from([4, 16, 36, 64]), heads=st.integers(1, 4), kd=st.sampled_from([None, 8, 40]),
-    extra=st.sampled_from([0, 2]), residual=st.booleans(), act=st.sampled_from(["gelu", "relu"]),
-)
-def test_property_random_configs(gh, gw, ph, pw, C, d, heads, kd, extra, residual, act):
-    c = SLViTConfig(in_channels=C, feature_size=(gh * ph, gw * pw), patch_size=(ph, pw), embed_dim=d,
-                    num_heads=heads, key_dim=kd, mlp_dim=24, head_hidden=12, num_outputs=3, extra_tokens=extra,
-                    extra_dim=5 if extra else 0, mlp_residual=residual, activation=act)
-    check_against_reference("cuda-emu", c, 2, torch.float32, backward=False)
+@property_test(max_examples=5, batch=(2, 2), max_grid=4, max_channels=4, dims=(4, 16, 36, 64), max_heads=4,
+               key_dims=(None, 8, 40), extras=(0, 2))
+def test_property_random_configs(config, batch, channels_last):
+    check_against_reference("cuda-emu", config, batch, torch.float32, backward=False)

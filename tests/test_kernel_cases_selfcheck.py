@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernel_cases import AWKWARD_CONFIGS, awkward_config, check_against_reference, requires_half
+from kernel_cases import AWKWARD_CONFIGS, awkward_config, check_against_reference, check_nan_isolated, requires_half
 from slvit_fast import backends
 from slvit_fast.backends import torch_backend
 
@@ -45,3 +45,21 @@ def test_check_catches_a_small_bug(monkeypatch):
     monkeypatch.setitem(backends._loaded, "buggy", _OffByOneSoftmax())
     with pytest.raises(AssertionError, match="exceeds"):
         check_against_reference("buggy", awkward_config("N25-h1"), batch=2)
+
+
+class _BatchMixing(torch_backend.TorchBackend):
+    """A plausible kernel bug: a batch-shared buffer lets one sample's values reach another's logits."""
+
+    name = "mixing"
+
+    def slvit_exit(self, module, x, extra):
+        out = super().slvit_exit(module, x, extra)
+        return out + 1e-3 * out.mean(0, keepdim=True)
+
+
+def test_nan_scenario_passes_reference_and_catches_mixing(monkeypatch):
+    check_nan_isolated("torch")
+    monkeypatch.setitem(backends.KNOWN_BACKENDS, "mixing", "not-imported")
+    monkeypatch.setitem(backends._loaded, "mixing", _BatchMixing())
+    with pytest.raises(AssertionError, match="leaked"):
+        check_nan_isolated("mixing")

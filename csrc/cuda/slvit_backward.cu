@@ -91,109 +91,29 @@ __global__ void __launch_bounds__(kThreads) slvit_backward_kernel(BackwardArgs b
   const S* x = static_cast<const S*>(a.x) + (int64_t)b * a.sx_b;
   const S* ex = a.E ? static_cast<const S*>(a.extra) + (int64_t)b * a.E * a.De : nullptr;
 
-  // ================= forward recompute =================
-  {
-    const S* wp = static_cast<const S*>(a.wp);
-    const S* bp = static_cast<const S*>(a.bp);
-    const S* pos = static_cast<const S*>(a.pos);
-    for (int idx = tid; idx < a.Np * d; idx += nthreads) {
-      const int n = idx / d, e = idx % d, gy = n / a.gw, gx = n % a.gw;
-      float acc = ld(bp + e) + ld(pos + idx);
-      for (int i = 0; i < a.ph; ++i)
-        for (int j = 0; j < a.pw; ++j) {
-          const S* xp = x + (int64_t)(gy * a.ph + i) * a.sx_h + (int64_t)(gx * a.pw + j) * a.sx_w;
-          const S* wr = static_cast<const S*>(a.wp) + (int64_t)e * P_dim + (i * a.pw + j) * a.C;
-          float part = 0.f;
-          for (int c = 0; c < a.C; ++c) part += ld(xp + (int64_t)c * a.sx_c) * ld(wr + c);
-          acc += part;
-        }
-      (void)wp;
-      tin[idx] = acc;
-    }
-    for (int idx = tid; idx < a.E * d; idx += nthreads) {
-      const int k = idx / d, e = idx % d;
-      const S* we = static_cast<const S*>(a.we) + (int64_t)e * a.De;
-      float acc = ld(static_cast<const S*>(a.be) + e);
-      for (int c = 0; c < a.De; ++c) acc += ld(ex + k * a.De + c) * ld(we + c);
-      tin[(a.Np + k) * d + e] = acc;
-    }
-  }
+  // ================= forward recompute (the forward kernels' own stages, slvit_device.cuh) =========
+  embed_tokens<S>(a, b, tin);
   __syncthreads();
   layer_norm_rows(tin, y1, static_cast<const S*>(lp.g1), static_cast<const S*>(lp.b1), T, d, a.eps, st1);
   __syncthreads();
-  for (int idx = tid; idx < T * A3; idx += nthreads) {
-    const int t = idx / A3, col = idx % A3, which = col / A, r = col % A;
-    const S* wq = static_cast<const S*>(which == 0 ? lp.wq : which == 1 ? lp.wk : lp.wv);
-    const S* bq = static_cast<const S*>(which == 0 ? lp.bq : which == 1 ? lp.bk : lp.bv);
-    qkv[idx] = ld(bq + r) + dot_fw(y1 + t * d, wq + (int64_t)r * d, d);
-  }
+  qkv_projection<S>(lp, y1, qkv, T, d, A);
   __syncthreads();
-  for (int row = warp; row < H * T; row += nwarps) {
-    const int h = row / T, i = row % T;
-    const float* q = qkv + (int64_t)i * A3 + h * kd;
-    float* prow = P + (int64_t)row * T;
-    float mx = -INFINITY;
-    for (int j = lane; j < T; j += 32) {
-      const float* k = qkv + (int64_t)j * A3 + A + h * kd;
-      float s = 0.f;
-      for (int c = 0; c < kd; ++c) s += q[c] * k[c];
-      s *= a.scale;
-      prow[j] = s;
-      mx = fmaxf(mx, s);
-    }
-    mx = warp_max(mx);
-    float sum = 0.f;
-    for (int j = lane; j < T; j += 32) {
-      const float e = expf(prow[j] - mx);
-      prow[j] = e;
-      sum += e;
-    }
-    const float inv = 1.0f / warp_sum(sum);
-    __syncwarp();
-    for (int j = lane; j < T; j += 32) prow[j] *= inv;
-    __syncwarp();
-    for (int c = lane; c < kd; c += 32) {
-      float acc = 0.f;
-      for (int j = 0; j < T; ++j) acc += prow[j] * qkv[(int64_t)j * A3 + 2 * A + h * kd + c];
-      o[(int64_t)i * A + h * kd + c] = acc;
-    }
-  }
+  attention_rows(qkv, o, P, true, T, A, H, kd, a.scale);  // keeps the probabilities P for the backward
   __syncthreads();
-  for (int idx = tid; idx < Td; idx += nthreads) {
-    const int t = idx / d, e = idx % d;
-    t1[idx] = tin[idx] + ld(static_cast<const S*>(lp.bo) + e) +
-              dot_fw(o + (int64_t)t * A, static_cast<const S*>(lp.wo) + (int64_t)e * A, A);
-  }
+  out_projection<S>(lp, o, tin, t1, T, d, A);
   __syncthreads();
   layer_norm_rows(t1, y2, static_cast<const S*>(lp.g2), static_cast<const S*>(lp.b2), T, d, a.eps, st2);
   __syncthreads();
-  for (int idx = tid; idx < T * M; idx += nthreads) {
-    const int t = idx / M, m = idx % M;
-    hpre[idx] = ld(static_cast<const S*>(lp.b1m) + m) + dot_fw(y2 + t * d, static_cast<const S*>(lp.w1) + (int64_t)m * d, d);
-  }
+  mlp_fc1<S>(lp, y2, hpre, T, d, M, Identity());  // pre-activation: GELU's derivative needs it
   __syncthreads();
-  for (int idx = tid; idx < Td; idx += nthreads) {
-    const int t = idx / d, e = idx % d;
-    const S* w2 = static_cast<const S*>(lp.w2) + (int64_t)e * M;
-    float acc = ld(static_cast<const S*>(lp.b2m) + e);
-    for (int m = 0; m < M; ++m) acc += gelu(hpre[(int64_t)t * M + m]) * ld(w2 + m);
-    t2[idx] = a.residual ? t1[idx] + acc : acc;
-  }
+  mlp_fc2<S>(lp, hpre, t1, t2, T, d, M, a.residual, Gelu());
   __syncthreads();
-  const S* wh1 = static_cast<const S*>(a.wh1);
-  const S* wh2 = static_cast<const S*>(a.wh2);
-  for (int j = warp; j < Hh; j += nwarps) {
-    float acc = 0.f;
-    for (int k = lane; k < Td; k += 32) acc += t2[k] * ld(wh1 + (int64_t)j * Td + k);
-    acc = warp_sum(acc) + ld(static_cast<const S*>(a.bh1) + j);
-    if (lane == 0) {
-      z[j] = acc;
-      za[j] = a.act == 0 ? gelu(acc) : fmaxf(acc, 0.f);
-    }
-  }
+  head_hidden<S>(a, t2, za, z);
   __syncthreads();
 
   // ================= backward =================
+  const S* wh1 = static_cast<const S*>(a.wh1);
+  const S* wh2 = static_cast<const S*>(a.wh2);
   const S* go = static_cast<const S*>(ba.gout) + (int64_t)b * a.O;
   const int ih = base + 16;  // head parameters
   // head fc2: dWh2[o, j] += g[o] a[j]; dbh2[o] += g[o]; dz[j] = act'(z_j) sum_o g[o] Wh2[o, j]
