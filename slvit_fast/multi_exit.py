@@ -1,7 +1,11 @@
 """``MultiExitNetwork``: exits attached to an unmodified backbone, and per-sample early exit with batch compaction.
 
-An exit reads the output of a named submodule of the backbone (forward hooks, registered only for the
-duration of one call: the backbone's code, weights and hook lists are left as they were).
+An exit reads the output of a named submodule of the backbone through a forward hook. The backbone's
+code and weights are left as they were; each watched submodule gets one hook when the network is
+built, which acts only inside this network's own calls, in the calling thread (per-call state lives
+in a ``contextvars`` scope, :mod:`slvit_fast.hook_scope`): ``net(x)``, ``net.early_exit(...)`` and
+the shape queries may run concurrently from several threads, and calling the backbone directly is
+unaffected.
 
 Exits with an extra input (the audiovisual AV1 exit: visual feature map + audio embedding) name the
 second module too::
@@ -59,6 +63,7 @@ import torch
 from torch import Tensor, nn
 
 from .exit_result import EarlyExitResult
+from .hook_scope import hold, watching
 from .policies import Policy
 from .shape_probe import probe, shape_of
 
@@ -195,6 +200,9 @@ class MultiExitNetwork(nn.Module):
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
             self.backbone.eval()
+        # one dispatching hook per watched module, for good: calls never add or remove hooks, so calls
+        # from several threads cannot see each other's (see slvit_fast.hook_scope)
+        hold(self._hooked_modules().values())
 
     # -- construction helpers --------------------------------------------------------------------
     def _check_path(self, path: str, order: Mapping[str, int], what: str) -> None:
@@ -285,7 +293,8 @@ class MultiExitNetwork(nn.Module):
             extra_s = f" and extra {tuple(extra.shape)} from {self.extra_paths[i]!r}" if extra is not None else ""
             cfg = getattr(module, "config", None)
             want = ""
-            if cfg is not None and hasattr(cfg, "feature_size"):
+            if cfg is not None and hasattr(cfg, "feature_size") and (
+                    len(shape) != 4 or (shape[1], *shape[2:]) != (cfg.in_channels, *cfg.feature_size)):
                 want = (f"; the exit's config expects C={cfg.in_channels}, (H, W)={tuple(cfg.feature_size)} "
                         f"but the actual feature shape is C={shape[1] if len(shape) > 1 else '?'}, "
                         f"(H, W)={shape[2:]} - build the exit config from the actual shape")
@@ -330,7 +339,7 @@ class MultiExitNetwork(nn.Module):
                     needed_by.setdefault(q, []).append(i)
 
         def hook(path):
-            def fn(_module, _args, output):
+            def fn(output):
                 calls[path] = calls.get(path, 0) + 1
                 if calls[path] > 1:
                     raise RuntimeError(
@@ -365,12 +374,8 @@ class MultiExitNetwork(nn.Module):
 
             return fn
 
-        handles = [m.register_forward_hook(hook(p)) for p, m in self._hooked_modules().items()]
-        try:
+        with watching({m: hook(p) for p, m in self._hooked_modules().items()}):
             final = self.backbone(*inputs)
-        finally:
-            for h in handles:
-                h.remove()
         missing = [self.exit_paths[i] for i in range(self.num_exits) if not done[i]]
         if missing:
             raise RuntimeError(f"exit module path(s) {missing} did not run during the backbone's forward pass")
@@ -382,14 +387,33 @@ class MultiExitNetwork(nn.Module):
         ``extra``: inputs of exits whose extra input is not a backbone module (see :meth:`early_exit`).
         """
         inputs = _as_inputs(inputs[0]) if len(inputs) == 1 else inputs
+        B = _batch_of(inputs)
+        if B == 0:
+            return self._empty_outputs(inputs, extra)
         outs: list[Tensor | None] = [None] * self.num_exits
-        user = self._user_extras(extra, _batch_of(inputs))
+        user = self._user_extras(extra, B)
 
         def on_ready(i, feat, extra_t):
             outs[i] = self._call_exit(i, feat, user.get(i) if extra_t is None else extra_t)
 
         final = self._run(inputs, on_ready)
         return [*outs, final]
+
+    def _empty_outputs(self, inputs: tuple, extra: Any) -> list[Tensor]:
+        """``net(x)`` for an empty batch: every output with 0 rows. Shapes and dtypes come from a batch-1
+        run on fake tensors (nothing is computed, and neither backbone nor exits need to accept B=0)."""
+        def one(t: Any) -> Any:
+            if isinstance(t, Tensor) and t.dim() > 0:
+                return torch.empty((1, *t.shape[1:]), dtype=t.dtype, device="meta")
+            if isinstance(t, Mapping):
+                return {k: one(v) for k, v in t.items()}
+            return t
+
+        specs: list[tuple] = []
+        probe(self, [one(t) for t in inputs], [""], kwargs={"extra": one(extra)},
+              on_output=lambda _p, outs: specs.extend((tuple(o.shape), o.dtype) for o in outs))
+        device = next((t.device for t in inputs if isinstance(t, Tensor)), torch.device("cpu"))
+        return [torch.empty((0, *shape[1:]), dtype=dtype, device=device) for shape, dtype in specs]
 
     def branch_features(self, *inputs: Any, extra: Mapping[str, Tensor] | Tensor | None = None) -> list[Any]:
         """The inputs of every exit (detached copies), then the final output.
@@ -461,6 +485,10 @@ class MultiExitNetwork(nn.Module):
                                    "mixes samples); call net.eval()")
         inputs = _as_inputs(x)
         B = _batch_of(inputs)
+        if B == 0:  # the same empty answer as policies.apply on empty outputs
+            final = self._empty_outputs(inputs, extra)[-1]
+            zeros = [0] * (self.num_exits + 1)
+            return EarlyExitResult(final, torch.empty(0, dtype=torch.long, device=final.device), zeros, list(zeros))
         user_extra = self._user_extras(extra, B)
         device = next((t.device for t in inputs if isinstance(t, Tensor)), torch.device("cpu"))
         state = policy.start(B, self.num_exits, device)

@@ -311,7 +311,14 @@ def apply(policy: Policy, outputs: Sequence[Tensor], finish_times: Sequence[floa
     if len(outputs) < 2:
         raise ValueError("apply: need the outputs of at least one exit and the final output")
     n_exits = len(outputs) - 1
-    B = outputs[0].shape[0]
+    sizes = [int(o.shape[0]) if isinstance(o, Tensor) and o.dim() > 0 else None for o in outputs]
+    if None in sizes or len(set(sizes)) != 1:
+        shapes = [tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__ for o in outputs]
+        raise ValueError(
+            f"apply: every output needs the same batch size (exits 0..{n_exits - 1}, then the final output); "
+            f"got shapes {shapes}"
+        )
+    B = sizes[0]
     device = outputs[0].device
     state = policy.start(B, n_exits, device)
     out = torch.empty((B, *outputs[-1].shape[1:]), dtype=outputs[-1].dtype, device=device)

@@ -3,8 +3,9 @@
 Every "what shape comes out of ``layer2``?" question in the package - exit configs sized for a
 backbone (presets), :meth:`MultiExitNetwork.feature_shapes`, FLOP counting (accounting) - is answered
 here: the module runs under ``FakeTensorMode`` (tensors carry shape, dtype and device only, so any
-input size costs milliseconds), in eval mode and without autograd, with forward hooks on the named
-submodules that live only for this one call. Every submodule's training flag is restored afterwards.
+input size costs milliseconds), in eval mode and without autograd, watching the named submodules'
+outputs through :mod:`slvit_fast.hook_scope` (so a real forward of the same module in another thread
+is not disturbed). Submodules switched to eval for the probe are switched back afterwards.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .hook_scope import watching
 
 __all__ = ["probe", "input_sizes", "shape_of"]
 
@@ -58,7 +61,8 @@ def probe(
     """``{path: output shape}`` of the submodules ``paths`` when ``module(*inputs, **kwargs)`` runs on fakes.
 
     ``inputs`` (and ``kwargs`` values): tensors - only their shape and dtype are used - or full shapes
-    (batch included) as tuples of ints, or anything else (passed as is). ``stop_early``: stop the
+    (batch included) as tuples of ints, tuples/lists/dicts of those, or anything else (passed as is).
+    The path ``""`` is ``module`` itself (its own output). ``stop_early``: stop the
     module once every path has produced its output. ``on_output(path, output)`` sees each watched
     output (fake) as it is produced; ``context`` (e.g. a ``FlopCounterMode``) is entered around the
     call, inside the fake mode. A path that runs twice reports its last output.
@@ -73,7 +77,7 @@ def probe(
     shapes: dict[str, Any] = {}
 
     def hook(path: str):
-        def fn(_m, _args, output):
+        def fn(output):
             shapes[path] = shape_of(output)
             if on_output is not None:
                 on_output(path, output)
@@ -88,13 +92,20 @@ def probe(
             return torch.empty(x.shape, dtype=x.dtype, device=device)
         if isinstance(x, (tuple, torch.Size)) and x and all(isinstance(s, int) for s in x):
             return torch.empty(x, device=device)
+        if isinstance(x, (tuple, list)):
+            return type(x)(fake(v) for v in x)
+        if isinstance(x, dict):
+            return {k: fake(v) for k, v in x.items()}
         return x
 
-    handles = [modules[p].register_forward_hook(hook(p)) for p in wanted]
-    modes = [(m, m.training) for m in module.modules()]  # restored one by one: modes may be mixed
-    module.eval()
+    # eval mode for the probe (BatchNorm must not update its statistics); only modules that are in
+    # training mode are switched and switched back, so a probe of an eval-mode network writes nothing
+    training = [m for m in module.modules() if m.training]
+    for m in training:
+        m.training = False
     try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), \
+                watching({modules[p]: hook(p) for p in wanted}):
             args = tuple(fake(x) for x in inputs)
             kw = {k: fake(v) for k, v in (kwargs or {}).items()}
             with context if context is not None else contextlib.nullcontext():
@@ -102,8 +113,6 @@ def probe(
     except _Done:
         pass
     finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes:
-            m.training = mode
+        for m in training:
+            m.training = True
     return shapes

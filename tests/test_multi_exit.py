@@ -386,3 +386,31 @@ def test_audiocsrnet_deadline_with_fake_clock(audio):
     finally:
         for h in handles:
             h.remove()
+
+
+def _assert_empty_result(r, num_exits, k, dtype):
+    assert r.outputs.shape == (0, k) and r.outputs.dtype == dtype
+    assert r.exit_index.shape == (0,) and r.exit_index.dtype == torch.long
+    assert r.counts == [0] * (num_exits + 1) and r.evaluated == [0] * (num_exits + 1)
+    assert r.remaining == [0] * (num_exits + 1)
+
+
+def test_empty_batch_is_an_empty_answer_everywhere(resnet):
+    """Issue #12 item 8: net(x[:0]), early_exit and policies.apply agree on an empty batch."""
+    net, x, outs = resnet
+    empty = net(x[:0])
+    assert [tuple(o.shape) for o in empty] == [(0, 10)] * 3
+    assert [o.dtype for o in empty] == [o.dtype for o in outs]
+    for policy in (P.MaxSoftmax([0.5, 0.5]), P.Patience(1), P.Deadline(math.inf)):
+        _assert_empty_result(net.early_exit(x[:0], policy), 2, 10, outs[-1].dtype)
+        _assert_empty_result(P.apply(policy, empty), 2, 10, outs[-1].dtype)
+    with pytest.raises(ValueError, match="got 3 thresholds for 2 early exits"):
+        net.early_exit(x[:0], P.MaxSoftmax([0.5, 0.5, 0.5]))  # still validated
+
+
+def test_empty_batch_with_two_inputs(audio):
+    net, (image, sound), outs = audio
+    empty = net((image[:0], sound[:0]))
+    assert [tuple(o.shape) for o in empty] == [(0, 1)] * 4
+    r = net.early_exit((image[:0], sound[:0]), P.RegressionCriterion(lambda i, y, prev: True))
+    _assert_empty_result(r, 3, 1, outs[-1].dtype)

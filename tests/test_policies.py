@@ -169,3 +169,11 @@ def test_in_place_modification_of_a_waiting_capture_is_detected():
     backbone[1].inplace = False
     with torch.no_grad():
         assert net(torch.randn(2, 3, 4, 4))[0].shape == (2, K)
+
+
+def test_apply_with_mismatched_batch_sizes_names_the_shapes():
+    outs = [torch.randn(4, K), torch.randn(3, K), torch.randn(4, K)]
+    with pytest.raises(ValueError, match=r"same batch size .* got shapes \[\(4, 5\), \(3, 5\), \(4, 5\)\]"):
+        P.apply(P.MaxSoftmax(0.5), outs)
+    with pytest.raises(ValueError, match=r"same batch size"):
+        P.apply(P.MaxSoftmax(0.5), [torch.randn(4, K), torch.tensor(1.0)])
