@@ -102,27 +102,13 @@ def count_flops(module: nn.Module, input_size: Any, hooks: Sequence[str] = ()) -
 
 
 def slvit_flops(config: Any) -> int:
-    """FLOPs (2 x MACs) of one SL-ViT exit forward per sample, from its config."""
-    c = config
-    N, T, d, A = c.num_patches, c.num_tokens, c.embed_dim, c.attn_dim
-    macs = N * c.patch_dim * d + c.extra_tokens * c.extra_dim * d
-    per_layer = (3 * T * d * A            # Q, K, V projections
-                 + 2 * c.num_heads * T * T * c.key_dim  # Q K^T and P V
-                 + T * A * d              # output projection
-                 + 2 * T * d * c.mlp_dim)  # encoder MLP
-    macs += c.num_layers * per_layer
-    macs += T * d * c.head_hidden + c.head_hidden * c.num_outputs
-    return 2 * macs
+    """FLOPs (2 x MACs) of one SL-ViT exit forward per sample, from its config (``config.flops()``)."""
+    return config.flops()
 
 
 def cnn_exit_flops(config: Any) -> int:
-    """FLOPs (2 x MACs) of one CNN exit forward per sample, from its config."""
-    c = config
-    H, W = c.feature_size
-    macs = H * W * c.in_channels * c.filters * c.kernel_size ** 2
-    macs += 2 * c.extra_dim * c.in_channels  # FiLM gamma, beta
-    macs += c.flat_dim * c.head_hidden + c.head_hidden * c.num_outputs
-    return 2 * macs
+    """FLOPs (2 x MACs) of one CNN exit forward per sample, from its config (``config.flops()``)."""
+    return config.flops()
 
 
 def exit_flops(exit_module: nn.Module, feature_shape: tuple, extra_shape: tuple | None = None) -> int:

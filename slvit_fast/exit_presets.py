@@ -13,9 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-MLP_DIM = 1024
-HEAD_HIDDEN = 268
-CNN_FILTERS = 15
+from .config import PAPER_CNN_FILTERS as CNN_FILTERS, PAPER_HEAD_HIDDEN as HEAD_HIDDEN, PAPER_MLP_DIM as MLP_DIM
+
 AUDIO_EMBED_DIM = 128  # VGGish embedding width: the AV1 exit appends one such audio token
 
 
