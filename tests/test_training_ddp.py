@@ -28,7 +28,8 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # Only rank 0 writes checkpoints: one set of files, no temporary leftovers.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "last.safetensors", "training_state.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "history.csv", "history.json",
+                                                          "last.safetensors", "training_state.pt"]
 
     single = tiny_net()
     train_exits(single, loader(quadrant_task(64), batch_size=16), epochs=2, lr=2e-3, progress=False)

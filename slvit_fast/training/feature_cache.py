@@ -2,14 +2,21 @@
 
 The backbone is frozen in classifier-wise training, so the features feeding each exit never change:
 computing them once per sample and reading them back from memory-mapped ``.npy`` files (written chunk
-by chunk, one batch at a time) turns every later epoch into exit-only work. A cache is valid only
-once its ``meta.json`` exists (written last, atomically); an interrupted build is rebuilt.
-Augmentation is frozen too: a cached epoch sees the same inputs every time.
+by chunk, one batch at a time) turns every later epoch into exit-only work. Augmentation is frozen
+too: a cached epoch sees the same inputs every time.
+
+A cache folder is built in a fresh hidden sibling folder and published with one atomic rename, so a
+folder with the final name is always complete; ``meta.json`` records the fingerprint of what made the
+features (:mod:`.fingerprint`) and every file's size, checked on open. Which folder a run reads is
+decided in :mod:`.cache_store`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,10 +24,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write
-
 _TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
                 torch.int64: np.int64, torch.int32: np.int32}
+
+
+class FeatureCacheError(RuntimeError):
+    """A feature cache folder is incomplete, damaged or does not fit the network; the message says how to fix it."""
+
+
+class FeatureCacheMismatchError(FeatureCacheError, ValueError):
+    """``cache_policy="strict"``: the existing cache was made by another backbone, exits, dtype or data."""
 
 
 def _split(feature: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -31,21 +44,62 @@ def as_inputs(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+def damaged(directory: Path, what: str) -> FeatureCacheError:
+    return FeatureCacheError(f"feature cache {directory} is incomplete or damaged ({what}); delete that folder, or "
+                             "pass cache_policy='rebuild' to train_exits, to build it again")
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class FeatureCache:
     """Memory-mapped branch features, targets and final outputs of one dataset split."""
 
     def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        meta_path = self.directory / "meta.json"
+        self.directory = directory = Path(directory)
+        meta_path = directory / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{directory}: no complete feature cache (meta.json missing)")
-        self.meta = json.loads(meta_path.read_text())
-        self.size = self.meta["size"]
-        load = lambda name: np.load(self.directory / f"{name}.npy", mmap_mode="r")  # noqa: E731
-        self.features = [load(f"feat{i}") for i in range(self.meta["num_exits"])]
-        self.extras = [load(f"extra{i}") if has else None for i, has in enumerate(self.meta["has_extra"])]
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            self.size = int(self.meta["size"])
+            num_exits = int(self.meta["num_exits"])
+            has_extra = list(self.meta["has_extra"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise damaged(directory, f"meta.json unreadable: {type(e).__name__}: {e}") from None
+        for name, size in self.meta.get("files", {}).items():  # caches from before sizes were recorded: no check
+            path = directory / name
+            if not path.exists():
+                raise damaged(directory, f"{name} is missing")
+            if path.stat().st_size != size:
+                raise damaged(directory, f"{name} has {path.stat().st_size} bytes, {size} were written")
+
+        def load(name: str) -> np.ndarray:
+            try:
+                a = np.load(directory / f"{name}.npy", mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise damaged(directory, f"{name}.npy: {e}") from None
+            if a.shape[0] != self.size:
+                raise damaged(directory, f"{name}.npy holds {a.shape[0]} samples, meta.json says {self.size}")
+            return a
+
+        self.features = [load(f"feat{i}") for i in range(num_exits)]
+        self.extras = [load(f"extra{i}") if has else None for i, has in enumerate(has_extra)]
         self.targets = load("targets")
         self.finals = load("final")
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.features)
+
+    @property
+    def fingerprint(self) -> dict[str, Any] | None:
+        return self.meta.get("fingerprint")
 
     @classmethod
     def exists(cls, directory: str | Path) -> bool:
@@ -54,10 +108,31 @@ class FeatureCache:
     @classmethod
     @torch.no_grad()
     def build(cls, net: torch.nn.Module, loader, directory: str | Path, progress: bool = True,
-              desc: str = "caching features") -> "FeatureCache":
+              desc: str = "caching features", fingerprint: dict[str, Any] | None = None) -> "FeatureCache":
+        """Run the backbone over ``loader`` once and publish the features at ``directory`` atomically.
+
+        An existing cache at ``directory`` is replaced (readers that already opened it keep their data).
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "meta.json").unlink(missing_ok=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.parent / f".{directory.name}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            meta = cls._write(net, loader, tmp, progress, desc)
+            meta["fingerprint"] = fingerprint
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            for p in tmp.iterdir():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(tmp)
+            publish(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(directory)
+
+    @staticmethod
+    def _write(net: torch.nn.Module, loader, directory: Path, progress: bool, desc: str) -> dict[str, Any]:
         size = len(loader.dataset)
         device = next(net.parameters()).device
         arrays: dict[str, np.ndarray] = {}
@@ -89,9 +164,9 @@ class FeatureCache:
             raise RuntimeError(f"loader produced {offset} samples but its dataset has {size}")
         for a in arrays.values():
             a.flush()
-        meta = {"size": size, "num_exits": len(has_extra), "has_extra": has_extra}
-        atomic_write(directory / "meta.json", lambda tmp: Path(tmp).write_text(json.dumps(meta)))
-        return cls(directory)
+        del arrays  # close the memory maps before the sizes are recorded and the folder is renamed
+        files = {p.name: p.stat().st_size for p in sorted(directory.glob("*.npy"))}
+        return {"size": size, "num_exits": len(has_extra), "has_extra": has_extra, "files": files}
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self.directory.glob("*.npy"))
@@ -114,3 +189,17 @@ class FeatureCache:
     def num_batches(self, batch_size: int, world: int = 1) -> int:
         per_rank = -(-self.size // world)
         return -(-per_rank // batch_size)
+
+
+def publish(tmp: Path, directory: Path) -> None:
+    """Atomically give the complete folder ``tmp`` the name ``directory`` (replacing an old one)."""
+    old = None
+    if directory.exists():
+        # A folder cannot be renamed over a non-empty one: move the old one aside first. Processes that
+        # have it open keep reading it (open files and maps survive unlinking).
+        old = directory.parent / f".{directory.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(directory, old)
+    os.rename(tmp, directory)
+    fsync_dir(directory.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -27,9 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from .checkpointing import CheckpointDir
+from .checkpointing import CheckpointDir, rng_state, set_rng_state
 from .epochs import ExitLosses, classifier_wise_epoch, end_to_end_epoch, evaluate_live, validation_epoch
+from .cache_store import CACHE_POLICIES, open_cache
 from .feature_cache import FeatureCache
+from .fingerprint import tensors_hash
 from .history import History
 from .losses import Distillation, task_of
 from .sources import BatchSource
@@ -76,20 +78,17 @@ def _loss_weights(net: nn.Module, mode: str, loss_weights: Sequence[float] | Non
     return weights
 
 
-def _open_caches(net: nn.Module, loaders: dict, cache_dir, progress: bool, history: History) -> dict[str, FeatureCache]:
+def _open_caches(net: nn.Module, loaders: dict, cache_dir, policy: str, cache_key: str | None, progress: bool,
+                 history: History) -> dict[str, FeatureCache]:
     caches: dict[str, FeatureCache] = {}
+    backbone_hash = tensors_hash(net.backbone)  # once for both splits
     for split, loader in loaders.items():
         if loader is None:
             continue
-        folder = Path(cache_dir) / split
-        if FeatureCache.exists(folder):
-            caches[split] = FeatureCache(folder)
-            continue
-        if D.is_distributed():
-            raise NotImplementedError("build the feature cache before launching distributed training")
-        t_cache = time.perf_counter()
-        caches[split] = FeatureCache.build(net, loader, folder, progress, f"caching {split} features")
-        history.cache_seconds += time.perf_counter() - t_cache
+        caches[split], seconds = open_cache(net, loader, Path(cache_dir) / split, policy=policy, cache_key=cache_key,
+                                            progress=progress, desc=f"caching {split} features",
+                                            backbone_hash=backbone_hash)
+        history.cache_seconds += seconds
     return caches
 
 
@@ -118,6 +117,8 @@ def train_exits(
     cache_dir: str | Path | None = None,
     cache_batch_size: int | None = None,
     shuffle_cache: bool = True,
+    cache_policy: str = "auto",
+    cache_key: str | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = True,
     restore_best: bool = True,
@@ -135,11 +136,18 @@ def train_exits(
             sum over exits and the final output with ``loss_weights``; needs ``freeze_backbone=False``).
         distillation: :class:`Distillation` - exits also learn the final output's softened softmax.
         cache_dir: classifier-wise only: branch features of both loaders are computed once into this
-            folder (memory-mapped) and every epoch reads them instead of running the backbone.
+            folder (memory-mapped) and every epoch reads them instead of running the backbone. A cache
+            is used only if its fingerprint matches: backbone parameters and buffers, exit paths and
+            input shapes, dtypes, and the data (sample count + hash of the first and last batch).
+        cache_policy: ``"auto"`` (build a new cache when none matches; the log says which field
+            changed), ``"strict"`` (raise ``FeatureCacheMismatchError`` instead) or ``"rebuild"``.
+        cache_key: a name for the data to use instead of hashing it (e.g. randomly augmented data).
         checkpoint_dir: exits + training state after every epoch (atomic); resumes from it.
         stop_after_epoch: stop (as if interrupted) after this epoch index - for resumable scheduling.
     """
     weights = _loss_weights(net, mode, loss_weights, cache_dir)
+    if cache_policy not in CACHE_POLICIES:
+        raise ValueError(f"cache_policy must be one of {CACHE_POLICIES}, got {cache_policy!r}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     tasks = _tasks(net, tasks)
@@ -150,17 +158,23 @@ def train_exits(
     state = TrainingState(net, mode, lr, lr_factor, lr_patience)
 
     ckpt = CheckpointDir(checkpoint_dir) if checkpoint_dir is not None else None
+    rng = None
+    if ckpt is not None and is_main:
+        for p in ckpt.clean_stale():
+            log.info("removed %s, left by an interrupted checkpoint write", p)
     if ckpt is not None and resume and ckpt.has_state():
-        ckpt.load(net, state, history)
+        rng = ckpt.load(net, state, history)
         if is_main:
+            ckpt.refresh_exports(net, history, state.epoch)
             log.info("resuming from %s after epoch %d", ckpt.directory, state.epoch)
 
-    caches = _open_caches(net, {"train": train_loader, "val": val_loader}, cache_dir, progress and is_main,
-                          history) if cache_dir is not None else {}
+    caches = _open_caches(net, {"train": train_loader, "val": val_loader}, cache_dir, cache_policy, cache_key,
+                          progress and is_main, history) if cache_dir is not None else {}
     cache_bs = cache_batch_size or getattr(train_loader, "batch_size", None) or 64
     train_source = BatchSource(net, train_loader, device, caches.get("train"), cache_bs, shuffle_cache, seed)
     val_source = BatchSource(net, val_loader, device, caches.get("val"), cache_bs, False, seed)
 
+    set_rng_state(rng)  # after the caches: a build must not shift the resumed run's random numbers
     losses_module: nn.Module = ExitLosses(net)
     if D.is_distributed() and mode == "classifier-wise":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -193,7 +207,7 @@ def train_exits(
             _print_summary(epoch, epochs, history, val_loader is not None)
 
         if ckpt is not None and is_main:
-            ckpt.save(net, state, history)
+            ckpt.save(net, state, history, rng_state())
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
@@ -202,7 +216,7 @@ def train_exits(
     if restore_best and val_loader is not None:
         state.restore_best()
     if ckpt is not None and is_main:
-        ckpt.save_best(net)
+        ckpt.save_best(net, state.epoch)
     return history
 
 

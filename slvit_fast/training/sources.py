@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .feature_cache import FeatureCache, as_inputs
+from .feature_cache import FeatureCache, FeatureCacheError, as_inputs
 
 
 def to_device(feature: Any, device: torch.device) -> Any:
@@ -35,6 +35,9 @@ class BatchSource:
                  batch_size: int = 64, shuffle: bool = False, seed: int = 0):
         self.net, self.loader, self.device, self.cache = net, loader, device, cache
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        if cache is not None and cache.num_exits != net.num_exits:
+            raise FeatureCacheError(f"feature cache {cache.directory} holds features for {cache.num_exits} exits, the "
+                                    f"network has {net.num_exits}: use a cache built for this network")
 
     def batches(self, epoch: int) -> Iterator[tuple[list[Any], Any, torch.Tensor]]:
         if self.cache is not None:
