@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from slvit_fast import CNNExit, SLViTExit, presets
+from slvit_fast import CNNExit, CNNExitConfig, SLViTConfig, SLViTExit, presets
 from slvit_fast.backbones import AudioCSRNet
 from slvit_fast.exit_presets import get_preset
 
@@ -55,7 +55,7 @@ def test_exit_overrides():
 
 def test_build_errors():
     with pytest.raises(ValueError, match="unknown backbone preset.*resnet152"):
-        presets.build("resnet50")
+        presets.build("resnet5000")
     with pytest.raises(ValueError, match="unknown branch"):
         presets.build("resnet152", branches=["b3"], input_size=32)
     with pytest.raises(ValueError, match="exit_type"):
@@ -101,3 +101,65 @@ def test_weights_argument_loads_a_state_dict(tmp_path):
     third = presets.build("audiocsrnet", input_size=(32, 64), weights=str(whole), exit_backend="torch")
     for (k, p), (_, q) in zip(net.state_dict().items(), third.state_dict().items()):
         assert torch.equal(p, q), k
+
+
+# -- the torchvision catalogue (#13 item 2) -----------------------------------------------------------
+# The documented branch shapes at 224 px (backbone_presets docstring); the paper rows are checked above.
+DOCUMENTED_SHAPES = {
+    "resnet18": [(64, 56, 56), (128, 28, 28)], "resnet34": [(64, 56, 56), (128, 28, 28)],
+    "resnet50": [(256, 56, 56), (512, 28, 28)], "resnet101": [(256, 56, 56), (512, 28, 28)],
+    "resnet152": [(128, 28, 28), (512, 28, 28)],
+    "densenet121": [(128, 28, 28), (256, 28, 28)], "densenet169": [(128, 28, 28), (256, 28, 28)],
+    "densenet201": [(128, 28, 28), (256, 28, 28)], "inception_v3": [(256, 25, 25), (288, 25, 25)],
+    "mobilenet_v3_large": [(24, 56, 56), (40, 28, 28)], "efficientnet_b0": [(24, 56, 56), (40, 28, 28)],
+    "convnext_tiny": [(96, 56, 56), (192, 28, 28)],
+}
+
+
+def test_catalogue_lists_every_required_backbone():
+    assert set(DOCUMENTED_SHAPES) | {"audiocsrnet"} == set(presets.list_backbones())
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED_SHAPES))
+@pytest.mark.parametrize("exit_type", ["slvit", "cnn"])
+def test_every_backbone_preset_builds_with_documented_branch_shapes(name, exit_type):
+    """Built on the meta device (no weight init, no arithmetic): branch shapes as documented, exits
+    sized for them (paper presets on the paper backbones, for_feature_map elsewhere), and the SL-ViT exit
+    is not larger than the CNN exit in parameters and FLOPs (the paper's comparison)."""
+    with torch.device("meta"):
+        net = presets.build(name, exit_type=exit_type, num_outputs=7, exit_backend="torch")
+    assert net.branch_names == ["b1", "b2"]
+    shapes = net.feature_shapes(torch.empty(1, 3, 224, 224, device="meta"))
+    got = [shapes[p.split("#")[0]][1:] for p in net.exit_paths]
+    assert got == DOCUMENTED_SHAPES[name]
+    kind = SLViTExit if exit_type == "slvit" else CNNExit
+    for exit_module, (C, H, W) in zip(net.exits.values(), got):
+        assert isinstance(exit_module, kind)
+        c = exit_module.config
+        assert (c.in_channels, *c.feature_size, c.num_outputs) == (C, H, W, 7)
+        if name not in presets.PAPER_BACKBONES:
+            other = (CNNExitConfig if exit_type == "slvit" else SLViTConfig).for_feature_map(C, (H, W), 7)
+            assert c == type(c).for_feature_map(C, (H, W), 7)
+            slvit, cnn = (c, other) if exit_type == "slvit" else (other, c)
+            assert slvit.num_params() <= cnn.num_params() and slvit.flops() <= cnn.flops()
+
+
+def test_small_backbone_builds_for_real_and_runs():
+    torch.manual_seed(0)
+    net = presets.build("resnet18", num_outputs=5, input_size=32, exit_backend="torch")
+    outs = net(torch.randn(2, 3, 32, 32))
+    assert [tuple(o.shape) for o in outs] == [(2, 5)] * 3
+    assert [e.config.feature_size for e in net.exits.values()] == [(8, 8), (4, 4)]
+    assert net.classifier_replaced is False and net.weights_notes == []
+
+
+def test_exit_paths_and_name_errors():
+    net = presets.build("resnet18", exit_paths=["layer3"], input_size=64, exit_backend="torch")
+    assert net.exit_paths == ["layer3"] and net.branch_names == ["layer3"]
+    assert net.exits["layer3"].config.in_channels == 256
+    with pytest.raises(ValueError, match="did you mean 'resnet18'"):
+        presets.build("resnt18")
+    with pytest.raises(ValueError, match="no module.*layer9"):
+        presets.build("resnet18", exit_paths=["layer9"], input_size=32)
+    assert presets.canonical_name("ResNet-18") == "resnet18"
+    assert presets.canonical_name("mobilenetv3_large") == "mobilenet_v3_large"
