@@ -1,7 +1,7 @@
 """Ahead-of-time GPU compile report: compile every kernel configuration the presets use, no GPU needed.
 
 Each Triton kernel launch of the exit (forward and backward) is described by the same ``Launch`` object
-the backend runs (:mod:`slvit_fast.ops.triton_ops`), built here on ``meta`` tensors of the preset's
+the backend runs (:mod:`slvit_fast.ops.triton_launch`), built here on ``meta`` tensors of the preset's
 shapes. It is compiled with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` and
 the cubin is inspected with ``cuobjdump -res-usage`` (shipped with Triton) for registers, shared memory
 and LOCAL (spill / stack) bytes.
@@ -12,7 +12,8 @@ Other kernel families (e.g. CUDA C++) join the report by registering a row provi
     gpu_report.register_provider("cuda", lambda archs: [ {...row...}, ... ])
 
 A row is a dict with keys ``family, kernel, config, dtype, arch, registers, shared_bytes, local_bytes,
-stack_bytes, spill_bytes (= stack + local), presets, ok, error``. ``slvit-fast gpu-report [--json]`` prints all rows.
+stack_bytes, spill_bytes (= stack + local), presets, ok, error``. ``slvit-fast gpu-report [--json]``
+(:mod:`slvit_fast.gpu_report_cli`) prints all rows.
 
 Triton kernels cannot be compiled while ``TRITON_INTERPRET=1`` (the kernels are then interpreter
 objects); :func:`report_rows` then runs the Triton part in a subprocess without that variable.
@@ -20,17 +21,16 @@ objects); :func:`report_rows` then runs the Triton part in a subprocess without 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 import tempfile
 from typing import Any, Callable, Iterable
 
 import torch
+
+from .native import cuobjdump, parse_res_usage
 
 DEFAULT_ARCHS = (80, 90)
 # "float32": fp32 models at torch's default matmul precision "highest" (3xTF32 dots on the GPU);
@@ -46,27 +46,6 @@ def register_provider(family: str, provider: Callable[[tuple[int, ...]], list[di
     _PROVIDERS[family] = provider
 
 
-def _cuobjdump() -> str | None:
-    try:
-        import triton
-
-        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        if os.path.exists(path):
-            return path
-    except ImportError:
-        pass
-    return shutil.which("cuobjdump")
-
-
-def parse_res_usage(text: str) -> dict[str, int]:
-    """``cuobjdump -res-usage`` output -> registers, shared_bytes, local_bytes, stack_bytes (first function)."""
-    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", text)
-    if not m:
-        raise RuntimeError(f"cannot parse cuobjdump -res-usage output: {text[:500]!r}")
-    reg, stack, shared, local = (int(v) for v in m.groups())
-    return dict(registers=reg, stack_bytes=stack, shared_bytes=shared, local_bytes=local)
-
-
 def _sig_type(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[value.dtype]
@@ -80,7 +59,7 @@ def _sig_type(value: Any) -> str:
 
 
 def compile_launch(launch: Any, arch: int) -> dict[str, Any]:
-    """Compile one ``triton_ops.Launch`` for ``sm_<arch>``; returns resource usage."""
+    """Compile one :class:`~slvit_fast.ops.triton_launch.Launch` for ``sm_<arch>``; returns resource usage."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -95,14 +74,17 @@ def compile_launch(launch: Any, arch: int) -> dict[str, Any]:
     src = ASTSource(fn=kernel, signature=signature, constexprs=dict(launch.meta))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch.options())
     cubin = compiled.asm["cubin"]
-    tool = _cuobjdump()
+    tool = cuobjdump()
     if tool is None:
         raise RuntimeError("cuobjdump not found (expected in triton/backends/nvidia/bin)")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    usage = parse_res_usage(text)
+    rows = parse_res_usage(text)
+    if not rows:
+        raise RuntimeError(f"cannot parse cuobjdump -res-usage output: {text[:500]!r}")
+    usage = {k: rows[0][k] for k in ("registers", "stack_bytes", "shared_bytes", "local_bytes")}
     # spills live in the stack frame (cuobjdump's LOCAL is per-kernel local arrays): count both
     usage["spill_bytes"] = usage["stack_bytes"] + usage["local_bytes"]
     usage["shared_bytes"] = max(usage["shared_bytes"], int(getattr(compiled.metadata, "shared", 0) or 0))
@@ -113,7 +95,7 @@ def preset_launches(preset: str, dtype: torch.dtype, batch: int = 2) -> list[Any
     """Every Triton launch (forward and backward) of the preset's exit, described on meta tensors."""
     from .exit_presets import get_preset
     from .config import SLViTConfig
-    from .ops import triton_ops as T
+    from .ops import triton_launch as T
 
     c = SLViTConfig(**get_preset(preset).slvit_kwargs())
     dev = "meta"
@@ -170,18 +152,18 @@ def triton_rows(archs: Iterable[int] = DEFAULT_ARCHS, dtypes: Iterable[str] = DE
         for dtype_name in dtypes:
             if dtype_name not in DTYPE_VARIANTS:
                 raise ValueError(f"unknown dtype {dtype_name!r}; valid: {DTYPE_VARIANTS}")
-            from .ops import triton_ops
+            from .ops import triton_launch
 
             dtype = getattr(torch, dtype_name.split("-")[0])
-            saved = torch.get_float32_matmul_precision(), triton_ops.FP32_EXACT_GPU_PRECISION
+            saved = torch.get_float32_matmul_precision(), triton_launch.FP32_EXACT_GPU_PRECISION
             torch.set_float32_matmul_precision("high" if dtype_name.endswith("-tf32") else "highest")
             if dtype_name.endswith("-ieee"):
-                triton_ops.FP32_EXACT_GPU_PRECISION = "ieee"
+                triton_launch.FP32_EXACT_GPU_PRECISION = "ieee"
             try:
                 launches = preset_launches(preset, dtype)
             finally:
                 torch.set_float32_matmul_precision(saved[0])
-                triton_ops.FP32_EXACT_GPU_PRECISION = saved[1]
+                triton_launch.FP32_EXACT_GPU_PRECISION = saved[1]
             for launch in launches:
                 for arch in archs:
                     key = (launch.kernel.__name__, _config_key(launch), dtype_name, arch)
@@ -200,14 +182,10 @@ def triton_rows(archs: Iterable[int] = DEFAULT_ARCHS, dtypes: Iterable[str] = DE
     return rows
 
 
-def _interpreted() -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        from .kernels.attention_block import attention_fwd_kernel
-    except ImportError:
-        return False
-    return isinstance(attention_fwd_kernel, InterpretedFunction)
+# The Triton part when this process cannot compile (interpreter): a fresh interpreter without
+# TRITON_INTERPRET computes the rows and prints them as JSON.
+_SUBPROCESS = ("import json, sys; from slvit_fast.gpu_report import triton_rows; "
+               "print(json.dumps(triton_rows(*json.loads(sys.argv[1]))))")
 
 
 def report_rows(archs: Iterable[int] = DEFAULT_ARCHS, dtypes: Iterable[str] = DEFAULT_DTYPES,
@@ -215,12 +193,11 @@ def report_rows(archs: Iterable[int] = DEFAULT_ARCHS, dtypes: Iterable[str] = DE
     """All rows: Triton (in a subprocess when this process runs the interpreter) plus registered providers."""
     archs, dtypes = tuple(archs), tuple(dtypes)
     presets = tuple(presets) if presets else None
-    if _interpreted() or os.environ.get("TRITON_INTERPRET") == "1":
+    from .ops.triton_launch import interpreted
+
+    if interpreted():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, "-m", "slvit_fast.gpu_report", "--json", "--triton-only",
-               "--archs", ",".join(map(str, archs)), "--dtypes", ",".join(dtypes)]
-        if presets:
-            cmd += ["--presets", ",".join(presets)]
+        cmd = [sys.executable, "-c", _SUBPROCESS, json.dumps([archs, dtypes, presets])]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"gpu report subprocess failed ({proc.returncode}): {proc.stderr[-3000:]}")
@@ -251,23 +228,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines.append(f"{len(ok)}/{len(rows)} kernel configurations compiled; {spilling} of them spill "
                  f"(stack+local bytes, total {spills})")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="slvit-fast gpu-report", description=__doc__.split("\n")[0])
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--archs", default=",".join(map(str, DEFAULT_ARCHS)))
-    p.add_argument("--dtypes", default=",".join(DEFAULT_DTYPES))
-    p.add_argument("--presets", default="")
-    p.add_argument("--triton-only", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    archs = tuple(int(a) for a in args.archs.split(","))
-    dtypes = tuple(d for d in args.dtypes.split(",") if d)
-    presets = tuple(x for x in args.presets.split(",") if x) or None
-    rows = triton_rows(archs, dtypes, presets) if args.triton_only else report_rows(archs, dtypes, presets)
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
-    return 0 if all(r.get("ok") for r in rows) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -79,18 +79,24 @@ def _package_present() -> bool:
 
 
 def cuobjdump() -> str | None:
-    """A cuobjdump binary: the CUDA toolkit's, else the one Triton ships."""
-    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    for cand in (os.path.join(home, "bin", "cuobjdump"), shutil.which("cuobjdump")):
-        if cand and os.path.exists(cand):
-            return cand
+    """The cuobjdump binary used for every resource report (Triton cubins and the CUDA extension).
+
+    Triton's own first: it matches the ptxas that builds Triton's cubins and is at least as new as the
+    toolkit's here (a newer cuobjdump reads older cubins, not the reverse); then $CUDA_HOME's, then PATH.
+    """
     try:
         import triton
 
         cand = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        return cand if os.path.exists(cand) else None
-    except Exception:  # noqa: BLE001
-        return None
+        if os.path.exists(cand):
+            return cand
+    except Exception:  # noqa: BLE001  (no or broken triton: fall through to the toolkit)
+        pass
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    for cand in (os.path.join(home, "bin", "cuobjdump"), shutil.which("cuobjdump")):
+        if cand and os.path.exists(cand):
+            return cand
+    return None
 
 
 def compiled_cuda_archs() -> list[str]:
@@ -146,7 +152,8 @@ def cuda_kernel_resources(path: str | None = None) -> list[dict[str, Any]]:
 
 
 def parse_res_usage(text: str) -> list[dict[str, Any]]:
-    """Parse ``cuobjdump -res-usage`` output (also accepts ``nvcc --resource-usage`` ptxas lines)."""
+    """Parse ``cuobjdump -res-usage`` output (also accepts ``nvcc --resource-usage`` ptxas lines): one row
+    per (kernel, arch). The one parser of the package (gpu_report reads Triton cubins with it too)."""
     rows: list[dict[str, Any]] = []
     arch = None
     kernel = None
@@ -160,7 +167,7 @@ def parse_res_usage(text: str) -> list[dict[str, Any]]:
         m = re.search(r"Function ([^\s:]+):", line)
         if m:
             kernel = m.group(1)
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", line)
         if m and kernel:
             reg, stack, shared, local = (int(v) for v in m.groups())
             mc = re.search(r"CONSTANT\[0\]:(\d+)", line)

@@ -4,12 +4,15 @@ Each function is one fused unit of the kernel backends (patch embedding, attenti
 flattening head), written for clarity, not speed. Weights use torch's ``nn.Linear`` layout
 ``(out_features, in_features)``. Everything here runs in any dtype, float64 included, so a test can
 compute the "true" answer and measure the rounding error of the reference itself in half precision.
+
+The end of the file defines the parameter layout: which exit parameter is which argument of each
+unit, and the flat order the fused ops take (one definition for every backend).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -140,53 +143,124 @@ def mlp_head(
     return F.linear(h, w2, b2)
 
 
-def flatten_head(
-    t: Tensor,
-    w1: Tensor,
-    b1: Tensor,
-    w2: Tensor,
-    b2: Tensor,
-    activation: str = "gelu",
-    dropout: float = 0.0,
-    training: bool = False,
-) -> Tensor:
+# The fused units' head: same arguments as mlp_head, but from the (B, T, d) tokens.
+def flatten_head(t: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, activation: str = "gelu",
+                 dropout: float = 0.0, training: bool = False) -> Tensor:
     """Flatten all (B, T, d) tokens token-major to (B, T*d), then the MLP head."""
     return mlp_head(t.reshape(t.shape[0], -1), w1, b1, w2, b2, activation, dropout, training)
 
 
 def slvit_exit(
     x: Tensor,
-    params: dict[str, Tensor],
+    params: "Mapping[str, Tensor] | Sequence[Tensor]",
     config: "SLViTConfig",
     extra: Tensor | None = None,
     training: bool = False,
 ) -> Tensor:
-    """The whole SL-ViT exit, (B, C, H, W) -> (B, num_outputs), from a dict of named parameters.
+    """The whole SL-ViT exit, (B, C, H, W) -> (B, num_outputs).
 
-    ``params`` uses the parameter names of :class:`slvit_fast.SLViTExit` (its ``named_parameters()``).
+    ``params``: a dict with the parameter names of :class:`slvit_fast.SLViTExit` (its
+    ``named_parameters()``), or the flat list in the fused ops' order (:func:`param_names`).
     """
     c = config
-    p = params
-    t = patch_embed(
-        x, p["patch_embed.weight"], p["patch_embed.bias"], p["pos_embed"], c.patch_size,
-        extra, p.get("extra_embed.weight"), p.get("extra_embed.bias"),
-    )
+    p = unpack_params(params, c)
+    t = patch_embed(x, *p.embed, c.patch_size, extra, *(p.extra or (None, None)))
     if c.dropout > 0 and training:
         t = F.dropout(t, c.dropout, training=True)
-    for i in range(c.num_layers):
-        L = f"layers.{i}."
-        t = attention_block(
-            t, p[L + "norm1.weight"], p[L + "norm1.bias"],
-            p[L + "attn.q.weight"], p[L + "attn.q.bias"], p[L + "attn.k.weight"], p[L + "attn.k.bias"],
-            p[L + "attn.v.weight"], p[L + "attn.v.bias"], p[L + "attn.out.weight"], p[L + "attn.out.bias"],
-            c.num_heads, c.ln_eps, c.attention_dropout, training,
-        )
-        t = mlp_block(
-            t, p[L + "norm2.weight"], p[L + "norm2.bias"],
-            p[L + "mlp.fc1.weight"], p[L + "mlp.fc1.bias"], p[L + "mlp.fc2.weight"], p[L + "mlp.fc2.bias"],
-            c.ln_eps, c.mlp_residual, c.dropout, training,
-        )
-    return flatten_head(
-        t, p["head.fc1.weight"], p["head.fc1.bias"], p["head.fc2.weight"], p["head.fc2.bias"],
-        c.activation, c.head_dropout, training,
-    )
+    for attn, mlp in zip(p.attention, p.mlp):
+        t = attention_block(t, *attn, c.num_heads, c.ln_eps, c.attention_dropout, training)
+        t = mlp_block(t, *mlp, c.ln_eps, c.mlp_residual, c.dropout, training)
+    return flatten_head(t, *p.head, c.activation, c.head_dropout, training)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameter layout: the one definition of which exit parameter is which argument of every op.
+#
+# Names are SLViTExit's ``named_parameters()`` names; each group's order is the order of the tensor
+# arguments of the reference function that uses it (patch_embed, attention_block, mlp_block,
+# flatten_head), and ``param_names`` concatenates the groups into the flat list the fused ops take
+# (Triton custom ops and the C++/CUDA ops: csrc/ reads params[i] in exactly this order).
+# ---------------------------------------------------------------------------------------------------
+
+EMBED_PARAMS = ("patch_embed.weight", "patch_embed.bias", "pos_embed")
+EXTRA_PARAMS = ("extra_embed.weight", "extra_embed.bias")
+ATTENTION_PARAMS = ("norm1.weight", "norm1.bias", "attn.q.weight", "attn.q.bias", "attn.k.weight", "attn.k.bias",
+                    "attn.v.weight", "attn.v.bias", "attn.out.weight", "attn.out.bias")
+MLP_PARAMS = ("norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+LAYER_PARAMS = ATTENTION_PARAMS + MLP_PARAMS  # per encoder layer, under the prefix ``layers.{i}.``
+HEAD_PARAMS = ("head.fc1.weight", "head.fc1.bias", "head.fc2.weight", "head.fc2.bias")
+
+
+def param_names(config: "SLViTConfig") -> list[str]:
+    """The exit's parameter names in the order the fused ops take them."""
+    names = list(EMBED_PARAMS) + (list(EXTRA_PARAMS) if config.extra_tokens else [])
+    for i in range(config.num_layers):
+        names += [f"layers.{i}.{n}" for n in LAYER_PARAMS]
+    return names + list(HEAD_PARAMS)
+
+
+class ExitParams(NamedTuple):
+    """The flat parameter list cut into the argument groups of the fused units."""
+
+    embed: tuple[Tensor, ...]  # patch_embed weight, bias, pos
+    extra: tuple[Tensor, ...] | None  # extra-token projection weight, bias (None without extra tokens)
+    attention: list[tuple[Tensor, ...]]  # per layer: attention_block's 10 tensors
+    mlp: list[tuple[Tensor, ...]]  # per layer: mlp_block's 6 tensors
+    head: tuple[Tensor, ...]  # flatten_head's 4 tensors
+
+
+def unpack_params(params: "Mapping[str, Tensor] | Sequence[Tensor]", config: "SLViTConfig") -> ExitParams:
+    """Named (dict) or flat (op-order list) parameters -> :class:`ExitParams`."""
+    if isinstance(params, Mapping):
+        params = [params[n] for n in param_names(config)]
+    flat = list(params)
+    n_layer, n_attn = len(LAYER_PARAMS), len(ATTENTION_PARAMS)
+    expected = len(EMBED_PARAMS) + (len(EXTRA_PARAMS) if config.extra_tokens else 0) \
+        + config.num_layers * n_layer + len(HEAD_PARAMS)
+    if len(flat) != expected:
+        raise ValueError(f"an exit with num_layers={config.num_layers}, extra_tokens={config.extra_tokens} has "
+                         f"{expected} parameter tensors, got {len(flat)}")
+    embed, pos = tuple(flat[:3]), 3
+    extra = None
+    if config.extra_tokens:
+        extra, pos = tuple(flat[3:5]), 5
+    attention, mlp = [], []
+    for _ in range(config.num_layers):
+        layer = flat[pos:pos + n_layer]
+        attention.append(tuple(layer[:n_attn]))
+        mlp.append(tuple(layer[n_attn:]))
+        pos += n_layer
+    return ExitParams(embed, extra, attention, mlp, tuple(flat[pos:]))
+
+
+def _split_names(names: tuple[str, ...]) -> tuple[tuple[tuple[str, ...], str], ...]:
+    return tuple((tuple(n.split(".")[:-1]), n.split(".")[-1]) for n in names)
+
+
+_EMBED_PATHS, _EXTRA_PATHS = _split_names(EMBED_PARAMS), _split_names(EXTRA_PARAMS)
+_LAYER_PATHS, _HEAD_PATHS = _split_names(LAYER_PARAMS), _split_names(HEAD_PARAMS)
+
+
+def _read(root, paths, out: list) -> None:
+    for path, leaf in paths:
+        m = root
+        for k in path:
+            m = m._modules[k]
+        out.append(m._parameters[leaf])
+
+
+def module_params(module) -> list[Tensor]:
+    """An :class:`~slvit_fast.SLViTExit`'s parameters in op order (:func:`param_names`).
+
+    Read straight from the ``_parameters`` / ``_modules`` dicts: the same objects attribute access
+    returns, looked up afresh on every call (a replaced parameter is always seen), at a fraction of
+    nn.Module.__getattr__'s cost - which at batch 1 was a sizeable share of a whole fused exit call.
+    """
+    out: list[Tensor] = []
+    _read(module, _EMBED_PATHS, out)
+    if module.config.extra_tokens:
+        _read(module, _EXTRA_PATHS, out)
+    for layer in module._modules["layers"]._modules.values():
+        _read(layer, _LAYER_PATHS, out)
+    _read(module, _HEAD_PATHS, out)
+    return out

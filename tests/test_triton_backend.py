@@ -141,9 +141,9 @@ def test_launch_counts():
 
 
 def test_dropout_training_falls_back_with_one_warning():
-    from slvit_fast.backends import triton_backend
+    from slvit_fast.backends import common
 
-    triton_backend._warned.clear()
+    common.forget_warnings()
     cfg = awkward_config("N25-h1", dropout=0.1)
     m = randomize_(SLViTExit(cfg, backend="triton")).train()
     x = torch.randn(2, cfg.in_channels, *cfg.feature_size)

@@ -110,9 +110,9 @@ def test_aot_compile_every_preset_sm80_sm90_no_spills():
     Uses Triton's on-disk cache: a cold run compiles ~56 configurations (several minutes on 2 cores), later
     runs take seconds. ``slvit-fast gpu-report`` covers fp32 TF32 / IEEE and fp16 as well.
     """
-    from slvit_fast import gpu_report
+    from slvit_fast import gpu_report, native
 
-    if gpu_report._cuobjdump() is None:
+    if native.cuobjdump() is None:
         pytest.skip("cuobjdump not available")
     rows = gpu_report.report_rows(archs=(80, 90), dtypes=("bfloat16", "float32"))
     failed = [r for r in rows if not r["ok"]]

@@ -17,12 +17,12 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-import warnings
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..errors import BackendNotImplementedError, BackendUnavailableError
+from .common import forget_warnings, warn_once
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -57,7 +57,6 @@ class Backend(Protocol):
 
 _loaded: dict[str, Backend] = {}
 _load_errors: dict[str, str] = {}
-_warned: set[str] = set()
 _lock = threading.Lock()
 
 
@@ -104,12 +103,6 @@ def get(name: str) -> Backend:
     return backend
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
 def resolve(requested: str, x: "Tensor") -> Backend:
     """The backend that runs for a module with ``backend=requested`` on input ``x``."""
     check_name(requested)
@@ -134,9 +127,9 @@ def resolve(requested: str, x: "Tensor") -> Backend:
         reason = _load_errors.get(name) if backend is None else backend.unavailable_reason(x)
         if reason is None:
             if skipped:
-                _warn_once(
+                warn_once(
                     f"slvit_fast: backend 'auto' on {x.device.type} uses {name!r}; skipped "
-                    + "; ".join(f"{n!r} ({r})" for n, r in skipped)
+                    + "; ".join(f"{n!r} ({r})" for n, r in skipped), stacklevel=5
                 )
             return backend
         skipped.append((name, reason))
@@ -161,7 +154,7 @@ def _reset_for_tests() -> None:
     with _lock:
         _loaded.clear()
         _load_errors.clear()
-        _warned.clear()
+    forget_warnings()
 
 
 __all__: list[str] = ["Backend", "ENV_VAR", "KNOWN_BACKENDS", "AUTO_ORDER", "get", "resolve", "status"]

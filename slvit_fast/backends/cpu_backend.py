@@ -11,35 +11,17 @@ batch's intermediates, ~60 MB at batch 64 for the ResNet presets). float64 is le
 backend (the fused kernels compute in float32).
 
 Dropout is not fused: an exit in training mode with a non-zero dropout rate runs the reference
-(torch) math instead, with a one-time warning, so results are never silently wrong.
+(torch) math instead, with a one-time warning (:mod:`slvit_fast.backends.common`).
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import Tensor
 
 from .. import reference
 from ..ops import cpp_ops
-
-_warned = False
-
-
-def _dropout_active(module) -> bool:
-    c = module.config
-    return module.training and (c.dropout > 0 or c.attention_dropout > 0 or c.head_dropout > 0)
-
-
-def reference_fallback(module, x: Tensor, extra: Tensor | None, backend: str) -> Tensor:
-    global _warned
-    if not _warned:
-        _warned = True
-        warnings.warn(f"slvit_fast: backend {backend!r} has no fused dropout; this training-mode exit with "
-                      "dropout > 0 runs the reference torch ops", RuntimeWarning, stacklevel=4)
-    params = dict(module.named_parameters())
-    return reference.slvit_exit(x, params, module.config, extra, training=True)
+from .common import dropout_active, reference_fallback
 
 
 class CPUBackend:
@@ -58,9 +40,9 @@ class CPUBackend:
         return None
 
     def slvit_exit(self, module, x: Tensor, extra: Tensor | None) -> Tensor:
-        if _dropout_active(module):
+        if dropout_active(module):
             return reference_fallback(module, x, extra, self.name)
-        params = cpp_ops.module_params(module)
+        params = reference.module_params(module)
         save = torch.is_grad_enabled() and (
             x.requires_grad or (extra is not None and extra.requires_grad) or any(p.requires_grad for p in params))
         out = torch.ops.slvit_fast.cpu_exit_forward(

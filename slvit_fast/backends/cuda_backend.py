@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import reference
 from ..ops import cpp_ops
 from ..profiling import record_launches
-from .cpu_backend import _dropout_active, reference_fallback
+from .common import dropout_active, reference_fallback
 
 FORWARD_LAUNCHES = 2
 MAX_LAYERS = 4
@@ -40,11 +41,12 @@ class CudaKernelBackend:
         if module.config.num_layers > MAX_LAYERS:
             raise ValueError(f"backend {self.name!r}: the CUDA kernels support num_layers <= {MAX_LAYERS}, "
                              f"got {module.config.num_layers}")
-        if _dropout_active(module):
+        if dropout_active(module):
             return reference_fallback(module, x, extra, self.name)
         record_launches("slvit_fast.cuda.exit_forward", FORWARD_LAUNCHES)
         op = getattr(torch.ops.slvit_fast, self.op_name)
-        return op(x, extra, cpp_ops.module_params(module), cpp_ops.config_ints(module.config), module.config.ln_eps)
+        return op(x, extra, reference.module_params(module), cpp_ops.config_ints(module.config),
+                  module.config.ln_eps)
 
 
 BACKEND = CudaKernelBackend("cuda", "cuda", "cuda", "cuda_exit_forward")

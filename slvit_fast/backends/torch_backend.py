@@ -15,8 +15,8 @@ class TorchBackend:
         return None
 
     def slvit_exit(self, module: torch.nn.Module, x: Tensor, extra: Tensor | None) -> Tensor:
-        params = dict(module.named_parameters())
-        return reference.slvit_exit(x, params, module.config, extra, training=module.training)
+        return reference.slvit_exit(x, reference.module_params(module), module.config, extra,
+                                    training=module.training)
 
 
 BACKEND = TorchBackend()

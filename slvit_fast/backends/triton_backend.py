@@ -14,40 +14,46 @@ warning (results stay correct, only the speed-up is lost).
 
 from __future__ import annotations
 
-import threading
-import warnings
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import reference
-from ..ops import triton_ops
+from ..ops import triton_ops  # noqa: F401  (registers the torch.ops.slvit_fast.triton_* ops)
+from ..ops.triton_launch import ACTIVATIONS, SUPPORTED_DTYPES, interpreted
+from .common import dropout_active, reference_fallback
 
-_warned: set[str] = set()
-_lock = threading.Lock()
 MAX_EMBED_DIM = 128
 MAX_KEY_DIM = 128
 
 
-def _interpreted() -> bool:
-    return triton_ops.interpreted()
+def slvit_exit(x: Tensor, params: Sequence[Tensor], config, extra: Optional[Tensor] = None) -> Tensor:
+    """The SL-ViT exit forward on the Triton ops: 1 + 2 * num_layers launches (3 for the paper's exit).
 
-
-def _warn_once(message: str) -> None:
-    with _lock:
-        if message in _warned:
-            return
-        _warned.add(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    ``params`` in op order (:func:`slvit_fast.reference.param_names`).
+    """
+    c = config
+    p = reference.unpack_params(params, c)
+    ph, pw = c.patch_size
+    ops = torch.ops.slvit_fast
+    t = ops.triton_patch_embed(x, *p.embed, extra, *(p.extra or (None, None)), ph, pw)
+    act = ACTIVATIONS[c.activation]
+    logits = None
+    for i, (attn, mlp) in enumerate(zip(p.attention, p.mlp)):
+        t = ops.triton_attention(t, *attn, c.num_heads, c.ln_eps)[0]
+        head = p.head if i == c.num_layers - 1 else (None,) * 4  # the last layer's kernel runs the head too
+        logits, t = ops.triton_mlp_head(t, *mlp, *head, c.ln_eps, c.mlp_residual, act)[:2]
+    return logits
 
 
 class TritonBackend:
     name = "triton"
 
     def unavailable_reason(self, x: Tensor) -> str | None:
-        if x.dtype not in triton_ops.SUPPORTED_DTYPES:
+        if x.dtype not in SUPPORTED_DTYPES:
             return f"the Triton kernels support float32, float16 and bfloat16 inputs, got {x.dtype}"
-        if _interpreted():
+        if interpreted():
             if x.device.type != "cpu":
                 return (f"Triton runs in interpreter mode (TRITON_INTERPRET=1), which takes CPU tensors; "
                         f"got a tensor on {x.device}")
@@ -63,27 +69,22 @@ class TritonBackend:
 
     def slvit_exit(self, module: torch.nn.Module, x: Tensor, extra: Tensor | None) -> Tensor:
         c = module.config
-        params = dict(module.named_parameters())
-        if module.training and (c.dropout > 0 or c.attention_dropout > 0 or c.head_dropout > 0):
-            _warn_once(
-                "slvit_fast: the Triton backend does not fuse dropout; this exit is in training mode with "
-                f"dropout={c.dropout}, attention_dropout={c.attention_dropout}, head_dropout={c.head_dropout}, "
-                "so it runs on the torch reference (call .eval() or set the rates to 0 for the fused kernels)"
-            )
-            return reference.slvit_exit(x, params, c, extra, training=True)
+        if dropout_active(module):
+            return reference_fallback(module, x, extra, self.name)
         if c.embed_dim > MAX_EMBED_DIM or c.key_dim > MAX_KEY_DIM:
             raise ValueError(
                 f"Triton backend: embed_dim={c.embed_dim}, key_dim={c.key_dim} exceed the sizes the fused kernels "
                 f"hold on chip (<= {MAX_EMBED_DIM}, <= {MAX_KEY_DIM}); use backend='torch'"
             )
-        bad = sorted(n for n, p in params.items() if p.dtype != x.dtype or p.device != x.device)
+        params = reference.module_params(module)
+        bad = [(n, p) for n, p in zip(reference.param_names(c), params) if p.dtype != x.dtype or p.device != x.device]
         if bad:
-            p = params[bad[0]]
+            n, p = min(bad, key=lambda item: item[0])
             raise TypeError(
-                f"Triton backend: parameter {bad[0]} is {p.dtype} on {p.device} but the feature map is {x.dtype} on "
+                f"Triton backend: parameter {n} is {p.dtype} on {p.device} but the feature map is {x.dtype} on "
                 f"{x.device} (shape {tuple(x.shape)}); move/convert the exit with .to(x)"
             )
-        return triton_ops.slvit_exit(x, params, c, extra)
+        return slvit_exit(x, params, c, extra)
 
 
 BACKEND = TritonBackend()

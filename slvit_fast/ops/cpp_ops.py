@@ -13,7 +13,8 @@ The ops themselves are defined in C++ (``TORCH_LIBRARY_FRAGMENT(slvit_fast, ...)
   ``cpu_exit_backward``.
 
 This module registers the Python parts (``register_fake``, ``register_autograd``) once the extension
-is loaded, and turns an :class:`~slvit_fast.SLViTExit` into the ``params`` list and ``cfg`` ints.
+is loaded, and turns an :class:`~slvit_fast.SLViTConfig` into the ``cfg`` ints (the ``params`` list is
+:func:`slvit_fast.reference.module_params`).
 """
 
 from __future__ import annotations
@@ -26,65 +27,43 @@ from torch import Tensor
 
 from .. import native, reference
 
-CFG_FIELDS = ("ph", "pw", "d", "heads", "key_dim", "mlp_dim", "head_hidden", "num_outputs", "extra_tokens",
-              "extra_dim", "mlp_residual", "activation", "num_layers")
-SAVED_PER_LAYER = 13
-LAYER_PARAM_NAMES = (
-    "norm1.weight", "norm1.bias", "attn.q.weight", "attn.q.bias", "attn.k.weight", "attn.k.bias",
-    "attn.v.weight", "attn.v.bias", "attn.out.weight", "attn.out.bias", "norm2.weight", "norm2.bias",
-    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
+# The ``cfg`` ints of every C++ op, in the order csrc/ reads them (cfg[i]), each with how it is read
+# from an SLViTConfig. The exit's tensors go in ``params`` in the layout of :mod:`slvit_fast.reference`.
+_CFG_FROM_CONFIG = (
+    ("ph", lambda c: c.patch_size[0]),
+    ("pw", lambda c: c.patch_size[1]),
+    ("d", lambda c: c.embed_dim),
+    ("heads", lambda c: c.num_heads),
+    ("key_dim", lambda c: c.key_dim),
+    ("mlp_dim", lambda c: c.mlp_dim),
+    ("head_hidden", lambda c: c.head_hidden),
+    ("num_outputs", lambda c: c.num_outputs),
+    ("extra_tokens", lambda c: c.extra_tokens),
+    ("extra_dim", lambda c: c.extra_dim),
+    ("mlp_residual", lambda c: int(c.mlp_residual)),
+    ("activation", lambda c: 0 if c.activation == "gelu" else 1),
+    ("num_layers", lambda c: c.num_layers),
 )
+CFG_FIELDS = tuple(name for name, _ in _CFG_FROM_CONFIG)
+_CFG_INDEX = {name: i for i, name in enumerate(CFG_FIELDS)}
 
-
-def param_names(config) -> list[str]:
-    """Parameter names of an SLViTExit in the order the C++ ops take them."""
-    names = ["patch_embed.weight", "patch_embed.bias", "pos_embed"]
-    if config.extra_tokens:
-        names += ["extra_embed.weight", "extra_embed.bias"]
-    for i in range(config.num_layers):
-        names += [f"layers.{i}.{n}" for n in LAYER_PARAM_NAMES]
-    names += ["head.fc1.weight", "head.fc1.bias", "head.fc2.weight", "head.fc2.bias"]
-    return names
-
-
-def module_params(module) -> list[Tensor]:
-    """The exit's parameters in op order.
-
-    Read straight from the ``_parameters`` / ``_modules`` dicts: the same objects attribute access
-    returns, looked up afresh on every call (a replaced parameter is always seen), at a fraction of
-    nn.Module.__getattr__'s cost - which at batch 1 was a sizeable share of a whole fused exit call.
-    """
-    c = module.config
-    mods = module._modules
-
-    def wb(m):
-        p = m._parameters
-        return [p["weight"], p["bias"]]
-
-    ps = wb(mods["patch_embed"]) + [module._parameters["pos_embed"]]
-    if c.extra_tokens:
-        ps += wb(mods["extra_embed"])
-    for layer in mods["layers"]._modules.values():
-        lm = layer._modules
-        a, m = lm["attn"]._modules, lm["mlp"]._modules
-        ps += (wb(lm["norm1"]) + wb(a["q"]) + wb(a["k"]) + wb(a["v"]) + wb(a["out"]) + wb(lm["norm2"])
-               + wb(m["fc1"]) + wb(m["fc2"]))
-    h = mods["head"]._modules
-    ps += wb(h["fc1"]) + wb(h["fc2"])
-    return ps
+# Kept importable here for callers of the C++ ops (tests build op arguments with them).
+param_names = reference.param_names
+module_params = reference.module_params
 
 
 def config_ints(config) -> list[int]:
-    c = config
-    return [c.patch_size[0], c.patch_size[1], c.embed_dim, c.num_heads, c.key_dim, c.mlp_dim, c.head_hidden,
-            c.num_outputs, c.extra_tokens, c.extra_dim, int(c.mlp_residual), 0 if c.activation == "gelu" else 1,
-            c.num_layers]
+    """The ``cfg`` argument of the C++ ops for an SLViTConfig (fields :data:`CFG_FIELDS`)."""
+    return [get(config) for _, get in _CFG_FROM_CONFIG]
 
 
 class _Sizes:
     def __init__(self, x: Tensor, cfg: Sequence[int]):
-        (self.ph, self.pw, self.d, self.h, self.kd, self.M, self.Hh, self.O, self.E, self.De, _res, _act,
-         self.L) = (int(v) for v in cfg)
+        f = dict(zip(CFG_FIELDS, (int(v) for v in cfg)))
+        self.ph, self.pw, self.d, self.h, self.kd = f["ph"], f["pw"], f["d"], f["heads"], f["key_dim"]
+        self.M, self.Hh, self.O, self.E, self.De = (f["mlp_dim"], f["head_hidden"], f["num_outputs"],
+                                                    f["extra_tokens"], f["extra_dim"])
+        self.L, self.residual, self.act = f["num_layers"], bool(f["mlp_residual"]), f["activation"]
         self.B, self.C, self.H, self.W = x.shape
         self.Np = (self.H // self.ph) * (self.W // self.pw)
         self.T = self.Np + self.E
@@ -141,7 +120,7 @@ def _register_cpu() -> None:
         params = list(tensors[2:2 + ctx.n_params])
         saved = list(tensors[2 + ctx.n_params:])
         if g is None:
-            g = x.new_zeros((x.shape[0], ctx.cfg[7]))
+            g = x.new_zeros((x.shape[0], ctx.cfg[_CFG_INDEX["num_outputs"]]))
         need_dx = bool(ctx.needs_input_grad[0])
         res = torch.ops.slvit_fast.cpu_exit_backward(g, x, extra, params, saved, ctx.cfg, ctx.eps, need_dx)
         dx, dextra, dparams = (res[0] if need_dx else None), res[1], list(res[2:])
@@ -178,7 +157,7 @@ def _register_fwd_only(prefix: str) -> None:
     def backward(ctx, g):
         tensors = ctx.saved_tensors
         x, extra, params = tensors[0], tensors[1], list(tensors[2:])
-        if int(ctx.cfg[12]) == 1:
+        if int(ctx.cfg[_CFG_INDEX["num_layers"]]) == 1:
             need_dx = bool(ctx.needs_input_grad[0])
             from ..profiling import record_launches
 
@@ -209,10 +188,10 @@ def reference_exit_from_list(x: Tensor, extra: Tensor | None, params: list[Tenso
     config = SLViTConfig(
         in_channels=s.C, feature_size=(s.H, s.W), patch_size=(s.ph, s.pw), embed_dim=s.d, num_heads=s.h,
         key_dim=s.kd, mlp_dim=s.M, head_hidden=s.Hh, num_outputs=s.O, extra_tokens=s.E, extra_dim=s.De,
-        mlp_residual=bool(cfg[10]), activation="gelu" if int(cfg[11]) == 0 else "relu", num_layers=s.L,
+        mlp_residual=s.residual, activation="gelu" if s.act == 0 else "relu", num_layers=s.L,
         ln_eps=float(eps),
     )
-    return reference.slvit_exit(x, dict(zip(param_names(config), params)), config, extra, training=False)
+    return reference.slvit_exit(x, params, config, extra, training=False)
 
 
 def ensure_registered(kind: str) -> str | None:
