@@ -30,11 +30,20 @@ SLOW_ANCHORS = ("max-autotune", "onnxruntime")
 
 def compiled_reference(module: torch.nn.Module, x: torch.Tensor, extra: torch.Tensor | None,
                        mode: str | None) -> Callable[[], torch.Tensor]:
-    """``torch.compile(reference.slvit_exit, mode=mode)`` bound to ``module``'s parameters and the inputs."""
+    """``torch.compile(reference.slvit_exit, mode=mode)`` bound to ``module``'s parameters and the inputs.
+
+    Every such function shares one code object, so dynamo keeps all their compilations in one cache
+    with a recompile limit (8): callers building many (the benchmark jobs, the self-test cases) call
+    ``torch._dynamo.reset()`` between cases, or later compilations would silently run eager.
+    """
     params = dict(module.named_parameters())
     cfg = module.config
     training = module.training
-    fn = torch.compile(lambda x_, e_: reference.slvit_exit(x_, params, cfg, e_, training=training), mode=mode)
+    # dynamic=False: specialized to these shapes, the strongest anchor (no dynamic-batch kernels)
+    fn = torch.compile(lambda x_, e_: reference.slvit_exit(x_, params, cfg, e_, training=training), mode=mode,
+                       dynamic=False)
+    if mode == "reduce-overhead":  # CUDA graphs: tell the graph tree each call is a new step
+        return lambda: (torch.compiler.cudagraph_mark_step_begin(), fn(x, extra))[1]
     return lambda: fn(x, extra)
 
 

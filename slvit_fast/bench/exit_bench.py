@@ -104,6 +104,7 @@ def build(preset: "str | SLViTConfig", batch: int, mode: str, device: str = "cpu
     unknown = [a for a in anchors if a not in ANCHORS]
     if unknown:
         raise ValueError(f"unknown anchor(s) {unknown}; valid: {list(ANCHORS)}")
+    torch._dynamo.reset()  # the compiled anchors of earlier cases must not use up dynamo's recompile limit
     torch.manual_seed(seed)
     base = _make_exit(preset).to(device)
     base.train(mode == "train")

@@ -1,8 +1,10 @@
 """``slvit-fast bench``: the microbenchmark table, the end-to-end benchmarks, the targets, JSON and a plot.
 
-The slow anchors (``max-autotune``: ~35 s of autotuning per inference shape on this 2-core machine;
-``onnxruntime``: ~6 s of ONNX export per shape) are on by default and skipped with
-``anchors=()`` (CLI ``--no-slow-anchors``) or the environment variable ``SLVIT_BENCH_SKIP_SLOW_ANCHORS=1``.
+The optional anchors (``max-autotune``, ``onnxruntime``) are on by default. Their set-up, measured on
+this 2-core machine for resnet152-b1 with a cold inductor cache: max-autotune's first call ~2 s per
+shape once inductor is warm (the first torch.compile of a process pays ~15-20 s of start-up, which
+``compile`` already pays), ONNX export + session ~2-6 s per shape; plus their share of the timed
+rounds. ``anchors=()`` (CLI ``--no-slow-anchors``) or ``SLVIT_BENCH_SKIP_SLOW_ANCHORS=1`` skips them.
 """
 
 from __future__ import annotations
