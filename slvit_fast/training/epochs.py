@@ -6,6 +6,7 @@ means. Distillation is not a mode of its own: it changes each exit's loss (``los
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -32,9 +33,11 @@ class ExitLosses(nn.Module):
                 for i, feature in enumerate(features)]
 
 
-def _means(sums: list[float], count: int, device: torch.device) -> list[float]:
+def _means(sums: list[float], count: int, device: torch.device, active: list[bool] | None = None) -> list[float]:
+    """Per-exit means over all ranks; NaN for exits that did not train (stopped early), not a fake 0."""
     totals = D.all_reduce_sums([*sums, float(count)], device)
-    return [s / max(totals[-1], 1) for s in totals[:-1]]
+    means = [s / max(totals[-1], 1) for s in totals[:-1]]
+    return [m if active is None or active[i] else math.nan for i, m in enumerate(means)]
 
 
 def classifier_wise_epoch(losses_module: nn.Module, state: TrainingState, source: BatchSource, epoch: int,
@@ -60,7 +63,7 @@ def classifier_wise_epoch(losses_module: nn.Module, state: TrainingState, source
             if l is not None:
                 sums[i] += l.item() * n
         bar.update(1)
-    return _means(sums, count, device)
+    return _means(sums, count, device, active)
 
 
 def end_to_end_epoch(net: nn.Module, state: TrainingState, loader, tasks: list[str], final_task: str,

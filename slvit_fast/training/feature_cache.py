@@ -22,7 +22,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from .output import progress_bar
 
 _TORCH_TO_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
                 torch.int64: np.int64, torch.int32: np.int32}
@@ -147,7 +148,13 @@ class FeatureCache:
             arrays[name][offset:offset + t.shape[0]] = t.numpy()
 
         net.eval()
-        for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        try:
+            total = len(loader)
+        except TypeError:
+            total = None
+        bar = progress_bar(total, desc, progress)
+        for x, y in loader:
+            bar.update(1)
             inputs = tuple(t.to(device) for t in as_inputs(x))
             *features, final = net.branch_features(*inputs)
             for i, feature in enumerate(features):
@@ -160,6 +167,7 @@ class FeatureCache:
             store("targets", torch.as_tensor(y))
             store("final", final)
             offset += final.shape[0]
+        bar.close()
         if offset != size:
             raise RuntimeError(f"loader produced {offset} samples but its dataset has {size}")
         for a in arrays.values():

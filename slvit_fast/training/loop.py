@@ -20,13 +20,13 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import distributed as D
+from .callbacks import Callbacks
 from .checkpointing import CheckpointDir, rng_state, set_rng_state
 from .epochs import ExitLosses, classifier_wise_epoch, end_to_end_epoch, evaluate_live, validation_epoch
 from .cache_store import CACHE_POLICIES, open_cache
@@ -34,6 +34,7 @@ from .feature_cache import FeatureCache
 from .fingerprint import tensors_hash
 from .history import History
 from .losses import Distillation, task_of
+from .output import epoch_summary, progress_bar, report
 from .sources import BatchSource
 from .state import MODES, TrainingState
 
@@ -92,14 +93,6 @@ def _open_caches(net: nn.Module, loaders: dict, cache_dir, policy: str, cache_ke
     return caches
 
 
-def _print_summary(epoch: int, epochs: int, history: History, has_val: bool) -> None:
-    records = history.epochs[-1]["exits"]
-    parts = [f"exit{i}: loss {r['train_loss']:.4f}" + (f" val {r['val_loss']:.4f} {history.metric_names[i]} "
-             f"{r['val_metric']:.4f}" if has_val else "") + (" (stopped)" if r["stopped"] else "")
-             for i, r in enumerate(records)]
-    print(f"epoch {epoch + 1}/{epochs} ({history.epochs[-1]['seconds']:.1f}s): " + "; ".join(parts), flush=True)
-
-
 def train_exits(
     net: nn.Module,
     train_loader,
@@ -126,6 +119,7 @@ def train_exits(
     seed: int = 0,
     stop_after_epoch: int | None = None,
     on_epoch_end: Callable[[int, History], None] | None = None,
+    callbacks: Sequence[Any] | None = None,
 ) -> History:
     """Train the exits of a :class:`slvit_fast.MultiExitNetwork`; returns the :class:`History`.
 
@@ -144,6 +138,15 @@ def train_exits(
         cache_key: a name for the data to use instead of hashing it (e.g. randomly augmented data).
         checkpoint_dir: exits + training state after every epoch (atomic); resumes from it.
         stop_after_epoch: stop (as if interrupted) after this epoch index - for resumable scheduling.
+        progress: a tqdm bar per epoch when stderr is a terminal. Either way one summary line per
+            epoch goes to the ``slvit_fast.training`` logger (INFO); with ``progress`` and no logging
+            configured it is also printed.
+        callbacks: objects or dicts with ``on_epoch_end(epoch, history)`` and/or
+            ``on_exit_stopped(exit_index, epoch)`` (see :mod:`slvit_fast.training.callbacks`);
+            ``on_epoch_end=fn`` is the same as ``callbacks=[{"on_epoch_end": fn}]``.
+
+    With ``checkpoint_dir``, ``history.json`` and ``history.csv`` there are rewritten (atomically)
+    after every epoch.
     """
     weights = _loss_weights(net, mode, loss_weights, cache_dir)
     if cache_policy not in CACHE_POLICIES:
@@ -151,6 +154,7 @@ def train_exits(
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     tasks = _tasks(net, tasks)
+    hooks = Callbacks(callbacks, on_epoch_end)
     device = next(net.exits.parameters()).device
     torch.manual_seed(seed)
     is_main = D.rank() == 0
@@ -186,8 +190,7 @@ def train_exits(
             break
         t0 = time.perf_counter()
         net.train()
-        bar = tqdm(total=train_source.num_batches(), desc=f"epoch {epoch + 1}/{epochs}",
-                   disable=not (progress and is_main), leave=False)
+        bar = progress_bar(train_source.num_batches(), f"epoch {epoch + 1}/{epochs}", progress and is_main)
         if mode == "classifier-wise":
             train_loss = classifier_wise_epoch(losses_module, state, train_source, epoch, tasks, distillation,
                                                device, bar)
@@ -199,17 +202,21 @@ def train_exits(
         val_loss, val_metric = train_loss, [math.nan] * net.num_exits
         if val_loader is not None:
             val_loss, val_metric = validation_epoch(net, val_source.batches(epoch), tasks, device)
-        status, _newly_stopped = state.end_epoch(epoch, val_loss, early_stopping_patience)
+        status, newly_stopped = state.end_epoch(epoch, val_loss, early_stopping_patience)
         records = [{"train_loss": train_loss[i], "val_loss": val_loss[i], "val_metric": val_metric[i], **status[i]}
                    for i in range(net.num_exits)]
         history.epochs.append({"epoch": epoch, "seconds": time.perf_counter() - t0, "exits": records})
-        if is_main and progress:
-            _print_summary(epoch, epochs, history, val_loader is not None)
+        if is_main:
+            report(epoch_summary(history, epochs, val_loader is not None), progress)
+            for i in newly_stopped:
+                log.info("exit%d (%s) stopped early after epoch %d: best validation loss %.4f", i, net.exit_paths[i],
+                         epoch + 1, state.best_loss[i])
 
         if ckpt is not None and is_main:
             ckpt.save(net, state, history, rng_state())
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, history)
+        for i in newly_stopped:
+            hooks.exit_stopped(i, epoch)
+        hooks.epoch_end(epoch, history)
         if stop_after_epoch is not None and epoch >= stop_after_epoch:
             return history
 
