@@ -73,11 +73,14 @@ def _items_hash(dataset, indices: range) -> str:
     return h.hexdigest()
 
 
-def _first_input(sample: Any) -> tuple:
-    """A one-sample batch of the backbone inputs of a dataset item ``(x, y)``."""
+def _first_input(sample: Any) -> tuple | None:
+    """A one-sample batch of the backbone inputs of a dataset item ``(x, y)`` (None if it has no tensor form)."""
     x = sample[0] if isinstance(sample, (tuple, list)) else sample
     xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-    return tuple(torch.as_tensor(t).unsqueeze(0) for t in xs)
+    try:
+        return tuple(torch.as_tensor(t).unsqueeze(0) for t in xs)
+    except (TypeError, ValueError, RuntimeError):
+        return None  # the exits' input shapes are then not part of the fingerprint (the hashes still are)
 
 
 def data_fingerprint(loader, cache_key: str | None) -> tuple[dict[str, Any], tuple | None]:
@@ -111,7 +114,7 @@ def data_fingerprint(loader, cache_key: str | None) -> tuple[dict[str, Any], tup
 
 def exits_fingerprint(net: nn.Module, example: tuple | None) -> list[dict[str, Any]]:
     shapes: dict[str, Any] = {}
-    if example is not None:
+    if example is not None and hasattr(net, "feature_shapes"):
         try:
             shapes = net.feature_shapes(*example)
         except Exception as e:  # noqa: BLE001 - shapes are a courtesy field; the hashes still key the cache
