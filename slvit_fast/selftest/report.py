@@ -125,7 +125,10 @@ class SelftestReport:
             lines.append(f"FAIL timing {t}"[:200])
         lines += [f"note: {n}"[:200] for n in self.notes]
         total = self.seconds.get("total")
-        phases = ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items() if k != "total")
+        phases = ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items() if k in ("correctness", "launches", "timing"))
+        if "triton_first_calls" in self.seconds:
+            phases += (f"; Triton first calls (JIT compile + first run, inside correctness) "
+                       f"{self.seconds['triton_first_calls']:.0f} s")
         lines.append(f"wall time {total:.0f} s ({phases})" if total is not None else f"({phases})")
         n_checks = sum(len(r.checks) for r in self.rows)
         lines.append(f"VERDICT: {'PASS' if self.passed else 'FAIL'} - {len(self.rows) - len(fails)}/{len(self.rows)} "
