@@ -22,6 +22,9 @@ from .slvit_exit import SLViTExit
 from .version import __version__
 from .exit_result import EarlyExitResult
 from .multi_exit import MultiExitNetwork
+from .shape_probe import feature_shapes
+from .attach import attach_exits
+from .calibration import calibrate_fractions
 from . import accounting, analysis, calibration, policies, presets  # noqa: E402  (slvit_fast.policies, ...)
 
 # Budget calibration moved from policies to calibration (which imports policies); its names stay
@@ -43,4 +46,7 @@ __all__ = [
     "__version__",
     "MultiExitNetwork",
     "EarlyExitResult",
+    "feature_shapes",
+    "attach_exits",
+    "calibrate_fractions",
 ]

@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import torch
 from torch import nn
 
 from .shape_probe import input_sizes, probe
@@ -92,13 +91,19 @@ class Summary:
 def count_flops(module: nn.Module, input_size: Any, hooks: Sequence[str] = ()) -> tuple[int, dict[str, int]]:
     """FLOPs of ``module`` for one sample of ``input_size`` ((C, H, W) or a list of per-input sizes),
     and the running count when each module path in ``hooks`` finished."""
+    total, at, _ = _count(module, input_size, hooks)
+    return total, at
+
+
+def _count(module: nn.Module, input_size: Any, hooks: Sequence[str]) -> tuple[int, dict[str, int], dict[str, Any]]:
+    """One fake run: total FLOPs, the running count when each hooked module finished, and its output shape."""
     from torch.utils.flop_counter import FlopCounterMode
 
     at: dict[str, int] = {}
     counter = FlopCounterMode(display=False)
-    probe(module, [(1, *s) for s in input_sizes(input_size)], sorted(set(hooks)), stop_early=False,
-          on_output=lambda p, _o: at.__setitem__(p, counter.get_total_flops()), context=counter)
-    return int(counter.get_total_flops()), at
+    shapes = probe(module, [(1, *s) for s in input_sizes(input_size)], sorted(set(hooks)), stop_early=False,
+                   on_output=lambda p, _o: at.__setitem__(p, counter.get_total_flops()), context=counter)
+    return int(counter.get_total_flops()), at, shapes
 
 
 def slvit_flops(config: Any) -> int:
@@ -140,8 +145,7 @@ def summary(net: Any, input_size: Any = None) -> Summary:
             raise ValueError("summary: pass input_size=(C, H, W) (or a list of sizes for several inputs)")
     paths = set(net.exit_modules) | set(net.compaction_points) | set(net._triggers)
     paths |= {p for p in net.extra_paths if p}
-    total, at = count_flops(net.backbone, input_size, sorted(paths))
-    shapes = net.feature_shapes(tuple(torch.empty(1, *s, device="meta") for s in input_sizes(input_size)))
+    total, at, shapes = _count(net.backbone, input_size, sorted(paths))  # one fake run: FLOPs and shapes
     rows: list[ExitRow] = []
     running = 0
     names = getattr(net, "branch_names", None) or [f"exit{i}" for i in range(net.num_exits)]

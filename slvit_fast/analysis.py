@@ -12,6 +12,8 @@ concatenated over a data set - :func:`collect` builds it from a loader - and ``l
   samples to the final output (so it pays the full cost). Both reach the accuracy "some exit is right".
 * :func:`accuracy_flops_curve` - accuracy and mean FLOPs per sample of a policy over a sweep of
   thresholds (the budgeted-batch curve), using the brute-force :func:`slvit_fast.policies.apply`.
+* :func:`plot_accuracy_flops` - those curves, one per exit type or policy, as a PNG (the paper-style
+  accuracy vs FLOPs figure).
 
 Costs (``exit_costs``): FLOPs per sample for leaving at each exit and at the final output, e.g.
 ``[r.cost_flops for r in accounting.summary(net).rows]``.
@@ -19,8 +21,10 @@ Costs (``exit_costs``): FLOPs per sample for leaving at each exit and at the fin
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -30,7 +34,7 @@ from .calibration import collect_outputs
 
 __all__ = [
     "collect", "per_exit_accuracy", "per_exit_error", "overthinking", "Overthinking", "upper_bounds",
-    "UpperBounds", "accuracy_flops_curve", "CurvePoint", "exit_costs",
+    "UpperBounds", "accuracy_flops_curve", "CurvePoint", "exit_costs", "plot_accuracy_flops",
 ]
 
 
@@ -128,8 +132,82 @@ def accuracy_flops_curve(
         raise ValueError(f"accuracy_flops_curve: {cost.numel()} costs for {len(outputs)} outputs")
     points = []
     for t in thresholds:
-        r = _policies.apply(policy(t), outputs)
+        r = _policies.apply(policy(t), outputs, exit_costs=cost.tolist())
         acc = float((r.outputs.argmax(dim=1).cpu() == labels.cpu()).float().mean())
         n = r.batch_size
-        points.append(CurvePoint(t, acc, float(cost[r.exit_index.cpu()].mean()), [c / n for c in r.counts]))
+        points.append(CurvePoint(t, acc, r.mean_flops, [c / n for c in r.counts]))
     return points
+
+
+def _xy(points: Sequence[Any]) -> tuple[list[float], list[float]]:
+    """(FLOPs, accuracy) of CurvePoints or (flops, accuracy) pairs, sorted by FLOPs."""
+    pairs = sorted((float(p.flops), float(p.accuracy)) if isinstance(p, CurvePoint) else (float(p[0]), float(p[1]))
+                   for p in points)
+    return [f for f, _ in pairs], [a for _, a in pairs]
+
+
+def _flops_unit(largest: float) -> tuple[str, float]:
+    for unit, div in (("GFLOPs", 1e9), ("MFLOPs", 1e6), ("KFLOPs", 1e3)):
+        if largest >= div:
+            return unit, div
+    return "FLOPs", 1.0
+
+
+def plot_accuracy_flops(
+    curves: Mapping[str, Sequence[Any]],
+    path: str | os.PathLike,
+    *,
+    backbone: tuple[float, float] | None = None,
+    exits: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Accuracy vs mean FLOPs per sample, one curve per exit type or policy, written as a PNG.
+
+    Args:
+        curves: ``{label: points}``; points as :func:`accuracy_flops_curve` returns them, or
+            ``(mean FLOPs per sample, accuracy)`` pairs - e.g. ``{"SL-ViT exits": curve_a,
+            "CNN exits": curve_b}``.
+        path: the PNG to write (folders are created).
+        backbone: ``(FLOPs, accuracy)`` of the plain backbone, drawn as a star.
+        exits: ``{label: [(cumulative FLOPs, accuracy) of each exit alone, ...]}``, drawn as markers in
+            the colour of the curve with the same label.
+        title: figure title.
+
+    Uses matplotlib's Agg renderer directly (no display, no pyplot state); returns the path written.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:  # an optional dependency (extra [data])
+        raise ImportError("plot_accuracy_flops needs matplotlib: pip install matplotlib") from e
+    if not curves:
+        raise ValueError("plot_accuracy_flops: give at least one curve")
+    xy = {label: _xy(points) for label, points in curves.items()}
+    empty = [label for label, (x, _) in xy.items() if not x]
+    if empty:
+        raise ValueError(f"plot_accuracy_flops: curve(s) {empty} have no points")
+    largest = max([max(x) for x, _ in xy.values()] + ([backbone[0]] if backbone else []))
+    unit, div = _flops_unit(largest)
+    fig = Figure(figsize=(6.4, 4.4), dpi=100)
+    ax = fig.subplots()
+    colours = {}
+    for label, (x, y) in xy.items():
+        (line,) = ax.plot([v / div for v in x], [100 * a for a in y], marker=".", label=label)
+        colours[label] = line.get_color()
+    for label, points in (exits or {}).items():
+        x, y = _xy(points)
+        ax.scatter([v / div for v in x], [100 * a for a in y], marker="o", s=40, zorder=3,
+                   color=colours.get(label), edgecolors="black", label=f"{label}: each exit alone")
+    if backbone is not None:
+        ax.scatter([backbone[0] / div], [100 * backbone[1]], marker="*", s=160, color="black", zorder=4,
+                   label="backbone")
+    ax.set_xlabel(f"mean {unit} per sample")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path

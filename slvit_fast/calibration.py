@@ -3,6 +3,7 @@
 * :func:`calibrate_budget` - budgeted batch classification (seeds/004 Algorithm 1, MSDNet's
   procedure): the most accurate :class:`~slvit_fast.policies.MaxSoftmax` thresholds whose mean FLOPs
   per sample fit a budget.
+* :func:`calibrate_fractions` - thresholds that send given fractions of the samples out at each exit.
 * :func:`collect_outputs` - every exit's output over a loader (``net(x)`` batch by batch), the data
   every calibration and :mod:`slvit_fast.analysis` works on.
 
@@ -20,7 +21,8 @@ from torch import Tensor
 
 from .policies import MaxSoftmax, apply
 
-__all__ = ["calibrate_budget", "BudgetCandidate", "BudgetCalibration", "collect_outputs", "Collected"]
+__all__ = ["calibrate_budget", "BudgetCandidate", "BudgetCalibration", "calibrate_fractions", "FractionCalibration",
+           "collect_outputs", "Collected"]
 
 
 class Collected(NamedTuple):
@@ -81,6 +83,39 @@ class BudgetCalibration:
         return None if self.best is None else self.best.thresholds
 
 
+def _confidences(outputs: Sequence[Tensor]) -> list[Tensor]:
+    """Max-softmax confidence of every sample at every early exit."""
+    return [torch.softmax(o.float(), dim=1).amax(dim=1) for o in outputs[:-1]]
+
+
+def _thresholds_for(conf: Sequence[Tensor], q: Sequence[float]) -> list[float | None]:
+    """MaxSoftmax thresholds that send fraction ``q[k]`` of the samples out at exit k: going through the
+    exits in order, the ``q[k] * m`` most confident samples not yet out leave at k, and its threshold
+    is the lowest of their confidences (None: nobody leaves there). Ties can take a few more."""
+    m = conf[0].shape[0]
+    eligible = torch.ones(m, dtype=torch.bool)
+    thresholds: list[float | None] = []
+    for k, c_all in enumerate(conf):
+        quota = int(round(q[k] * m))
+        cand = eligible.nonzero().squeeze(1)
+        if quota <= 0 or cand.numel() == 0:
+            thresholds.append(None)
+            continue
+        c = c_all[cand]
+        top = c.topk(min(quota, cand.numel())).indices
+        thresholds.append(float(c[top].min()))
+        eligible[cand[top]] = False
+    return thresholds
+
+
+def _evaluate(thresholds: list[float | None], outputs: Sequence[Tensor], labels: Tensor,
+              exit_costs: Sequence[float]) -> tuple[list[float], float, float]:
+    """(realized exit fractions, mean FLOPs per sample, accuracy) of MaxSoftmax(thresholds)."""
+    res = apply(MaxSoftmax(thresholds), outputs, exit_costs=exit_costs)
+    acc = float((res.outputs.argmax(dim=1).cpu() == labels.cpu()).float().mean())
+    return [c / res.batch_size for c in res.counts], float(res.mean_flops), acc
+
+
 def _default_exit_costs(net: Any, example: Any) -> list[float]:
     """FLOPs of a sample leaving at each exit (then the final output) at the example's input size."""
     from .accounting import summary
@@ -118,36 +153,68 @@ def calibrate_budget(
         raise ValueError("calibrate_budget: iterations >= 1 and base > 0 required")
     outputs, labels, example = collect_outputs(net, val_loader, "calibrate_budget")
     n_exits = len(outputs) - 1
-    m = labels.shape[0]
     if exit_costs is None:
         exit_costs = _default_exit_costs(net, example)
     exit_costs = [float(c) for c in exit_costs]
     if len(exit_costs) != n_exits + 1:
         raise ValueError(f"calibrate_budget: {len(exit_costs)} exit costs for {n_exits + 1} outputs")
-    conf = [torch.softmax(o.float(), dim=1).amax(dim=1) for o in outputs[:-1]]
-    cost_t = torch.tensor(exit_costs, dtype=torch.float64)
+    conf = _confidences(outputs)
     candidates = []
     for p in range(1, iterations + 1):
         ratio = p / base
         q = torch.tensor([ratio ** k for k in range(1, n_exits + 2)], dtype=torch.float64)
         q = (q / q.sum()).tolist()
-        eligible = torch.ones(m, dtype=torch.bool)
-        thresholds: list[float | None] = []
-        for k in range(n_exits):
-            quota = int(round(q[k] * m))
-            cand = eligible.nonzero().squeeze(1)
-            if quota <= 0 or cand.numel() == 0:
-                thresholds.append(None)
-                continue
-            c = conf[k][cand]
-            top = c.topk(min(quota, cand.numel())).indices
-            thresholds.append(float(c[top].min()))
-            eligible[cand[top]] = False
-        res = apply(MaxSoftmax(thresholds), outputs)
-        acc = float((res.outputs.argmax(dim=1) == labels).float().mean())
-        flops = float(cost_t[res.exit_index].mean())
-        frac = [c / m for c in res.counts]
+        thresholds = _thresholds_for(conf, q)
+        frac, flops, acc = _evaluate(thresholds, outputs, labels, exit_costs)
         candidates.append(BudgetCandidate(ratio, q, thresholds, frac, flops, acc))
     fitting = [c for c in candidates if c.expected_flops <= budget_flops]
     best = max(fitting, key=lambda c: (c.accuracy, -c.expected_flops)) if fitting else None
     return BudgetCalibration(candidates, best, budget_flops, exit_costs)
+
+
+@dataclass
+class FractionCalibration:
+    """MaxSoftmax thresholds that send given fractions of the samples out at each exit."""
+
+    target_fractions: list[float]  # per exit, last: the final output (sums to 1)
+    thresholds: list[float | None]
+    exit_fractions: list[float]    # realized on the calibration data (ties can add a few samples)
+    expected_flops: float          # mean FLOPs per sample on the calibration data
+    accuracy: float
+    exit_costs: list[float]
+
+    def policy(self) -> MaxSoftmax:
+        return MaxSoftmax(self.thresholds)
+
+
+def calibrate_fractions(net: Any, loader: Any, fractions: Sequence[float],
+                        exit_costs: Sequence[float] | None = None) -> FractionCalibration:
+    """Thresholds so that the given fractions of the samples leave at each exit.
+
+    ``fractions``: one per early exit (the rest goes to the final output; their sum must be <= 1), or
+    one per output including the final one (sum 1). On the labelled ``loader`` (``(x, y)`` batches),
+    going through the exits in order, the ``fraction * m`` most confident (max-softmax) samples still
+    running leave at each exit; each threshold is the lowest confidence among them, so
+    ``MaxSoftmax(thresholds)`` reproduces the fractions on this data (ties can add a few samples).
+    Returns the thresholds with the realized fractions, accuracy and mean FLOPs per sample
+    (``exit_costs`` default to :func:`slvit_fast.accounting.summary` at the loader's input size).
+    """
+    outputs, labels, example = collect_outputs(net, loader, "calibrate_fractions")
+    n_exits = len(outputs) - 1
+    q = [float(f) for f in fractions]
+    if len(q) not in (n_exits, n_exits + 1):
+        raise ValueError(f"calibrate_fractions: {len(q)} fractions for {n_exits} early exits "
+                         f"(give one per early exit, or one per output including the final one)")
+    if any(not (0.0 <= f <= 1.0) for f in q):
+        raise ValueError(f"calibrate_fractions: fractions must be in [0, 1], got {q}")
+    total = sum(q[:n_exits])
+    if total > 1 + 1e-9 or (len(q) == n_exits + 1 and abs(sum(q) - 1) > 1e-6):
+        raise ValueError(f"calibrate_fractions: the fractions must sum to 1 at most (to 1 with the final "
+                         f"output's), got {q} (sum {sum(q)})")
+    q = q[:n_exits] + [max(0.0, 1.0 - total)]
+    costs = [float(c) for c in (exit_costs if exit_costs is not None else _default_exit_costs(net, example))]
+    if len(costs) != n_exits + 1:
+        raise ValueError(f"calibrate_fractions: {len(costs)} exit costs for {n_exits + 1} outputs")
+    thresholds = _thresholds_for(_confidences(outputs), q)
+    frac, flops, acc = _evaluate(thresholds, outputs, labels, costs)
+    return FractionCalibration(q, thresholds, frac, flops, acc, costs)

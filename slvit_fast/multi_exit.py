@@ -56,7 +56,7 @@ must be in eval mode (BatchNorm with batch statistics would couple the samples).
 
 from __future__ import annotations
 
-import difflib
+import functools
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from .exit_result import EarlyExitResult
 from .hook_scope import hold, watching
 from .policies import Policy
-from .shape_probe import probe, shape_of
+from .shape_probe import probe, shape_of, unknown_path
 
 __all__ = ["MultiExitNetwork", "EarlyExitResult"]
 
@@ -203,21 +203,12 @@ class MultiExitNetwork(nn.Module):
         # one dispatching hook per watched module, for good: calls never add or remove hooks, so calls
         # from several threads cannot see each other's (see slvit_fast.hook_scope)
         hold(self._hooked_modules().values())
+        self._cost_cache: dict[tuple, tuple[list[float], float]] = {}  # input sizes -> FLOPs (EarlyExitResult)
 
     # -- construction helpers --------------------------------------------------------------------
     def _check_path(self, path: str, order: Mapping[str, int], what: str) -> None:
-        if path in order:
-            return
-        near = difflib.get_close_matches(path, list(order), n=6, cutoff=0.5)
-        if not near:
-            parent = path.rsplit(".", 1)[0] if "." in path else ""
-            near = [n for n in order if n.startswith(parent + ".") and n.count(".") == path.count(".")][:6]
-        hint = f"; did you mean one of {near}?" if near else ""
-        top = [n for n in order if "." not in n]
-        raise ValueError(
-            f"{what} path {path!r} is not a submodule of the backbone ({type(self.backbone).__name__}){hint} "
-            f"(top-level children: {top})"
-        )
+        if path not in order:
+            raise unknown_path(self.backbone, path, what)
 
     def _safe_point(self, path: str) -> str:
         modules = dict(self.backbone.named_modules())
@@ -485,10 +476,12 @@ class MultiExitNetwork(nn.Module):
                                    "mixes samples); call net.eval()")
         inputs = _as_inputs(x)
         B = _batch_of(inputs)
+        costs = functools.partial(self._flop_costs, tuple(tuple(t.shape[1:]) for t in inputs if isinstance(t, Tensor)))
         if B == 0:  # the same empty answer as policies.apply on empty outputs
             final = self._empty_outputs(inputs, extra)[-1]
             zeros = [0] * (self.num_exits + 1)
-            return EarlyExitResult(final, torch.empty(0, dtype=torch.long, device=final.device), zeros, list(zeros))
+            return EarlyExitResult(final, torch.empty(0, dtype=torch.long, device=final.device), zeros, list(zeros),
+                                   cost_source=costs)
         user_extra = self._user_extras(extra, B)
         device = next((t.device for t in inputs if isinstance(t, Tensor)), torch.device("cpu"))
         state = policy.start(B, self.num_exits, device)
@@ -562,7 +555,19 @@ class MultiExitNetwork(nn.Module):
                 st.finish_previous(self.num_exits)
             elif idx.numel():
                 st.record(self.num_exits, st.rows.index_select(0, idx), final.index_select(0, idx))
-        return st.result(self.num_exits)
+        result = st.result(self.num_exits)
+        result.cost_source = costs
+        return result
+
+    def _flop_costs(self, sizes: tuple) -> tuple[list[float], float]:
+        """FLOPs per sample answered at each exit (accounting's ``cost_flops``) and of the plain backbone,
+        for per-sample input ``sizes``: counted on fake tensors once per size, then cached."""
+        if sizes not in self._cost_cache:
+            from .accounting import summary
+
+            s = summary(self, list(sizes))
+            self._cost_cache[sizes] = ([float(r.cost_flops) for r in s.rows], float(s.backbone_flops))
+        return self._cost_cache[sizes]
 
     def _user_extras(self, extra: Any, B: int) -> dict[int, Tensor]:
         need = [i for i, e in enumerate(self.extra_paths) if e is None and getattr(

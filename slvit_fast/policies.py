@@ -300,9 +300,12 @@ class Deadline(Policy):
 
 
 # -- brute force ------------------------------------------------------------------------------------
-def apply(policy: Policy, outputs: Sequence[Tensor], finish_times: Sequence[float] | None = None) -> EarlyExitResult:
+def apply(policy: Policy, outputs: Sequence[Tensor], finish_times: Sequence[float] | None = None, *,
+          exit_costs: Sequence[float] | None = None, backbone_flops: float | None = None) -> EarlyExitResult:
     """Apply ``policy`` to the outputs of every exit on every sample (``outputs`` as returned by
-    ``net(x)``: early exits then the final output). Returns an :class:`EarlyExitResult`.
+    ``net(x)``: early exits then the final output). Returns an :class:`EarlyExitResult`; with
+    ``exit_costs`` (FLOPs per sample leaving at each output) its ``mean_flops`` is known, with
+    ``backbone_flops`` too its ``flops_speedup``.
 
     For :class:`Deadline`, ``finish_times[j]`` is when exit j (last: the final output) finished, in
     seconds after the start; the answer is the deepest j finished by the deadline (exit 0 at least).
@@ -352,5 +355,10 @@ def apply(policy: Policy, outputs: Sequence[Tensor], finish_times: Sequence[floa
         evaluated[n_exits] = rows.numel()
         out[rows] = outputs[-1].index_select(0, rows)
     counts = torch.bincount(idx, minlength=n_exits + 1).tolist()
-    return EarlyExitResult(out, idx, counts, evaluated)
+    if exit_costs is not None:
+        exit_costs = [float(c) for c in exit_costs]
+        if len(exit_costs) != n_exits + 1:
+            raise ValueError(f"apply: {len(exit_costs)} exit costs for {n_exits + 1} outputs")
+    return EarlyExitResult(out, idx, counts, evaluated, exit_costs,
+                           None if backbone_flops is None else float(backbone_flops))
 

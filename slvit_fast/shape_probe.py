@@ -1,5 +1,8 @@
 """Shapes without arithmetic: run a module on fake tensors and watch named submodules' outputs.
 
+:func:`feature_shapes` is the public question "which feature maps does my backbone have, and how
+big?", answerable before any exit exists; :func:`probe` is the machinery under it.
+
 Every "what shape comes out of ``layer2``?" question in the package - exit configs sized for a
 backbone (presets), :meth:`MultiExitNetwork.feature_shapes`, FLOP counting (accounting) - is answered
 here: the module runs under ``FakeTensorMode`` (tensors carry shape, dtype and device only, so any
@@ -11,6 +14,7 @@ is not disturbed). Submodules switched to eval for the probe are switched back a
 from __future__ import annotations
 
 import contextlib
+import difflib
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
@@ -18,7 +22,7 @@ from torch import Tensor, nn
 
 from .hook_scope import watching
 
-__all__ = ["probe", "input_sizes", "shape_of"]
+__all__ = ["feature_shapes", "probe", "input_sizes", "image_sizes", "shape_of", "chain_points", "unknown_path"]
 
 
 class _Done(Exception):
@@ -116,3 +120,84 @@ def probe(
         for m in training:
             m.training = True
     return shapes
+
+
+def unknown_path(root: nn.Module, path: str, what: str = "module") -> ValueError:
+    """The error for a ``path`` that is not a submodule of ``root``, with near matches."""
+    names = [n for n, _ in root.named_modules() if n]
+    near = difflib.get_close_matches(path, names, n=6, cutoff=0.5)
+    if not near:
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        near = [n for n in names if n.startswith(parent + ".") and n.count(".") == path.count(".")][:6]
+    hint = f"; did you mean one of {near}?" if near else ""
+    top = [n for n in names if "." not in n]
+    return ValueError(f"{what} path {path!r} is not a submodule of the backbone ({type(root).__name__}){hint} "
+                      f"(top-level children: {top})")
+
+
+def chain_points(backbone: nn.Module) -> list[str]:
+    """The backbone's top-level children and, recursively, the children of every ``nn.Sequential`` among
+    them (``layer2``, ``layer2.0``, ``features.transition1.conv``, ...): the points a chain-like
+    backbone (torchvision CNNs) passes its whole state through - where exits usually go, and where
+    :class:`~slvit_fast.MultiExitNetwork` can drop exited samples without moving the point."""
+    out: list[str] = []
+
+    def visit(m: nn.Module, prefix: str) -> None:
+        for name, child in m.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            out.append(path)
+            if isinstance(child, nn.Sequential):
+                visit(child, path)
+
+    visit(backbone, "")
+    return out
+
+
+def image_sizes(input_size: Any) -> list[tuple[int, ...]]:
+    """:func:`input_sizes`, where an int ``n`` or ``(H, W)`` also mean a 3-channel image."""
+    if isinstance(input_size, int):
+        return [(3, input_size, input_size)]
+    if isinstance(input_size, (tuple, list)) and len(input_size) == 2 and all(isinstance(v, int) for v in input_size):
+        return [(3, *input_size)]
+    return input_sizes(input_size)
+
+
+def feature_shapes(backbone: nn.Module, input_size: Any,
+                   paths: Sequence[str] | None = None) -> dict[str, tuple[int, int, int]]:
+    """``{module path: (C, H, W)}`` of the backbone's feature maps for one input of ``input_size``.
+
+    Nothing is computed: the backbone runs on fake tensors (any input size costs milliseconds), so
+    use it to size exits (``SLViTConfig.for_feature_map``) before any exit exists.
+
+    Args:
+        backbone: any ``nn.Module`` (or a ``MultiExitNetwork``: its backbone).
+        input_size: ``(C, H, W)``; an int ``n`` or ``(H, W)`` mean a 3-channel image; a list of sizes for
+            a backbone taking several inputs (``backbone(*inputs)``).
+        paths: the modules to report, in any order. ``None``: every :func:`chain_points` module whose
+            output is one 4-D feature map (top-level children and the insides of ``nn.Sequential``
+            containers, e.g. ``layer1`` ... ``layer4`` and each block of a torchvision ResNet).
+
+    The result is ordered as the modules finish in the forward pass (the order of exits along the
+    depth). A path that is not a submodule, does not run, or outputs anything but a (B, C, H, W)
+    tensor is an error naming it.
+    """
+    if hasattr(backbone, "exit_paths"):  # a MultiExitNetwork: its backbone
+        backbone = backbone.backbone
+    modules = dict(backbone.named_modules())
+    explicit = paths is not None
+    paths = [paths] if isinstance(paths, str) else list(paths if explicit else chain_points(backbone))
+    for p in paths:
+        if p not in modules or p == "":
+            raise unknown_path(backbone, p)
+    shapes = probe(backbone, [(1, *s) for s in image_sizes(input_size)], paths, stop_early=explicit)
+    out: dict[str, tuple[int, int, int]] = {}
+    for p, shape in shapes.items():
+        if isinstance(shape, tuple) and len(shape) == 4 and all(isinstance(v, int) for v in shape):
+            out[p] = shape[1:]
+        elif explicit:
+            raise ValueError(f"feature_shapes: {p!r} outputs {shape}, not a (B, C, H, W) feature map")
+    if explicit:
+        missing = [p for p in paths if p not in shapes]
+        if missing:
+            raise ValueError(f"feature_shapes: {missing} did not run in the backbone's forward pass")
+    return out
