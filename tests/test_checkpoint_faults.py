@@ -111,3 +111,22 @@ def test_resume_restores_the_random_number_state(tmp_path):
     finally:
         torch.set_num_threads(n)
     assert resumed["weights"] == ref["weights"] and resumed["losses"] == ref["losses"]
+
+
+def test_resume_from_a_checkpoint_of_the_previous_format(tmp_path):
+    """Folders written before the one-file commit (exits only in last.safetensors) still resume."""
+    from training_fixtures import loader, quadrant_task, tiny_net
+    from slvit_fast.training import train_exits
+
+    train, val = loader(quadrant_task(32)), loader(quadrant_task(16, seed=1))
+    straight = tiny_net()
+    train_exits(straight, train, val, epochs=2, lr=2e-3, progress=False)
+    train_exits(tiny_net(), train, val, epochs=2, lr=2e-3, checkpoint_dir=tmp_path, stop_after_epoch=0, progress=False)
+    state = torch.load(tmp_path / "training_state.pt", weights_only=True)
+    old = {k: v for k, v in state.items() if k not in ("format", "exits", "rng")}
+    torch.save(old, tmp_path / "training_state.pt")
+    resumed = tiny_net(seed=7)
+    resumed.backbone.load_state_dict(straight.backbone.state_dict())
+    train_exits(resumed, train, val, epochs=2, lr=2e-3, checkpoint_dir=tmp_path, progress=False)
+    for k, v in straight.exits.state_dict().items():
+        assert torch.equal(resumed.exits.state_dict()[k], v), k

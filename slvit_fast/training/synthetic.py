@@ -35,6 +35,9 @@ def run_synthetic_training(backbone: str = "resnet152", exit_type: str = "slvit"
     if backbone == "audiocsrnet":
         raise SystemExit("slvit-fast train: the synthetic image task needs an image classifier backbone "
                          "(resnet152, densenet201, inception_v3); use train_exits() directly for audiocsrnet")
+    # Seeded random weights: the same backbone every run, so a later run can reuse --cache-dir (the cache
+    # is keyed by the backbone's weights) and resume from --checkpoint-dir against the same features.
+    torch.manual_seed(0)
     net = presets.build(backbone, exit_type=exit_type, num_outputs=NUM_CLASSES, input_size=input_size)
     n_val = max(batch_size, samples // 4)
     train = DataLoader(quadrant_images(samples, input_size, seed=0), batch_size=batch_size, shuffle=cache_dir is None)
