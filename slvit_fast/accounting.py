@@ -143,7 +143,7 @@ def summary(net: Any, input_size: Any = None) -> Summary:
         input_size = getattr(net, "input_size", None)
         if input_size is None:
             raise ValueError("summary: pass input_size=(C, H, W) (or a list of sizes for several inputs)")
-    paths = set(net.exit_modules) | set(net.compaction_points) | set(net._triggers)
+    paths = set(net.exit_modules) | set(net.compaction_points) | set(net.ready_at)
     paths |= {p for p in net.extra_paths if p}
     total, at, shapes = _count(net.backbone, input_size, sorted(paths))  # one fake run: FLOPs and shapes
     rows: list[ExitRow] = []
@@ -155,7 +155,7 @@ def summary(net: Any, input_size: Any = None) -> Summary:
         eshape = shapes[epath] if epath else None
         ef = exit_flops(module, fshape, eshape)
         running += ef
-        bb = at[net._triggers[i]]
+        bb = at[net.ready_at[i]]
         cost = at[net.compaction_points[i]] + running
         cum = bb + running
         params = sum(p.numel() for p in module.parameters())

@@ -137,7 +137,8 @@ class MultiExitNetwork(nn.Module):
 
     Attributes: ``exits`` (``nn.ModuleDict``, keys are the paths with ``.`` -> ``__``, in depth order),
     ``exit_paths`` (module paths, same order), ``extra_paths`` (None where the exit has no extra
-    input), ``compaction_points``, ``num_exits``.
+    input), ``ready_at`` (the module after which exit i has all its inputs: the later of its feature
+    and extra modules), ``compaction_points``, ``num_exits``.
     """
 
     def __init__(
@@ -194,7 +195,8 @@ class MultiExitNetwork(nn.Module):
         self.exit_paths: list[str] = [s[2] for s in specs]
         self.exit_modules: list[str] = [s[7] for s in specs]  # exit_paths without a '#tag'
         self.extra_paths: list[str | None] = [s[4] for s in specs]
-        self._triggers: list[str] = [s[5] for s in specs]
+        self.ready_at: list[str] = [s[5] for s in specs]
+        self._triggers = self.ready_at  # older name, still read by slvit_fast/bench
         self.compaction_points: list[str] = [s[6] for s in specs]
         if self.freeze_backbone:
             for p in self.backbone.parameters():
@@ -311,7 +313,7 @@ class MultiExitNetwork(nn.Module):
 
     def _hooked_modules(self) -> dict[str, nn.Module]:
         modules = dict(self.backbone.named_modules())
-        paths = set(self._triggers) | set(self.exit_modules) | {p for p in self.extra_paths if p}
+        paths = set(self.ready_at) | set(self.exit_modules) | {p for p in self.extra_paths if p}
         paths |= set(self.compaction_points)
         return {p: modules[p] for p in paths}
 
