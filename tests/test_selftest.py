@@ -210,3 +210,13 @@ def test_cli_subcommand_runs_and_returns_the_exit_code(capsys):
                  "--no-timing"])
     out = capsys.readouterr().out
     assert code == 0 and "VERDICT: PASS - 3/3" in out  # fp32, bf16, fp16 of one preset
+
+
+def test_cuda_launch_counting_path_runs_its_bookkeeping_on_cpu():
+    """The CUDA launch counter's loop (every backend x dtype, errors kept per row) works on any device."""
+    from slvit_fast.selftest.runner import _count_launches
+
+    plans = plan_backends("cpu", FAST)
+    counts = _count_launches(TINY, plans, "cpu")
+    assert set(counts) == {(b.name, d) for b in plans for d in b.dtypes}
+    assert all(n is None and "n/a" in note for n, note in counts.values())

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import SLViTConfig
+from ..profiling import count_kernel_launches
 from ..slvit_exit import SLViTExit
 from .tolerance import DTYPES, TOLERANCES, TensorCheck, paired_check
 
@@ -75,17 +76,27 @@ class Run:
     output: torch.Tensor
     grads: dict[str, torch.Tensor | None]
     seconds: float = 0.0
+    launches: int | None = None  # GPU kernel launches the backend recorded in the forward (None: none)
+
+
+CPU_LAUNCH_NOTE = "recorded by the backend in the forward (emulated/interpreted GPU kernels)"
+CPU_NO_LAUNCHES = "n/a on CPU: no GPU kernels (the cpu backend is one fused C++ op call; torch runs ATen ops)"
 
 
 def run_exit(module: SLViTExit, x: torch.Tensor, extra: torch.Tensor | None, grad_out: torch.Tensor) -> Run:
-    """Forward + backward with ``grad_out``; gradients of x, extra and every parameter (None if missing)."""
+    """Forward + backward with ``grad_out``; gradients of x, extra and every parameter (None if missing).
+
+    The launches our backends record (:func:`slvit_fast.profiling.record_launches`) during the forward
+    are counted: on a CPU that is how the emulated/interpreted GPU kernels show their launch count.
+    """
     device = x.device.type
     x = x.detach().clone().requires_grad_(True)
     extra = None if extra is None else extra.detach().clone().requires_grad_(True)
     module.zero_grad(set_to_none=True)
     _sync(device)
     t0 = time.perf_counter()
-    out = module(x, extra)
+    with count_kernel_launches() as counter:
+        out = module(x, extra)
     out.backward(grad_out.to(out.dtype))
     _sync(device)
     seconds = time.perf_counter() - t0
@@ -93,7 +104,7 @@ def run_exit(module: SLViTExit, x: torch.Tensor, extra: torch.Tensor | None, gra
     if extra is not None:
         grads["input extra"] = extra.grad
     grads.update({n: p.grad for n, p in module.named_parameters()})
-    return Run(out.detach(), grads, seconds)
+    return Run(out.detach(), grads, seconds, counter.count if counter.by_kernel else None)
 
 
 @dataclass
@@ -107,6 +118,8 @@ class CaseResult:
     error: str = ""  # exception raised by the backend (a failure)
     first_call_s: float = 0.0  # the backend's first forward+backward here (Triton compiles in it on CUDA)
     output_dtype: str = ""
+    launches: int | None = None  # recorded launches of the forward (CPU; CUDA counts with the profiler)
+    launches_note: str = CPU_NO_LAUNCHES
 
     @property
     def ok(self) -> bool:
@@ -168,6 +181,9 @@ def check_config(config: SLViTConfig, batch: int, backend_dtypes: dict[str, tupl
                 results.append(result)
                 continue
             result.first_call_s = run.seconds
+            result.launches = run.launches
+            if run.launches is not None:
+                result.launches_note = CPU_LAUNCH_NOTE
             result.output_dtype = str(run.output.dtype).replace("torch.", "")
             if run.output.dtype != dtype:
                 result.error = f"output dtype {run.output.dtype}, expected {dtype}"

@@ -32,8 +32,8 @@ def forward_launches(module, x: torch.Tensor, extra: torch.Tensor | None) -> tup
         with torch.inference_mode():
             module(x, extra)
 
-    forward()  # warm: first-call compilation and caches are not part of the count
     if x.device.type == "cuda":
+        forward()  # warm: first-call compilation / autotuning launches are not part of the count
         return cuda_kernels_in(forward), "torch profiler (CUDA kernels)"
     with count_kernel_launches() as counter:
         forward()

@@ -5,7 +5,8 @@ Phases (wall time of each is reported):
 1. correctness - for each distinct preset configuration, one float64 reference and one reference per
    dtype, then every backend in every dtype it supports: output and every gradient, paired tolerances;
    the first forward+backward of each backend is timed apart (on CUDA it includes Triton's JIT compile);
-2. launches - one inference forward per backend and configuration (profiler on CUDA);
+2. launches - CUDA: one inference forward per backend, configuration and dtype under the torch profiler;
+   CPU: the launches the emulated/interpreted GPU kernels record during the correctness forward;
 3. timing - inference at batch 1 and 64 of every timed backend vs eager and the torch.compile anchors.
    CPU: preset resnet152-b1 in fp32 only (the fast backends; emulator/interpreter are not timed), anchors
    ``compile`` and ``max-autotune`` (``--quick``: ``compile`` only). CUDA: anchors ``compile``,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 
 from ..config import SLViTConfig
 from ..slvit_exit import SLViTExit
-from .correctness import CaseResult, check_config, randomize_
+from .correctness import CaseResult, check_config, matmul_precision, randomize_
 from .launches import forward_launches
 from .plan import (CORRECTNESS_BATCH, VEHICLE_BATCH, VEHICLE_MAX_CHANNELS, BackendPlan, cap_channels, plan_backends,
                    preset_configs, triton_interpreted)
@@ -71,33 +73,29 @@ def _rows_for(results: list[CaseResult], presets: dict[str, tuple[SLViTConfig, s
         if (same or preset) != key:
             continue
         for r in results:
-            n, note = launches.get((r.backend, r.dtype), (None, "not counted"))
+            n, note = launches.get((r.backend, r.dtype), (r.launches, r.launches_note))
             rows.append(Row(r.backend, preset, r.dtype, r.batch, r.ok, same, r.error, r.max_errors(),
                             [c.to_dict() for c in r.checks], n, note, r.first_call_s, in_channels=in_channels))
     return rows
 
 
 def _count_launches(config: SLViTConfig, plans: list[BackendPlan], device: str) -> dict[tuple[str, str], tuple]:
+    """(backend, dtype) -> (CUDA kernels of one inference forward, how counted), by the torch profiler."""
     out = {}
     base = randomize_(SLViTExit(config, backend="torch"), 0).eval()
     x = torch.randn(1, config.in_channels, *config.feature_size)
     extra = torch.randn(1, config.extra_tokens, config.extra_dim) if config.extra_tokens else None
     for b in plans:
-        if b.skipped is not None:
-            continue
-        # On a CPU the count does not depend on the dtype (no GPU kernels or recorded ones): count once.
-        dtypes = b.dtypes if device == "cuda" else b.dtypes[:1]
-        for dt in dtypes:
-            dtype, _ = DTYPES[dt]
+        for dt in b.dtypes if b.skipped is None else ():
+            dtype, precision = DTYPES[dt]
             m = base.to(device=device, dtype=dtype)
             m.backend = b.name
             try:
-                n, note = forward_launches(m, x.to(device=device, dtype=dtype),
-                                           None if extra is None else extra.to(device=device, dtype=dtype))
+                with matmul_precision(precision):
+                    out[(b.name, dt)] = forward_launches(
+                        m, x.to(device=device, dtype=dtype), None if extra is None else extra.to(device=device, dtype=dtype))
             except Exception as e:  # the correctness phase already reports a crashing backend
-                n, note = None, f"count failed: {type(e).__name__}: {str(e)[:200]}"
-            for d in (b.dtypes if device != "cuda" else (dt,)):
-                out[(b.name, d)] = (n, note if device == "cuda" or d == dt else f"{note}; counted in {dt}")
+                out[(b.name, dt)] = (None, f"count failed: {type(e).__name__}: {str(e)[:200]}")
     return out
 
 
@@ -161,7 +159,7 @@ def run_selftest(device: str = "cpu", quick: bool = False, json_path: str | None
             gcfg = cfg if max_channels is None else cap_channels(cfg, max_channels)
             results = check_config(gcfg, group_batch, {b.name: b.dtypes for b in group}, device)
             tl = time.perf_counter()
-            launches = _count_launches(gcfg, group, device)
+            launches = _count_launches(gcfg, group, device) if device == "cuda" else {}
             t_launch += time.perf_counter() - tl
             report.rows += _rows_for(results, preset_map, name, launches, gcfg.in_channels)
             n_checks += len(results)
@@ -169,7 +167,8 @@ def run_selftest(device: str = "cpu", quick: bool = False, json_path: str | None
         log(f"[selftest] {k}/{len(unique)} {name}: {n_checks} backend x dtype checks, "
             f"{'all ok' if not bad else f'{bad} FAILED'} ({time.perf_counter() - tc:.1f} s)")
     report.seconds["correctness"] = time.perf_counter() - t0 - t_launch
-    report.seconds["launches"] = t_launch
+    if device == "cuda":
+        report.seconds["launches"] = t_launch
     first = {}
     for r in report.rows:
         if r.same_config_as is None:
@@ -181,7 +180,8 @@ def run_selftest(device: str = "cpu", quick: bool = False, json_path: str | None
     if timing:
         t0 = time.perf_counter()
         timed = [b.name for b in plans if b.skipped is None and b.timed]
-        for preset, dt, anchors in timing_plan(device, quick, list(preset_map)):
+        distinct = [name for name, (_, same) in preset_map.items() if same is None]
+        for preset, dt, anchors in timing_plan(device, quick, distinct):
             cfg = preset_map[preset][0]
             names = [b for b in timed if dt in backend_dtypes[b]]
             if "torch" not in names:
@@ -192,6 +192,9 @@ def run_selftest(device: str = "cpu", quick: bool = False, json_path: str | None
                 report.timing.append(case)
                 _attach_timing(report.rows, case)
         report.seconds["timing"] = time.perf_counter() - t0
+        busy = _busy_note()
+        if busy:
+            report.notes.append(busy)
         untimed = [b.name for b in plans if b.skipped is None and not b.timed]
         if untimed:
             report.notes.append(f"not timed: {', '.join(untimed)} (emulator/interpreter: correctness only)")
@@ -206,9 +209,22 @@ def run_selftest(device: str = "cpu", quick: bool = False, json_path: str | None
     return report
 
 
+def _busy_note() -> str:
+    """A warning when other processes compete for the cores while timing (a shared machine)."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return ""
+    cores = os.cpu_count() or 1
+    if load <= cores:
+        return ""
+    return (f"machine busy while timing (load average {load:.1f} on {cores} cores): absolute times are inflated "
+            "and multi-threaded paths suffer most; rerun on a quiet machine for figures")
+
+
 def _attach_timing(rows: list[Row], case: TimingCase) -> None:
     for r in rows:
-        if r.preset != case.preset or r.dtype != case.dtype:
+        if case.preset not in (r.preset, r.same_config_as) or r.dtype != case.dtype:
             continue
         impl = "eager" if r.backend == "torch" else r.backend
         if impl not in case.seconds:
