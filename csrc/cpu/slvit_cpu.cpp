@@ -16,6 +16,7 @@
 // Per-operator headers instead of <ATen/ATen.h>: this file compiles in a fraction of the time.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_softmax.h>
 #include <ATen/ops/_softmax_backward_data.h>
@@ -46,7 +47,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <cctype>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace slvit_cpu {
@@ -260,16 +263,51 @@ static void attn_pv(const float* P, const float* qkv, float* o, const Cfg& c) {
 
 // Inference intermediates live in a per-thread arena that is reused across calls: a fresh multi-MB
 // buffer per call costs page faults (first touch) that at batch 64 are as expensive as the math.
+// The arena is bounded (arena_floats(): 64 MB, SLVIT_FAST_CPU_ARENA_MB): the ATen/BLAS path runs
+// larger batches in chunks whose intermediates fit in it (inference_forward), and a request above it
+// (one huge sample, or the fused kernels' batch-proportional head buffers at a very large batch)
+// gets a buffer of its own that is freed when the call returns. So after any call a thread keeps at
+// most the bound - an unbounded arena kept the whole batch's intermediates (5.4 GB after one
+// batch-4096 resnet152-b1 call on the ATen/BLAS path).
 // Training (save=true) allocates normally: the saved activations are returned to autograd.
+static int64_t arena_floats() {
+  const char* env = std::getenv("SLVIT_FAST_CPU_ARENA_MB");
+  if (!env || !*env) return int64_t(16) << 20;  // 64 MB
+  char* end = nullptr;
+  const double mb = std::strtod(env, &end);
+  TORCH_CHECK(end != env && *end == 0 && mb >= 0 && mb < 1e6,
+              "slvit_fast: SLVIT_FAST_CPU_ARENA_MB must be a number of megabytes (0 to 1e6), got '", env, "'");
+  return (int64_t)(mb * (1 << 18));  // 2^18 floats per MB
+}
+
 static float* thread_arena(int64_t n) {
   thread_local std::unique_ptr<float[]> buf;
   thread_local int64_t cap = 0;
   if (n > cap) {
+    buf.reset();  // free the old buffer before the larger one is allocated (peak = the new size)
     buf.reset(new float[n]);
     cap = n;
   }
   return buf.get();
 }
+
+// The workspace of one call: the calling thread's arena, or a temporary above the arena's bound
+// (large blocks come from mmap in glibc, so freeing one returns it to the OS).
+class Workspace {
+  std::unique_ptr<float[]> own_;
+  float* ptr_;
+
+ public:
+  explicit Workspace(int64_t n) {
+    if (n <= arena_floats()) {
+      ptr_ = thread_arena(n);
+    } else {
+      own_.reset(new float[n]);
+      ptr_ = own_.get();
+    }
+  }
+  float* get() const { return ptr_; }
+};
 
 struct Alloc {
   bool fresh;
@@ -291,11 +329,25 @@ struct Alloc {
 // Inference through the fused AVX2 kernels (fused_avx2.cpp): one parallel region, workers meet at a
 // spin barrier. SLVIT_FAST_CPU_FUSED=0 forces the ATen/BLAS path below (also used on CPUs without
 // AVX2/FMA and for training, which needs the saved activations).
+// SLVIT_FAST_CPU_FUSED read like slvit_fast/backends/env.py reads on/off switches: 1/true/yes/on or
+// 0/false/no/off in any case, unset or empty = on; anything else is an error naming the value (a typo
+// must not silently select the other path).
+static bool fused_switch() {
+  const char* env = std::getenv("SLVIT_FAST_CPU_FUSED");
+  std::string v = env ? env : "";
+  v.erase(0, v.find_first_not_of(" \t\n"));
+  v.erase(v.find_last_not_of(" \t\n") + 1);
+  std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return (char)std::tolower(ch); });
+  if (v.empty() || v == "1" || v == "true" || v == "yes" || v == "on") return true;
+  if (v == "0" || v == "false" || v == "no" || v == "off") return false;
+  TORCH_CHECK(false, "slvit_fast: environment variable SLVIT_FAST_CPU_FUSED='", env,
+              "' is not an on/off value; use one of 1/true/yes/on or 0/false/no/off, or unset it");
+}
+
 #ifdef SLVIT_FUSED_AVX2
 static bool fused_wanted() {
   static const bool supported = slvit_fused::cpu_supported();
-  const char* env = std::getenv("SLVIT_FAST_CPU_FUSED");
-  return supported && !(env && std::strcmp(env, "0") == 0);
+  return fused_switch() && supported;
 }
 
 static Tensor fused_forward(const Tensor& x, const c10::optional<Tensor>& extra, at::TensorList params,
@@ -343,7 +395,8 @@ static Tensor fused_forward(const Tensor& x, const c10::optional<Tensor>& extra,
 #if AT_PARALLEL_OPENMP
   if (!at::in_parallel_region() && flops >= min_flops) nw = std::max(1, at::get_num_threads());
 #endif
-  float* ws = thread_arena(slvit_fused::workspace_floats(pr, nw));
+  Workspace wsp(slvit_fused::workspace_floats(pr, nw));
+  float* ws = wsp.get();
   slvit_fused::Barrier bar;
   bar.total = nw;
   if (nw == 1) {
@@ -354,29 +407,35 @@ static Tensor fused_forward(const Tensor& x, const c10::optional<Tensor>& extra,
   return out.to(x.scalar_type());
 }
 #else
-static bool fused_wanted() { return false; }
+static bool fused_wanted() { return fused_switch() && false; }  // the switch is still validated
 static Tensor fused_forward(const Tensor&, const c10::optional<Tensor>&, at::TensorList, const Cfg&, double) {
   TORCH_CHECK(false, "slvit_fast: this build has no fused AVX2 kernels (not an x86-64 build)");
 }
 #endif
 
-std::vector<Tensor> exit_forward(const Tensor& x, const c10::optional<Tensor>& extra, at::TensorList params,
-                                 at::IntArrayRef cfg, double eps, bool save) {
-  Cfg c = make_cfg(x, extra, cfg);
-  if (!save && fused_wanted()) return {fused_forward(x, extra, params, c, eps)};
+// Floats of the ATen/BLAS inference path's intermediates for a batch of B (what Alloc hands out).
+static int64_t inference_floats(const Cfg& c, int64_t B) {
+  auto r = [](int64_t n) { return (n + 15) / 16 * 16; };
+  const int64_t BT = B * c.T;
+  const int64_t per_layer = r(BT * c.d) * 4 + r(BT) * 4 + r(BT * 3 * c.A) + 2 * r(B * c.heads * c.T * c.T) +
+                            r(BT * c.A) + 2 * r(BT * c.mlp);
+  return r(B * c.Np * c.P) + r(B * c.Np * c.d) + r(BT * c.d) + r(B * c.E * c.d) + c.layers * per_layer +
+         2 * r(B * c.hidden);
+}
+
+// Forward of the ATen/BLAS path for the samples of x. Inference (save=false) takes its
+// intermediates from ws (inference_floats(c, c.B) floats); training returns them as saved tensors.
+static std::vector<Tensor> forward_impl(const Tensor& x, const c10::optional<Tensor>& extra,
+                                        const std::vector<Tensor>& p, const Cfg& c, double eps, bool save,
+                                        float* ws) {
   SingleThreadScope single(c.B * c.T < kSingleThreadRows);
-  std::vector<Tensor> p = float_params(params, c);
   Tensor xf = x.to(at::kFloat);
   std::vector<Tensor> saved;
   const int64_t BT = c.B * c.T;
   Alloc alloc{save};
   if (!save) {
-    auto r = [](int64_t n) { return (n + 15) / 16 * 16; };
-    const int64_t per_layer = r(BT * c.d) * 4 + r(BT) * 4 + r(BT * 3 * c.A) + 2 * r(c.B * c.heads * c.T * c.T) +
-                              r(BT * c.A) + 2 * r(BT * c.mlp);
-    alloc.cap = r(c.B * c.Np * c.P) + r(c.B * c.Np * c.d) + r(BT * c.d) + r(c.B * c.E * c.d) +
-                c.layers * per_layer + 2 * r(c.B * c.hidden);
-    alloc.base = thread_arena(alloc.cap);
+    alloc.cap = inference_floats(c, c.B);
+    alloc.base = ws;
   }
 
   // 1. patches + embedding + position (+ extra tokens)
@@ -464,6 +523,63 @@ std::vector<Tensor> exit_forward(const Tensor& x, const c10::optional<Tensor>& e
     result.insert(result.end(), saved.begin(), saved.end());
   }
   return result;
+}
+
+// ATen/BLAS inference with bounded memory. A batch whose intermediates fit in the arena runs as one
+// call with every op parallel inside (as small batches always did). A larger batch is cut into
+// chunks that fit in 1/nw of the bound, and each of nw workers of one parallel region runs its
+// chunks (round robin) with serial ops in its own slice of one workspace: one parallel region per
+// call, not one per op and chunk (each region costs a wake-up and a barrier - milliseconds when the
+// cores are shared). Every op is per sample or per token row, so chunks do not change what a
+// sample's logits depend on.
+static Tensor inference_forward(const Tensor& x, const c10::optional<Tensor>& extra, const std::vector<Tensor>& p,
+                                const Cfg& c, double eps) {
+  const int64_t bound = arena_floats();
+  const int64_t need = inference_floats(c, c.B);
+  if (need <= bound || c.B == 1) {
+    Workspace ws(need);
+    return forward_impl(x, extra, p, c, eps, false, ws.get())[0];
+  }
+  int64_t nw = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
+  int64_t chunk = std::max<int64_t>(1, std::min(c.B, bound / nw / std::max<int64_t>(inference_floats(c, 1), 1)));
+  while (chunk > 1 && inference_floats(c, chunk) * nw > bound) --chunk;
+  const int64_t nchunks = (c.B + chunk - 1) / chunk;
+  nw = std::min(nw, nchunks);
+  const int64_t slot = inference_floats(c, chunk);
+  Workspace ws(nw * slot);
+  Tensor out = at::empty({c.B, c.outputs}, x.options());
+  auto run_worker = [&](int64_t w) {
+    for (int64_t i = w; i < nchunks; i += nw) {
+      const int64_t b0 = i * chunk, n = std::min(chunk, c.B - b0);
+      Cfg cc = c;
+      cc.B = n;
+      c10::optional<Tensor> ex;
+      if (c.E) ex = extra->narrow(0, b0, n);
+      out.narrow(0, b0, n).copy_(forward_impl(x.narrow(0, b0, n), ex, p, cc, eps, false, ws.get() + w * slot)[0]);
+    }
+  };
+  if (nw == 1) {
+    run_worker(0);
+  } else {
+    // the workers run ATen ops: give them the caller's grad / inference mode (OpenMP threads do not
+    // inherit it; an inference-mode `out` could not be written otherwise)
+    const at::ThreadLocalState caller_state;
+    at::parallel_for(0, nw, 1, [&](int64_t lo, int64_t hi) {
+      at::ThreadLocalStateGuard tls(caller_state);
+      SequentialBlas seq;  // ops inside a parallel region are serial; so must BLAS be
+      for (int64_t w = lo; w < hi; ++w) run_worker(w);
+    });
+  }
+  return out;
+}
+
+std::vector<Tensor> exit_forward(const Tensor& x, const c10::optional<Tensor>& extra, at::TensorList params,
+                                 at::IntArrayRef cfg, double eps, bool save) {
+  Cfg c = make_cfg(x, extra, cfg);
+  if (!save && fused_wanted()) return {fused_forward(x, extra, params, c, eps)};
+  std::vector<Tensor> p = float_params(params, c);
+  if (!save) return {inference_forward(x, extra, p, c, eps)};
+  return forward_impl(x, extra, p, c, eps, true, nullptr);
 }
 
 std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const c10::optional<Tensor>& extra,
