@@ -4,7 +4,9 @@
 // Fake (meta) implementations and autograd live in Python (slvit_fast/ops/cpp_ops.py).
 //
 // Inference (save=false) on AVX2+FMA CPUs runs the fused kernels of fused_avx2.cpp (fused_forward
-// below); the rest of this file is the training path (and the fallback), which keeps activations.
+// below); the rest of this file is the ATen/BLAS path: training (save=true, returns the activations
+// for the backward) and the inference fallback (inference_forward: the same building blocks in a
+// bounded workspace, large batches in chunks).
 //
 // Design (see csrc/README.md): one C++ call per forward / backward, so batch 1 pays no per-op
 // Python overhead; everything computes in float32 (fp16/bf16 inputs are upcast once, outputs cast

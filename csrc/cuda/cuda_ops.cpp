@@ -1,5 +1,6 @@
 // slvit_fast._C_cuda: torch op running the CUDA kernels on CUDA tensors.
 //   slvit_fast::cuda_exit_forward(x, extra, params, cfg, eps) -> Tensor   (2 kernel launches)
+//   slvit_fast::cuda_exit_backward(grad_out, x, extra, params, cfg, eps, need_dx) -> Tensor[]  (1 launch)
 //   slvit_fast::cuda_compiled_archs() -> str                                (e.g. "800,900")
 #include <Python.h>
 #include <c10/cuda/CUDAStream.h>

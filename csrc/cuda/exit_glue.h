@@ -1,5 +1,6 @@
 // Torch glue shared by the CUDA extension (cuda_ops.cpp) and the emulation build (emu_ops.cpp):
-// checks the op arguments and turns tensors into slvit::ExitArgs for launch_exit_forward.
+// checks the op arguments and turns tensors into slvit::ExitArgs for launch_exit_forward, and runs
+// the backward (run_backward: BackwardArgs, gradient buffers, outputs in op order).
 #pragma once
 
 #ifndef TORCH_ASSERT_ONLY_METHOD_OPERATORS

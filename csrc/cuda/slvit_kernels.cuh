@@ -48,7 +48,7 @@ const char* check_exit_args(const ExitArgs& a);
 // Returns nullptr on success, else an error message (launch failure).
 const char* launch_exit_forward(const ExitArgs& a, void* stream);
 
-// Self-test kernels for the emulator (see csrc/emu/emu_selftest.cpp): a block-wide reversal through
+// Self-test kernels for the emulator (torch ops in csrc/emu/emu_ops.cpp): a block-wide reversal through
 // shared memory, with or without its __syncthreads, and a warp-shuffle sum.
 const char* launch_selftest_reverse(const float* in, float* out, int n, int threads, bool with_sync, void* stream);
 const char* launch_selftest_warpsum(const float* in, float* out, int n, void* stream);

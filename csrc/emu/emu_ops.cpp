@@ -1,5 +1,6 @@
 // slvit_fast._C_emu: torch ops running the CUDA kernels under the SIMT emulator on CPU tensors.
 //   slvit_fast::emu_exit_forward(x, extra, params, cfg, eps) -> Tensor   (the 2-launch forward)
+//   slvit_fast::emu_exit_backward(grad_out, x, extra, params, cfg, eps, need_dx) -> Tensor[]  (1 launch)
 //   slvit_fast::emu_selftest_reverse(inp, threads, with_sync) -> Tensor  (emulator self-tests)
 //   slvit_fast::emu_selftest_warpsum(inp) -> Tensor
 #include <Python.h>
