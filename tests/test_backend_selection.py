@@ -7,7 +7,7 @@ import torch
 
 import slvit_fast as sf
 from slvit_fast import backends
-from slvit_fast.backends import torch_backend
+from slvit_fast.backends import env, torch_backend
 
 
 class _Unavailable(torch_backend.TorchBackend):
@@ -75,3 +75,62 @@ def test_not_implemented_backend_is_a_clear_error(fresh_registry):
 def test_status_reports_every_backend():
     status = backends.status()
     assert set(status) == set(backends.KNOWN_BACKENDS) and status["torch"] == "available"
+
+
+# -- environment switches (issue #12 item 9): one parser, every spelling, clear errors ------------------
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("YES", True), (" on ", True),
+                                            ("0", False), ("false", False), ("No", False), ("OFF", False),
+                                            ("", True)])
+def test_env_flag_spellings(monkeypatch, value, expected):
+    monkeypatch.setenv("SLVIT_FAST_TEST_SWITCH", value)
+    assert env.flag("SLVIT_FAST_TEST_SWITCH", default=True) is expected
+
+
+def test_env_flag_unset_is_the_default(monkeypatch):
+    monkeypatch.delenv("SLVIT_FAST_TEST_SWITCH", raising=False)
+    assert env.flag("SLVIT_FAST_TEST_SWITCH", default=False) is False
+
+
+def test_env_flag_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv("SLVIT_FAST_TEST_SWITCH", "maybe")
+    with pytest.raises(ValueError, match=r"SLVIT_FAST_TEST_SWITCH='maybe' is not an on/off value"):
+        env.flag("SLVIT_FAST_TEST_SWITCH", default=True)
+
+
+def test_env_backend_with_spaces_and_unknown(fresh_registry):
+    fresh_registry.setenv(backends.ENV_VAR, " torch ")
+    assert _exit().active_backend(torch.randn(1, 2, 4, 4)) == "torch"
+    fresh_registry.setenv(backends.ENV_VAR, "Torch")
+    with pytest.raises(ValueError, match=r"SLVIT_FAST_BACKEND='Torch' is not a valid value; valid: \['auto'"):
+        _exit()(torch.randn(1, 2, 4, 4))
+
+
+CPU_REASON = backends.status(torch.empty(1, 1, 1, 1)).get("cpu")
+HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _fused_path_used(module, x) -> bool:
+    with torch.no_grad(), torch.autograd.profiler.profile() as prof:
+        module(x)
+    return any(e.name == "slvit_cpu::fused_forward" for e in prof.function_events)
+
+
+@pytest.mark.skipif(CPU_REASON != "available" or not HAS_AVX2, reason=f"cpu backend {CPU_REASON}, avx2 {HAS_AVX2}")
+@pytest.mark.parametrize("value,fused", [("false", False), ("no", False), ("off", False), ("OFF", False),
+                                         ("0", False), ("true", True), ("yes", True), ("on", True), ("1", True)])
+def test_cpu_fused_switch_spellings(monkeypatch, value, fused):
+    """SLVIT_FAST_CPU_FUSED=false/no/off acts like 0 (the ATen path), true/yes/on like 1 (the fused path)."""
+    module = _exit("cpu").eval()
+    x = torch.randn(2, 2, 4, 4)
+    monkeypatch.delenv(env.CPU_FUSED, raising=False)
+    assert _fused_path_used(module, x)  # the default
+    monkeypatch.setenv(env.CPU_FUSED, value)
+    assert _fused_path_used(module, x) is fused
+
+
+@pytest.mark.skipif(CPU_REASON != "available", reason=f"cpu backend: {CPU_REASON}")
+def test_cpu_fused_switch_unknown_value_is_an_error(monkeypatch):
+    monkeypatch.setenv(env.CPU_FUSED, "fast")
+    with pytest.raises(ValueError, match=r"SLVIT_FAST_CPU_FUSED='fast' is not an on/off value"):
+        _exit("cpu").eval()(torch.randn(2, 2, 4, 4))

@@ -15,19 +15,19 @@ silently changes results - every backend is tested against the reference.
 from __future__ import annotations
 
 import importlib
-import os
 import threading
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..errors import BackendNotImplementedError, BackendUnavailableError
+from . import env
 from .common import forget_warnings, warn_once
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-ENV_VAR = "SLVIT_FAST_BACKEND"
+ENV_VAR = env.BACKEND
 
 # Every backend name the library knows, with the module that implements it.
 KNOWN_BACKENDS: dict[str, str] = {
@@ -107,13 +107,7 @@ def resolve(requested: str, x: "Tensor") -> Backend:
     """The backend that runs for a module with ``backend=requested`` on input ``x``."""
     check_name(requested)
     if requested == "auto":
-        env = os.environ.get(ENV_VAR, "auto").strip() or "auto"
-        if env != "auto":
-            try:
-                check_name(env)
-            except ValueError as e:
-                raise ValueError(f"{ENV_VAR}={env!r}: {e}") from None
-            requested = env
+        requested = env.choice(ENV_VAR, ("auto", *KNOWN_BACKENDS), "auto")
     if requested != "auto":
         backend = get(requested)
         reason = backend.unavailable_reason(x)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import native, reference
+from .saved import saveable
 
 # The ``cfg`` ints of every C++ op, in the order csrc/ reads them (cfg[i]), each with how it is read
 # from an SLViTConfig. The exit's tensors go in ``params`` in the layout of :mod:`slvit_fast.reference`.
@@ -106,7 +107,7 @@ def _register_cpu() -> None:
         x, extra, params, cfg, eps, save = inputs
         ctx.has_saved = bool(save)
         ctx.cfg, ctx.eps, ctx.n_params, ctx.has_extra = list(cfg), eps, len(params), extra is not None
-        ctx.save_for_backward(x, extra, *params, *output[1:])
+        ctx.save_for_backward(*saveable(x, extra, *params), *output[1:])
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
 
@@ -152,7 +153,7 @@ def _register_fwd_only(prefix: str) -> None:
     def setup_context(ctx, inputs, output):
         x, extra, params, cfg, eps = inputs
         ctx.cfg, ctx.eps = list(cfg), eps
-        ctx.save_for_backward(x, extra, *params)
+        ctx.save_for_backward(*saveable(x, extra, *params))
 
     def backward(ctx, g):
         tensors = ctx.saved_tensors

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..profiling import record_launches
+from .saved import saveable
 from .triton_launch import (F32, attention_bwd_launch, attention_fwd_launch, mlp_head_bwd_launch,
                             mlp_head_fwd_launch, patch_embed_bwd_launch, patch_embed_fwd_launch)
 
@@ -104,7 +105,7 @@ def _(g, x, w, extra, we, ph, pw):
 
 def _pe_setup(ctx, inputs, output):
     x, w, bias, pos, extra, we, be, ph, pw = inputs
-    ctx.save_for_backward(x, w, extra, we)
+    ctx.save_for_backward(*saveable(x, w, extra, we))
     ctx.ph, ctx.pw = ph, pw
     ctx.has_extra = extra is not None
     ctx.meta = (bias.shape, bias.dtype, pos.shape, pos.dtype)
@@ -183,7 +184,7 @@ def _attn_setup(ctx, inputs, output):
     t, lnw, lnb, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, eps = inputs
     out, mean, rstd, q, k, v, o, lse = output
     ctx.mark_non_differentiable(mean, rstd, q, k, v, o, lse)
-    ctx.save_for_backward(t, lnw, lnb, wq, wk, wv, wo, mean, rstd, q, k, v, o, lse)
+    ctx.save_for_backward(*saveable(t, lnw, lnb, wq, wk, wv, wo), mean, rstd, q, k, v, o, lse)
     ctx.num_heads = num_heads
     ctx.dtypes = [p.dtype for p in (lnw, lnb, wq, bq, wk, bk, wv, bv, wo, bo)]
     ctx.shapes = [tuple(p.shape) for p in (lnw, lnb, wq, bq, wk, bk, wv, bv, wo, bo)]
@@ -278,8 +279,8 @@ def _mlp_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd, hpre)
     ctx.has_head = hw1 is not None
     ctx.residual, ctx.act = residual, act
-    ctx.save_for_backward(t, out, lnw, lnb, w1, b1, w2, mean, rstd,
-                          *((hw1, hw2, hpre) if ctx.has_head else ()))
+    ctx.save_for_backward(*saveable(t), out, *saveable(lnw, lnb, w1, b1, w2), mean, rstd,
+                          *((*saveable(hw1, hw2), hpre) if ctx.has_head else ()))
     params = [lnw, lnb, w1, b1, w2, b2] + ([hw1, hb1, hw2, hb2] if ctx.has_head else [])
     ctx.shapes = [tuple(p.shape) for p in params]
     ctx.dtypes = [p.dtype for p in params]

@@ -1,0 +1,49 @@
+"""The environment switches of slvit_fast, parsed in one place so every switch reads the same way.
+
+* ``SLVIT_FAST_BACKEND``: a backend name or ``auto`` (see :mod:`slvit_fast.backends`).
+* ``SLVIT_FAST_CPU_FUSED``: on/off switch of the fused AVX2 inference path of backend ``"cpu"``.
+
+On/off switches accept ``1/true/yes/on`` and ``0/false/no/off`` (any case; unset or empty = the
+default). Any other value is an error naming the variable and the value: a typo must not silently
+select the other path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+TRUE_VALUES = ("1", "true", "yes", "on")
+FALSE_VALUES = ("0", "false", "no", "off")
+
+BACKEND = "SLVIT_FAST_BACKEND"
+CPU_FUSED = "SLVIT_FAST_CPU_FUSED"
+
+
+def flag(name: str, default: bool) -> bool:
+    """The on/off switch ``name`` from the environment (``default`` when unset or empty)."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return default
+    if value in TRUE_VALUES:
+        return True
+    if value in FALSE_VALUES:
+        return False
+    raise ValueError(f"environment variable {name}={raw!r} is not an on/off value; use one of "
+                     f"{'/'.join(TRUE_VALUES)} or {'/'.join(FALSE_VALUES)}, or unset it")
+
+
+def choice(name: str, valid: Iterable[str], default: str) -> str:
+    """The value of ``name`` if it is one of ``valid`` (``default`` when unset or empty)."""
+    raw = os.environ.get(name, "")
+    value = raw.strip()
+    if not value:
+        return default
+    valid = list(valid)
+    if value not in valid:
+        raise ValueError(f"environment variable {name}={raw!r} is not a valid value; valid: {valid}")
+    return value
+
+
+__all__ = ["TRUE_VALUES", "FALSE_VALUES", "BACKEND", "CPU_FUSED", "flag", "choice"]
