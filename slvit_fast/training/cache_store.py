@@ -57,10 +57,14 @@ def _other_caches(split_dir: Path, name: str) -> list[tuple[float, Path, dict[st
         if folder.name == name or not meta.exists():
             continue
         try:
+            mtime = meta.stat().st_mtime
+        except OSError:  # replaced by a concurrent rebuild just now
+            continue
+        try:
             fp = json.loads(meta.read_text()).get("fingerprint")
         except (OSError, ValueError):
             fp = None
-        found.append((meta.stat().st_mtime, folder, fp))
+        found.append((mtime, folder, fp))
     return sorted(found, key=lambda t: t[0], reverse=True)
 
 

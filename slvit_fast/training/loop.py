@@ -209,8 +209,8 @@ def train_exits(
         if is_main:
             report(epoch_summary(history, epochs, val_loader is not None), progress)
             for i in newly_stopped:
-                log.info("exit%d (%s) stopped early after epoch %d: best validation loss %.4f", i, net.exit_paths[i],
-                         epoch + 1, state.best_loss[i])
+                log.info("exit%d (%s) stopped early after epoch %d: best %s loss %.4f", i, net.exit_paths[i],
+                         epoch + 1, "validation" if val_loader is not None else "training", state.best_loss[i])
 
         if ckpt is not None and is_main:
             ckpt.save(net, state, history, rng_state())
