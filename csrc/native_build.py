@@ -13,7 +13,8 @@ modules, so a failed or impossible CUDA build never loses the CPU one:
 
 Environment: ``SLVIT_FAST_SKIP_NATIVE=1`` skips everything (pure-Python install);
 ``SLVIT_FAST_SKIP_CUDA=1`` skips only the CUDA extension; ``SLVIT_FAST_SKIP_EMU=1`` skips the
-emulation build.
+emulation build; ``SLVIT_FAST_SKIP_CPU=1`` skips only the CPU extension (rebuilding the CUDA/emulator
+extensions in place leaves an existing _C_cpu untouched).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import tempfile
 SKIP_ENV = "SLVIT_FAST_SKIP_NATIVE"
 SKIP_CUDA_ENV = "SLVIT_FAST_SKIP_CUDA"
 SKIP_EMU_ENV = "SLVIT_FAST_SKIP_EMU"
+SKIP_CPU_ENV = "SLVIT_FAST_SKIP_CPU"
 DEFAULT_ARCHS = "8.0;9.0"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -94,11 +96,14 @@ def _extensions() -> list:
         cpu_macros.append(("SLVIT_FUSED_AVX2", "1"))
     # -fopenmp: at::parallel_for is a header template that is only parallel when the including file
     # is compiled with OpenMP; the link resolves to the libgomp.so.1 torch already loaded (same soname).
-    exts.append(CppExtension(
-        "slvit_fast._C_cpu", cpu_sources, define_macros=cpu_macros,
-        extra_compile_args={"cxx": common + ["-fopenmp"]}, extra_link_args=["-fopenmp"],
-    ))
-    info["cpu"] = True
+    if _flag(SKIP_CPU_ENV):
+        info["skipped"]["cpu"] = f"{SKIP_CPU_ENV} is set"
+    else:
+        exts.append(CppExtension(
+            "slvit_fast._C_cpu", cpu_sources, define_macros=cpu_macros,
+            extra_compile_args={"cxx": common + ["-fopenmp"]}, extra_link_args=["-fopenmp"],
+        ))
+        info["cpu"] = True
 
     home = cuda_home()
     if _flag(SKIP_EMU_ENV):

@@ -49,6 +49,13 @@ def test_extension_selection(monkeypatch):
     assert [e.name for e in nb._extensions()] == ["slvit_fast._C_cpu"]
 
 
+def test_skip_cpu_keeps_the_others(monkeypatch):
+    nb = _native_build()
+    monkeypatch.setenv(nb.SKIP_CPU_ENV, "1")
+    monkeypatch.setenv(nb.SKIP_CUDA_ENV, "1")
+    assert [e.name for e in nb._extensions()] == ["slvit_fast._C_emu"]
+
+
 def test_build_info_reports_every_extension():
     info = native.build_info()
     assert set(info) == {"cpu", "emu", "cuda"}
