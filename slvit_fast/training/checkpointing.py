@@ -22,18 +22,11 @@ from torch import nn
 
 from ..checkpoint import atomic_write, load_exits, save_exits
 from .faults import pause_point
+from .feature_cache import fsync_dir
 from .history import History
 from .state import TrainingState
 
 STATE_FORMAT = "slvit_fast.training_state/2"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:
@@ -92,7 +85,7 @@ class CheckpointDir:
             pause_point("state-written", epoch)
 
         atomic_write(self.state_path, write)  # the commit point
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)  # the rename itself survives a power cut
         pause_point("committed", epoch)
         self.export_exits(net, self.last_path, "exits-written", epoch)
         pause_point("exported", epoch)
