@@ -191,11 +191,3 @@ def exit_from_metadata(entry: dict[str, Any]) -> torch.nn.Module:
     if entry["type"] == "CNNExit":
         return CNNExit(CNNExitConfig.from_dict(entry["config"]))
     raise CheckpointMismatchError(f"unknown exit type {entry['type']!r} in checkpoint")
-
-
-def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
