@@ -1,16 +1,79 @@
-"""``slvit-fast`` command line: ``demo``, ``info``, ``presets``."""
+"""``slvit-fast`` command line: ``demo``, ``train``, ``evaluate``, ``info``, ``presets``, ``summary``, ``bench``, ``gpu-report``.
+
+Usage errors (an unknown backbone, a missing or malformed data file, conflicting options) print one
+line ``slvit-fast <command>: error: ...`` on stderr and exit with status 2 - never a traceback.
+Progress (one line per phase, one per training epoch) goes to stdout through the ``slvit_fast`` logger,
+warnings to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``slvit-fast train: error: ... (see slvit-fast train --help)``."""
 
-    run_demo(batch_size=args.batch_size, num_outputs=args.num_outputs, seed=args.seed, input_size=args.input_size)
+    def error(self, message: str):  # noqa: D401  (argparse API)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def _setup_logging() -> None:
+    """INFO lines of the ``slvit_fast`` loggers on stdout (plain), warnings on stderr."""
+    logger = logging.getLogger("slvit_fast")
+    if getattr(logger, "_slvit_cli", False):
+        return
+    out = logging.StreamHandler(sys.stdout)
+    out.setLevel(logging.INFO)
+    out.addFilter(_BelowWarning())
+    out.setFormatter(logging.Formatter("%(message)s"))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger.addHandler(out)
+    logger.addHandler(err)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger._slvit_cli = True
+
+
+def _si(text: str) -> float:
+    """'2.5e8', '250M', '1.2G' -> float."""
+    t = text.strip().upper().removesuffix("FLOPS").removesuffix("FLOP")
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(t[-1:], 1.0)
+    try:
+        return float(t[:-1] if scale != 1.0 else t) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of FLOPs such as 2.5e7, 25M or 0.1G, got {text!r}") from None
+
+
+def _fraction_list(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated fractions such as 0.5,0.3, got {text!r}") from None
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.synthetic:
+        from .demo import run_demo
+
+        run_demo(batch_size=args.batch_size, num_outputs=args.num_outputs, seed=args.seed,
+                 input_size=args.input_size or 224)
+        return 0
+    from .workflow.digits import run_digits_demo
+
+    _setup_logging()
+    run_digits_demo(out=args.out, seed=args.seed, input_size=args.input_size or 32, threads=args.threads,
+                    backbone_epochs=args.backbone_epochs, exit_epochs=args.exit_epochs, samples=args.samples)
     return 0
 
 
@@ -88,11 +151,56 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training.synthetic import run_synthetic_training
+    from .presets import canonical_name
+    from .workflow import UsageError
 
-    run_synthetic_training(backbone=args.backbone, exit_type=args.exit_type, samples=args.samples,
-                           epochs=args.epochs, batch_size=args.batch_size, input_size=args.input_size,
-                           cache_dir=args.cache_dir, checkpoint_dir=args.checkpoint_dir, lr=args.lr)
+    try:
+        canonical_name(args.backbone)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    real_only = {"--out": args.out, "--weights": args.weights, "--exits": args.exits, "--budget": args.budget,
+                 "--fractions": args.fractions, "--train-backbone-epochs": args.train_backbone_epochs}
+    if args.data is None:  # the synthetic example (no data needed)
+        given = [k for k, v in real_only.items() if v is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)} need --data (an ImageFolder directory or an .npz file)")
+        from .training.synthetic import run_synthetic_training
+
+        _setup_logging()
+        run_synthetic_training(backbone=args.backbone, exit_type=args.exit_type, samples=args.samples or 256,
+                               epochs=args.epochs or 5, batch_size=args.batch_size or 32,
+                               input_size=args.input_size or 112, cache_dir=args.cache_dir,
+                               checkpoint_dir=args.checkpoint_dir, lr=args.lr)
+        return 0
+    for flag, value in (("--samples", args.samples), ("--cache-dir", args.cache_dir),
+                        ("--checkpoint-dir", args.checkpoint_dir)):
+        if value is not None:
+            raise UsageError(f"{flag} is for the synthetic example; with --data the cache is OUT/cache")
+    if args.out is None:
+        raise UsageError("--data needs --out DIR (where the run is written)")
+    from .workflow import RunSpec, run_experiment
+
+    _setup_logging()
+    run_experiment(RunSpec(
+        data=args.data, backbone=args.backbone, out=args.out, weights=args.weights,
+        exit_paths=[p for p in args.exits.split(",") if p.strip()] if args.exits else None,
+        exit_types=(args.exit_type,), input_size=args.input_size, epochs=args.epochs or 30,
+        batch_size=args.batch_size or 64, lr=args.lr, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, seed=args.seed, train_backbone_epochs=args.train_backbone_epochs or 0,
+        backbone_lr=args.backbone_lr, budget=args.budget, fractions=args.fractions,
+        timing_repeats=args.timing_repeats,
+    ))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .workflow import evaluate_run
+    from .workflow.rundir import write_json
+
+    _setup_logging()
+    report = evaluate_run(args.run, args.data, timing_repeats=args.timing_repeats)
+    if args.json:
+        write_json(args.json, report)
     return 0
 
 
@@ -103,14 +211,50 @@ def _cmd_gpu_report(args: argparse.Namespace) -> int:
                tuple(_csv(args.presets)) or None, args.json)
 
 
+TRAIN_HELP = """Train early exits on your data and write a run directory (with --data), e.g.
+
+  slvit-fast train --data images/ --backbone resnet18 --weights IMAGENET1K_V1 --input-size 128 \\
+      --train-backbone-epochs 3 --out run1
+  slvit-fast evaluate --run run1 --data images/
+
+--data: an ImageFolder directory (DATA/<class>/<image>.png|jpg|...) or an .npz with arrays x and y;
+x is (N,H,W) grayscale, (N,C,H,W) or (N,H,W,C) with C = 1 or 3 (uint8 divided by 255); y holds N labels.
+Images are resized to --input-size and normalised (ImageNet statistics for torchvision weights, else
+the training split's). The data is split train/val/test with --seed; exits are trained classifier-wise
+on the frozen backbone (feature cache in OUT/cache), thresholds calibrated on val (--budget or
+--fractions), and the test split evaluated with real early exit. OUT gets run.json, exits.safetensors,
+policy.json, report.json, accuracy_flops.png (and backbone.safetensors when the backbone changed).
+
+Without --data: the synthetic example (4-class quadrant task on random-weight backbones), e.g.
+  slvit-fast train --backbone resnet152 --epochs 5 --cache-dir feats/
+"""
+
+
+def _backbone_names() -> list[str]:
+    from .backbone_presets import list_backbones
+
+    return list_backbones()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slvit-fast", description="Fast single-layer ViT early exits.")
+    parser = _Parser(prog="slvit-fast", description="Fast single-layer ViT early exits.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="SL-ViT exits on a random-weight ResNet152 with a synthetic batch")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--num-outputs", type=int, default=10)
+    p = sub.add_parser("demo", help="the paper's experiment in miniature: train ResNet18 on scikit-learn's digits, "
+                       "SL-ViT vs CNN exits, calibrated early exit, FLOPs and wall-clock (about a minute); "
+                       "--synthetic: the mechanics on a random-weight ResNet152")
+    p.add_argument("--synthetic", action="store_true",
+                   help="random-weight ResNet152 with the paper's exits on a random batch (mechanics only)")
+    p.add_argument("--out", default="slvit-fast-demo", help="output folder of the digits demo")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--input-size", type=int, default=224, help="image side (224 = the paper's branch shapes)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="image side (digits demo: 32; --synthetic: 224 = the paper's branch shapes)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: all cores, 1 when the machine is already busy)")
+    p.add_argument("--backbone-epochs", type=int, default=3, help="digits demo: ResNet18 training epochs")
+    p.add_argument("--exit-epochs", type=int, default=20, help="digits demo: exit training epochs (early stopping)")
+    p.add_argument("--samples", type=int, default=None, help="digits demo: use a random subset of this many images")
+    p.add_argument("--batch-size", type=int, default=4, help="--synthetic: batch size")
+    p.add_argument("--num-outputs", type=int, default=10, help="--synthetic: classes")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("info", help="version and which backends are usable here")
     p.add_argument("--json", action="store_true")
@@ -118,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the backbone presets and the paper's exit presets")
     p.set_defaults(func=_cmd_presets)
     p = sub.add_parser("summary", help="paper-style parameter/FLOP table of a backbone preset with its exits")
-    p.add_argument("backbone", help="resnet152, densenet201, inception_v3 or audiocsrnet")
+    p.add_argument("backbone", help=", ".join(_backbone_names()))
     p.add_argument("--exit-type", default="slvit", choices=["slvit", "cnn"])
     p.add_argument("--input-size", type=int, default=None, help="image side (default: the preset's)")
     p.set_defaults(func=_cmd_summary)
@@ -136,17 +280,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write all results as JSON here")
     p.add_argument("--plot", help="write a PNG plot of the speedups here")
     p.set_defaults(func=_cmd_bench)
-    p = sub.add_parser("train", help="train the exits of a backbone preset on synthetic data (end-to-end example)")
-    p.add_argument("--backbone", default="resnet152")
+    p = sub.add_parser("train", help="train exits on your data (--data: ImageFolder dir or .npz) and write a run "
+                       "directory; without --data, the synthetic example", description=TRAIN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="ImageFolder directory (DATA/<class>/<image>) or .npz with x (N,H,W | N,C,H,W | "
+                   "N,H,W,C; C=1 or 3; uint8 /255) and y (N labels)")
+    p.add_argument("--backbone", default="resnet152", help="a preset: " + ", ".join(_backbone_names()))
+    p.add_argument("--weights", help="backbone weights: .pt/.pth/.safetensors state_dict file, or a torchvision "
+                   "weights name (IMAGENET1K_V1, DEFAULT; downloaded unless cached)")
+    p.add_argument("--exits", help="comma-separated module paths for the exits (default: the preset's branches)")
     p.add_argument("--exit-type", default="slvit", choices=["slvit", "cnn"])
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--input-size", type=int, default=112)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--cache-dir", help="cache branch features here (later epochs skip the backbone)")
-    p.add_argument("--checkpoint-dir", help="save exits + training state every epoch; resume from it")
+    p.add_argument("--input-size", type=int, default=None, help="image side in pixels (default: the preset's, "
+                   "224; synthetic: 112)")
+    p.add_argument("--out", help="run directory to write (needed with --data)")
+    p.add_argument("--epochs", type=int, default=None, help="exit training epochs (default 30; synthetic 5)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 (synthetic 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="exit learning rate (Adam)")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--test-fraction", type=float, default=0.15)
+    p.add_argument("--seed", type=int, default=0, help="split and training seed")
+    p.add_argument("--train-backbone-epochs", type=int, default=None,
+                   help="first fine-tune the whole backbone (classifier included) for N epochs with Adam")
+    p.add_argument("--backbone-lr", type=float, default=1e-3)
+    cal = p.add_mutually_exclusive_group()
+    cal.add_argument("--budget", type=_si, help="mean FLOPs per sample for the exit thresholds (e.g. 25M); "
+                     "default: half the backbone's")
+    cal.add_argument("--fractions", type=_fraction_list,
+                     help="fractions of samples to leave at each exit, e.g. 0.5,0.3 (rest: the final output)")
+    p.add_argument("--timing-repeats", type=int, default=3, help="rounds of the wall-clock measurement")
+    p.add_argument("--samples", type=int, default=None, help="synthetic example only (default 256)")
+    p.add_argument("--cache-dir", help="synthetic example: cache branch features here (later epochs skip the backbone)")
+    p.add_argument("--checkpoint-dir", help="synthetic example: save exits + training state every epoch; resume from it")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("evaluate", help="rebuild a 'train --data' run and print its per-exit and early-exit table")
+    p.add_argument("--run", required=True, help="run directory written by slvit-fast train --out")
+    p.add_argument("--data", required=True, help="the data (same path/format as for train; the same test split is used)")
+    p.add_argument("--json", help="also write the evaluation report here")
+    p.add_argument("--timing-repeats", type=int, default=3)
+    p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("gpu-report", help="compile every Triton and CUDA kernel for sm_80/sm_90 (no GPU needed): "
                        "registers, shared memory, spill bytes; plus an H100 roofline vs eager PyTorch")
     p.add_argument("--json", action="store_true")
@@ -158,8 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .backbones.weights import WeightsUnavailableError
+    from .workflow.errors import UsageError
+
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"slvit-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except WeightsUnavailableError as e:  # offline: one line saying what to download and where to put it
+        print(f"slvit-fast {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

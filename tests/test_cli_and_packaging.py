@@ -34,8 +34,8 @@ def test_presets_command():
     assert result.returncode == 0 and "audiocsrnet-v1" in result.stdout and "72x128x512" in result.stdout
 
 
-def test_demo_prints_both_resnet152_exits():
-    result = _cli("demo", "--batch-size", "1")
+def test_synthetic_demo_prints_both_resnet152_exits():
+    result = _cli("demo", "--synthetic", "--batch-size", "1")
     assert result.returncode == 0, result.stderr
     assert "resnet152-b1" in result.stdout and "resnet152-b2" in result.stdout
     assert "607,374" in result.stdout and "803,982" in result.stdout  # exit parameter counts

@@ -1,0 +1,257 @@
+"""Labelled images for the train/evaluate workflow: an ImageFolder directory or an ``.npz`` file.
+
+``load_images(path)`` accepts
+
+* a directory laid out like ``torchvision.datasets.ImageFolder``: ``PATH/<class name>/<image>``
+  (png, jpg, jpeg, bmp, gif, tif, tiff, webp; any mode - converted to RGB); class ``i`` is the i-th
+  class folder in sorted order. Images are read lazily, one at a time.
+* an ``.npz`` file with arrays ``x`` and ``y``: ``x`` of shape ``(N, H, W)`` (grayscale),
+  ``(N, C, H, W)`` or ``(N, H, W, C)`` with ``C`` 1 or 3 (``(N, C, H, W)`` is assumed when the second
+  axis is 1 or 3); ``uint8`` pixels are divided by 255, other dtypes are used as they are. ``y``: ``N``
+  labels of any type (ints, strings); class ``i`` is the i-th distinct label in sorted order.
+
+Every sample becomes a 3-channel float image of ``input_size x input_size`` (bilinear resize,
+anti-aliased when shrinking; grayscale repeated to 3 channels), normalised per channel with
+``mean``/``std``: ImageNet's for torchvision-pretrained weights, otherwise the training split's own
+statistics (:func:`channel_stats`). Splits are a seeded random permutation (:func:`split_indices`), so
+``slvit-fast evaluate`` rebuilds exactly the test split the run held out.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .errors import UsageError
+
+__all__ = ["Images", "ArrayImages", "FolderImages", "load_images", "split_indices", "channel_stats",
+           "Prepared", "prepare", "loader", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _to_size(img: torch.Tensor, size: int) -> torch.Tensor:
+    """(C, h, w) float -> (3, size, size)."""
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    if tuple(img.shape[1:]) != (size, size):
+        shrink = img.shape[1] > size or img.shape[2] > size
+        img = F.interpolate(img[None], size=(size, size), mode="bilinear", align_corners=False,
+                            antialias=shrink)[0]
+    return img.contiguous()
+
+
+class Images(Dataset):
+    """Labelled images; ``raw(i)`` is sample i as a (3, size, size) float tensor before normalisation."""
+
+    classes: list[str]
+    source: str
+    labels: torch.Tensor
+
+    def __init__(self) -> None:
+        self.size: int | None = None
+        self.mean = torch.zeros(3)
+        self.std = torch.ones(3)
+
+    def configure(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.size = int(size)
+        self.mean = torch.tensor([float(m) for m in mean]).view(3, 1, 1)
+        self.std = torch.tensor([float(s) for s in std]).view(3, 1, 1)
+
+    def raw(self, i: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: int):
+        if self.size is None:
+            raise RuntimeError("Images.configure(size, mean, std) first")
+        return (self.raw(i) - self.mean) / self.std, self.labels[i]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def describe(self) -> str:
+        return f"{len(self)} images, {self.num_classes} classes, from {self.source}"
+
+
+class ArrayImages(Images):
+    """Images held in memory: ``x`` (N, C, H, W) float tensor, ``labels`` (N,) int64."""
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor, classes: list[str], source: str):
+        super().__init__()
+        self.x, self.labels, self.classes, self.source = x, labels, classes, source
+
+    def raw(self, i: int) -> torch.Tensor:
+        return _to_size(self.x[i], self.size)
+
+    def describe(self) -> str:
+        c, h, w = self.x.shape[1:]
+        return f"{len(self)} images of {c}x{h}x{w}, {self.num_classes} classes, from {self.source}"
+
+
+class FolderImages(Images):
+    """An ImageFolder directory, read lazily with PIL."""
+
+    def __init__(self, files: list[str], labels: torch.Tensor, classes: list[str], source: str):
+        super().__init__()
+        self.files, self.labels, self.classes, self.source = files, labels, classes, source
+
+    def raw(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return _to_size(torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0, self.size)
+
+
+def _labels(y: np.ndarray, source: str) -> tuple[torch.Tensor, list[str]]:
+    if y.ndim != 1:
+        raise UsageError(f"{source}: 'y' must be one label per sample (shape (N,)), got shape {y.shape}")
+    try:
+        values, index = np.unique(y, return_inverse=True)
+    except TypeError as e:
+        raise UsageError(f"{source}: labels in 'y' cannot be sorted ({e})") from None
+    if len(values) < 2:
+        raise UsageError(f"{source}: 'y' has {len(values)} distinct label(s); classification needs at least 2")
+    return torch.from_numpy(index.astype(np.int64)), [str(v) for v in values]
+
+
+def _load_npz(path: Path) -> ArrayImages:
+    src = str(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f.files or "y" not in f.files:
+                raise UsageError(f"{src}: an .npz needs arrays 'x' (images) and 'y' (labels); it has {f.files}")
+            x, y = f["x"], f["y"]
+    except UsageError:
+        raise
+    except Exception as e:  # not a zip, truncated, object arrays...
+        raise UsageError(f"{src}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        if x.shape[1] not in (1, 3):
+            if x.shape[3] not in (1, 3):
+                raise UsageError(f"{src}: 'x' of shape {x.shape}: expected (N, C, H, W) or (N, H, W, C) with C = 1 or 3")
+            x = x.transpose(0, 3, 1, 2)
+    else:
+        raise UsageError(f"{src}: 'x' must be (N, H, W), (N, C, H, W) or (N, H, W, C); got shape {x.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise UsageError(f"{src}: 'x' has {x.shape[0]} samples but 'y' has {y.shape[0]} labels")
+    if x.shape[0] == 0:
+        raise UsageError(f"{src}: no samples")
+    if x.dtype == np.uint8:
+        xt = torch.from_numpy(np.ascontiguousarray(x)).float() / 255.0
+    elif np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_:
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    else:
+        raise UsageError(f"{src}: 'x' has dtype {x.dtype}; expected numbers")
+    if not torch.isfinite(xt).all():
+        raise UsageError(f"{src}: 'x' contains NaN or infinite values")
+    labels, classes = _labels(y, src)
+    return ArrayImages(xt, labels, classes, src)
+
+
+def _load_folder(path: Path) -> FolderImages:
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, labels, used = [], [], []
+    for c in classes:
+        imgs = sorted(str(p) for p in (path / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if imgs:
+            labels += [len(used)] * len(imgs)
+            files += imgs
+            used.append(c)
+    if len(used) < 2:
+        raise UsageError(f"{path}: an image folder needs at least 2 class sub-folders with images "
+                         f"(PATH/<class>/<image>.png|jpg|...); found {len(used)} ({used})")
+    return FolderImages(files, torch.tensor(labels, dtype=torch.int64), used, str(path))
+
+
+def load_images(path: str | os.PathLike) -> Images:
+    """An :class:`Images` data set from an ImageFolder directory or an ``.npz`` file (module docstring)."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"data path {str(p)!r} does not exist")
+    if p.is_dir():
+        return _load_folder(p)
+    if p.suffix.lower() == ".npz":
+        return _load_npz(p)
+    raise UsageError(f"data path {str(p)!r}: expected an ImageFolder directory or an .npz file with 'x' and 'y'")
+
+
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Seeded random train/val/test split of ``range(n)``: the same arguments give the same split."""
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < f < 1.0:
+            raise UsageError(f"{name} must be in (0, 1), got {f}")
+    if val_fraction + test_fraction >= 1.0:
+        raise UsageError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
+    if n_test < 1 or n_val < 1 or n - n_test - n_val < 1:
+        raise UsageError(f"{n} samples are too few for a train/val/test split with val_fraction={val_fraction}, "
+                         f"test_fraction={test_fraction}")
+    return {"test": sorted(perm[:n_test]), "val": sorted(perm[n_test:n_test + n_val]),
+            "train": sorted(perm[n_test + n_val:])}
+
+
+def channel_stats(data: Images, indices: Sequence[int], limit: int = 2000, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of (up to ``limit``) samples ``indices`` at the configured size."""
+    idx = list(indices)
+    if len(idx) > limit:
+        pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:limit].tolist()
+        idx = [idx[i] for i in pick]
+    total = torch.zeros(3, dtype=torch.float64)
+    sq = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for i in idx:
+        img = data.raw(i).double()
+        total += img.sum(dim=(1, 2))
+        sq += (img * img).sum(dim=(1, 2))
+        count += img.shape[1] * img.shape[2]
+    mean = total / count
+    std = (sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-6)
+    return mean.tolist(), std.tolist()
+
+
+@dataclass
+class Prepared:
+    """A configured data set and its splits (indices into it)."""
+
+    data: Images
+    splits: dict[str, list[int]]
+    input_size: int
+    mean: list[float]
+    std: list[float]
+
+    def subset(self, split: str) -> Subset:
+        return Subset(self.data, self.splits[split])
+
+
+def prepare(data: Images, input_size: int, val_fraction: float, test_fraction: float, seed: int,
+            mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> Prepared:
+    """Split ``data`` and configure size and normalisation (``mean``/``std`` None: training-split statistics)."""
+    splits = split_indices(len(data), val_fraction, test_fraction, seed)
+    data.configure(input_size, [0.0] * 3, [1.0] * 3)
+    if mean is None or std is None:
+        mean, std = channel_stats(data, splits["train"], seed=seed)
+    data.configure(input_size, mean, std)
+    return Prepared(data, splits, int(input_size), [float(m) for m in mean], [float(s) for s in std])
+
+
+def loader(dataset: Any, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """A single-process DataLoader (deterministic order unless ``shuffle``, seeded)."""
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen)

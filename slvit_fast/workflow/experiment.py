@@ -1,0 +1,321 @@
+"""The real-data pipeline behind ``slvit-fast train``, ``slvit-fast evaluate`` and ``slvit-fast demo``.
+
+``run_experiment(RunSpec(...))``:
+
+1. loads the data (:mod:`.data`: ImageFolder or ``.npz``), splits it train/val/test with a seed and sets
+   size and normalisation;
+2. builds the backbone (:func:`slvit_fast.presets.build_backbone`: random, a file or torchvision
+   weights; a classifier of another size is replaced) and, with ``train_backbone_epochs``, fine-tunes
+   it whole (:mod:`.finetune`); a backbone whose classifier was never trained gets a warning;
+3. for each exit type (``slvit``, ``cnn``): attaches exits at the preset branches or ``exit_paths``
+   (sized by ``for_feature_map``), trains them classifier-wise with :func:`slvit_fast.training.train_exits`
+   (frozen backbone, feature cache in ``OUT/cache``, shared by the exit types: same backbone, data and
+   branch points), calibrates MaxSoftmax thresholds on the
+   validation split (``budget`` FLOPs per sample with :func:`~slvit_fast.calibration.calibrate_budget`,
+   or exit ``fractions`` with :func:`~slvit_fast.calibration.calibrate_fractions`), evaluates on the
+   test split (:mod:`.evaluation`: real early exit, FLOPs, wall-clock) and writes the run directory
+   (:mod:`.rundir`);
+4. with several exit types (the demo), each gets ``OUT/<type>/`` and a joint ``OUT/accuracy_flops.png``.
+
+``evaluate_run(run_dir, data)`` rebuilds the network from ``run.json`` and re-evaluates the same test
+split. Every phase logs one line to the ``slvit_fast.workflow`` logger (the exit-training epochs log to
+``slvit_fast.training``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .. import accounting, presets
+from ..analysis import plot_accuracy_flops
+from ..backbones.weights import WEIGHT_SUFFIXES
+from ..calibration import calibrate_budget, calibrate_fractions
+from ..checkpoint import atomic_write
+from ..training import train_exits
+from . import data as D
+from . import rundir as R
+from .errors import UsageError
+from .evaluation import evaluate
+from .finetune import finetune_backbone
+from .report import fmt_count, format_comparison, format_report
+
+log = logging.getLogger("slvit_fast.workflow")
+
+__all__ = ["RunSpec", "run_experiment", "evaluate_run", "DEFAULT_BUDGET_FRACTION", "is_torchvision_name"]
+
+# Without --budget or --fractions: the most accurate thresholds spending at most this fraction of the
+# plain backbone's FLOPs per sample (calibrate_budget on the validation split).
+DEFAULT_BUDGET_FRACTION = 0.5
+EXIT_TYPES = ("slvit", "cnn")
+
+
+@dataclass
+class RunSpec:
+    """Everything ``slvit-fast train`` takes (see ``slvit-fast train --help``)."""
+
+    data: str
+    backbone: str
+    out: str
+    weights: str | None = None
+    exit_paths: list[str] | None = None
+    exit_types: Sequence[str] = ("slvit",)
+    input_size: int | None = None
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    train_backbone_epochs: int = 0
+    backbone_lr: float = 1e-3
+    budget: float | None = None
+    fractions: list[float] | None = None
+    early_stopping_patience: int | None = 5
+    timing_repeats: int = 3
+    exit_backend: str = "auto"
+    plot_title: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in run.json as is
+
+
+def is_torchvision_name(weights: Any) -> bool:
+    """A weights string that is not a file: torchvision's "IMAGENET1K_V1", "DEFAULT", ..."""
+    if not isinstance(weights, str):
+        return False
+    return not (Path(weights).exists() or weights.lower().endswith(WEIGHT_SUFFIXES) or "/" in weights
+                or os.sep in weights)
+
+
+def _check(spec: RunSpec) -> str:
+    """Validate what a user can get wrong before any work; returns the canonical backbone name."""
+    try:
+        name = presets.canonical_name(spec.backbone)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if name == "audiocsrnet":
+        raise UsageError("audiocsrnet is a regression backbone with audio input; the image workflow needs a classifier")
+    if spec.budget is not None and spec.fractions is not None:
+        raise UsageError("give --budget or --fractions, not both")
+    if spec.budget is not None and not spec.budget > 0:
+        raise UsageError(f"--budget must be a positive number of FLOPs per sample, got {spec.budget}")
+    for t in spec.exit_types:
+        if t not in EXIT_TYPES:
+            raise UsageError(f"exit type must be one of {EXIT_TYPES}, got {t!r}")
+    for what, v in (("epochs", spec.epochs), ("batch size", spec.batch_size)):
+        if v < 1:
+            raise UsageError(f"{what} must be >= 1, got {v}")
+    if spec.train_backbone_epochs < 0:
+        raise UsageError(f"--train-backbone-epochs must be >= 0, got {spec.train_backbone_epochs}")
+    if spec.input_size is not None and spec.input_size < 8:
+        raise UsageError(f"--input-size must be at least 8 pixels, got {spec.input_size}")
+    if spec.weights is not None and not is_torchvision_name(spec.weights) and not Path(spec.weights).is_file():
+        raise UsageError(f"weights file {spec.weights!r} does not exist")
+    if spec.fractions is not None and (any(not 0 <= f <= 1 for f in spec.fractions) or sum(spec.fractions) > 1 + 1e-9):
+        raise UsageError(f"--fractions must be in [0, 1] and sum to at most 1, got {spec.fractions}")
+    return name
+
+
+def _save_backbone(backbone: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp))
+
+
+def _calibrate(net, val_loader, spec: RunSpec, backbone_flops: float):
+    """(policy, calibration record for report.json) on the validation split."""
+    if spec.fractions is not None:
+        try:
+            cal = calibrate_fractions(net, val_loader, spec.fractions)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        return cal.policy(), {"method": "fractions", "target_fractions": cal.target_fractions,
+                              "val_exit_fractions": cal.exit_fractions, "val_accuracy": cal.accuracy,
+                              "val_mean_flops": cal.expected_flops}
+    budget = spec.budget if spec.budget is not None else DEFAULT_BUDGET_FRACTION * backbone_flops
+    cal = calibrate_budget(net, val_loader, budget)
+    best = cal.best
+    if best is None:
+        cheapest = min(cal.candidates, key=lambda c: c.expected_flops)
+        if spec.budget is not None:
+            raise UsageError(f"--budget {fmt_count(budget)}FLOPs per sample is below every calibrated policy "
+                             f"(the cheapest needs {fmt_count(cheapest.expected_flops)}FLOPs on the validation split; "
+                             f"the backbone alone {fmt_count(backbone_flops)})")
+        log.warning("no calibrated policy fits the default budget of %s FLOPs per sample (%.0f%% of the backbone); "
+                    "using the cheapest one (%s FLOPs)", fmt_count(budget), 100 * DEFAULT_BUDGET_FRACTION,
+                    fmt_count(cheapest.expected_flops))
+        best = cheapest
+    return best.policy(), {"method": "budget", "budget_flops": budget, "default_budget": spec.budget is None,
+                           "val_exit_fractions": best.exit_fractions, "val_accuracy": best.accuracy,
+                           "val_mean_flops": best.expected_flops}
+
+
+def _plot(reports: dict[str, dict], path: Path, title: str) -> Path:
+    label = {"slvit": "SL-ViT exits", "cnn": "CNN exits"}
+    curves, exits = {}, {}
+    final = None
+    for kind, rep in reports.items():
+        name = label.get(kind, kind)
+        curves[name] = [(p["mean_flops"], p["accuracy"]) for p in rep["curve"]]
+        exits[name] = [(r["total_flops"], r["accuracy"]) for r in rep["exits"][:-1]]
+        final = rep["exits"][-1]
+    return plot_accuracy_flops(curves, path, backbone=(final["total_flops"], final["accuracy"]), exits=exits,
+                               title=title)
+
+
+def _weights_for(spec: RunSpec, out: Path, backbone, notes: list[str], finetuned: bool) -> tuple[str | None, bool]:
+    """(weights reference for run.json, saved?): the user's file/name when it rebuilds this backbone exactly,
+    else ``backbone.safetensors`` written to ``out``."""
+    if spec.weights is not None and not finetuned and not any("replaced" in n for n in notes):
+        return (spec.weights if is_torchvision_name(spec.weights) else str(Path(spec.weights).resolve())), False
+    _save_backbone(backbone, out / R.BACKBONE_FILE)
+    return R.BACKBONE_FILE, True
+
+
+def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
+    """Train, calibrate, evaluate and write run directories; returns ``{exit type: report}`` (module docstring)."""
+    name = _check(spec)
+    t_start = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    images = D.load_images(spec.data)
+    size = int(spec.input_size or presets.DEFAULT_INPUT[name][-1])
+    pretrained = is_torchvision_name(spec.weights)
+    prep = D.prepare(images, size, spec.val_fraction, spec.test_fraction, spec.seed,
+                     *((D.IMAGENET_MEAN, D.IMAGENET_STD) if pretrained else (None, None)))
+    n_split = {k: len(v) for k, v in prep.splits.items()}
+    log.info("data: %s; split %d train / %d val / %d test (seed %d); input 3x%dx%d", images.describe(),
+             n_split["train"], n_split["val"], n_split["test"], spec.seed, size, size)
+    K = images.num_classes
+
+    t0 = time.perf_counter()
+    backbone, notes = presets.build_backbone(name, K, spec.weights, size)
+    log.info("backbone: %s (%s weights%s), %.1fM parameters, built in %.1f s", name,
+             spec.weights or "random", "; " + "; ".join(notes) if notes else "",
+             sum(p.numel() for p in backbone.parameters()) / 1e6, time.perf_counter() - t0)
+    if spec.train_backbone_epochs == 0:
+        if spec.weights is None:
+            log.warning("the backbone has random weights and --train-backbone-epochs is 0: its classifier (and the "
+                        "features the exits learn from) are untrained, so the final output is chance level; pass "
+                        "--weights or --train-backbone-epochs N")
+        elif any("replaced" in n for n in notes):
+            log.warning("the backbone's classifier was replaced for %d classes and --train-backbone-epochs is 0: "
+                        "the final output is untrained (chance level); pass --train-backbone-epochs N", K)
+    train_shuffled = D.loader(prep.subset("train"), spec.batch_size, shuffle=True, seed=spec.seed)
+    train_ordered = D.loader(prep.subset("train"), spec.batch_size)  # fixed order: the feature cache hashes it
+    val = D.loader(prep.subset("val"), spec.batch_size)
+    test = D.loader(prep.subset("test"), spec.batch_size)
+    backbone_training = None
+    if spec.train_backbone_epochs:
+        t0 = time.perf_counter()
+        log.info("fine-tuning the whole backbone for %d epochs (Adam, lr %g)", spec.train_backbone_epochs,
+                 spec.backbone_lr)
+        backbone_training = finetune_backbone(backbone, train_shuffled, val, spec.train_backbone_epochs,
+                                              spec.backbone_lr, spec.seed)
+        log.info("backbone fine-tuned in %.1f s: best val accuracy %.1f%%", time.perf_counter() - t0,
+                 100 * backbone_training["best_val_accuracy"])
+    backbone.eval()
+    weights_ref, saved = _weights_for(spec, out, backbone, notes, backbone_training is not None)
+
+    reports: dict[str, dict[str, Any]] = {}
+    for exit_type in spec.exit_types:
+        run_dir = out if len(spec.exit_types) == 1 else out / exit_type
+        run_dir.mkdir(parents=True, exist_ok=True)
+        net = presets.build(name, exit_type=exit_type, num_outputs=K, weights=backbone, input_size=size,
+                            exit_paths=spec.exit_paths, exit_backend=spec.exit_backend)
+        summary = accounting.summary(net, (3, size, size))
+        shapes = ", ".join(f"{r.name} at {r.module} ({'x'.join(map(str, r.feature_shape[1:]))}, "
+                           f"{r.params:,} params)" for r in summary.rows[:-1])
+        log.info("%s exits: %s; training up to %d epochs (classifier-wise, feature cache in %s)", exit_type,
+                 shapes, spec.epochs, out / "cache")
+        t0 = time.perf_counter()
+        history = train_exits(net, train_ordered, val, epochs=spec.epochs, lr=spec.lr, cache_dir=out / "cache",
+                              seed=spec.seed, early_stopping_patience=spec.early_stopping_patience)
+        train_seconds = time.perf_counter() - t0
+        log.info("%s exits trained in %.1f s (%d epochs)", exit_type, train_seconds, len(history.epochs))
+        policy, calibration = _calibrate(net, val, spec, summary.backbone_flops)
+        log.info("calibrated %r on the validation split (%s): val accuracy %.1f%%, mean %sFLOPs per sample",
+                 policy, calibration["method"], 100 * calibration["val_accuracy"],
+                 fmt_count(calibration["val_mean_flops"]))
+        t0 = time.perf_counter()
+        report = evaluate(net, policy, test, input_size=(3, size, size), timing_repeats=spec.timing_repeats)
+        log.info("evaluated on the %d test samples in %.1f s", report["test_samples"], time.perf_counter() - t0)
+        report.update(backbone=name, exit_type=exit_type, calibration=calibration,
+                      exit_training={"seconds": train_seconds, "epochs": len(history.epochs),
+                                     "cache_seconds": history.cache_seconds},
+                      backbone_training=backbone_training)
+        net.save_exits(str(run_dir / R.EXITS_FILE))
+        R.write_json(run_dir / R.POLICY_FILE, R.policy_to_json(policy))
+        R.write_json(run_dir / R.REPORT_FILE, report)
+        ref = os.path.relpath(out / weights_ref, run_dir) if saved else weights_ref
+        R.write_json(run_dir / R.RUN_FILE, {
+            "format": 1, "backbone": name, "weights": ref, "weights_given": spec.weights, "num_outputs": K,
+            "classes": images.classes, "input_size": size, "exit_type": exit_type, "exit_paths": spec.exit_paths,
+            "exit_modules": list(net.exit_paths), "branch_names": list(net.branch_names),
+            "data": {"path": str(Path(spec.data).resolve()), "samples": len(images), "val_fraction": spec.val_fraction,
+                     "test_fraction": spec.test_fraction, "seed": spec.seed, "mean": prep.mean, "std": prep.std},
+            "training": {"epochs": spec.epochs, "lr": spec.lr, "batch_size": spec.batch_size,
+                         "train_backbone_epochs": spec.train_backbone_epochs, "backbone_lr": spec.backbone_lr},
+            "calibration": {"budget": spec.budget, "fractions": spec.fractions}, **spec.extra,
+        })
+        png = _plot({exit_type: report}, run_dir / R.PLOT_FILE,
+                    spec.plot_title or f"{name} on {Path(spec.data).name}: {exit_type} exits")
+        reports[exit_type] = report
+        if len(spec.exit_types) == 1:
+            print(format_report(report, f"{name} with {exit_type} exits, test split ({report['test_samples']} samples):"),
+                  flush=True)
+            print(f"wrote {run_dir}/{{{R.RUN_FILE}, {R.EXITS_FILE}, {R.POLICY_FILE}, {R.REPORT_FILE}}} and {png}",
+                  flush=True)
+    if len(spec.exit_types) > 1:
+        _plot(reports, out / R.PLOT_FILE, spec.plot_title or f"{name} on {Path(spec.data).name}")
+    log.info("done in %.1f s", time.perf_counter() - t_start)
+    return reports
+
+
+def _resolve_weights(run_dir: Path, ref: str | None) -> str | None:
+    if ref is None or is_torchvision_name(ref):
+        return ref
+    p = Path(ref)
+    return str(p if p.is_absolute() else (run_dir / p))
+
+
+def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, timing_repeats: int = 3,
+                 quiet: bool = False) -> dict[str, Any]:
+    """Rebuild a ``slvit-fast train`` run and evaluate it on the test split of ``data`` (same split)."""
+    d = Path(run_dir)
+    run = R.read_run(d)
+    images = D.load_images(data)
+    if images.classes != run["classes"]:
+        raise UsageError(f"{data} has classes {images.classes[:10]}, the run in {d} was trained on {run['classes'][:10]}")
+    if len(images) != run["data"]["samples"]:
+        log.warning("%s has %d samples, the run was trained on %d: the test split is not the one held out in training",
+                    data, len(images), run["data"]["samples"])
+    info = run["data"]
+    prep = D.prepare(images, run["input_size"], info["val_fraction"], info["test_fraction"], info["seed"],
+                     info["mean"], info["std"])
+    net = presets.build(run["backbone"], exit_type=run["exit_type"], num_outputs=run["num_outputs"],
+                        weights=_resolve_weights(d, run["weights"]), input_size=run["input_size"],
+                        exit_paths=run["exit_paths"])
+    net.load_exits(str(d / R.EXITS_FILE))
+    policy = R.policy_from_json(R.read_json(d / R.POLICY_FILE), str(d / R.POLICY_FILE))
+    test = D.loader(prep.subset("test"), run["training"]["batch_size"])
+    report = evaluate(net, policy, test, input_size=(3, run["input_size"], run["input_size"]),
+                      timing_repeats=timing_repeats)
+    report.update(backbone=run["backbone"], exit_type=run["exit_type"])
+    if not quiet:
+        print(format_report(report, f"{run['backbone']} with {run['exit_type']} exits from {d}, "
+                                    f"test split of {data} ({report['test_samples']} samples):"), flush=True)
+    return report
+
+
+def comparison_table(reports: dict[str, dict[str, Any]], title: str = "") -> str:
+    return format_comparison(reports, title)
+
