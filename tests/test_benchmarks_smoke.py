@@ -118,3 +118,18 @@ def test_onnxruntime_anchor_reports_a_missing_install(monkeypatch):
     monkeypatch.setattr(anchors.importlib.util, "find_spec", lambda n: None if n == "onnxruntime" else real(n))
     b = build(SLViTConfig(**TINY), 1, "inference", include=("eager",), anchors=("onnxruntime",))
     assert "onnxruntime is not installed" in b.skipped["onnxruntime"] and "onnxruntime" not in b.timed
+
+
+def test_early_exit_target_compares_with_the_flop_prediction():
+    from slvit_fast.bench.e2e_bench import ThroughputRow
+    from slvit_fast.bench.run import BenchReport, evaluate_targets, format_report
+
+    row = ThroughputRow("resnet152", 64, 0.5, 0.5, 10.0, 16.0, 1.6, 2.0, 0.8)
+    report = BenchReport(machine="test", matmul_gflops=1.0)
+    report.throughput = [row.to_dict()]
+    (target,) = [t for t in evaluate_targets(report) if t["target"].startswith("early-exit")]
+    assert target["goal"] == 0.9 and target["measured"] == 0.8 and target["met"] is False
+    assert "FLOPs predict 2.00x, measured 80% of it" in format_report(report)
+    report.throughput[0]["fraction_of_flop_prediction"] = None
+    (target,) = [t for t in evaluate_targets(report) if t["target"].startswith("early-exit")]
+    assert target["met"] is None and "FLOP prediction" in target["why_missing"]

@@ -98,6 +98,11 @@ class ThroughputRow:
     full_images_per_s: float
     early_exit_images_per_s: float
     speedup: float
+    # backbone FLOPs / mean FLOPs per sample of this early-exit run (EarlyExitResult.flops_speedup), and
+    # the measured speedup as a fraction of it (issue 14 target: >= 0.9 at 50% leaving at b1); None when
+    # the installed multi-exit code does not report FLOP costs
+    flop_predicted_speedup: float | None = None
+    fraction_of_flop_prediction: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,5 +128,8 @@ def run_early_exit_throughput(backbone: str = "resnet152", batch: int = 64, frac
             "early_exit": lambda: net.early_exit(inputs if len(inputs) > 1 else inputs[0], policy),
         }, repeats=repeats, warmup=1)
         full_ips, ee_ips = batch / t["full"].median_s, batch / t["early_exit"].median_s
-        rows.append(ThroughputRow(backbone, batch, frac, early, full_ips, ee_ips, ee_ips / full_ips))
+        predicted = getattr(result, "flops_speedup", None)
+        fraction = ee_ips / full_ips / predicted if predicted else None
+        rows.append(ThroughputRow(backbone, batch, frac, early, full_ips, ee_ips, ee_ips / full_ips, predicted,
+                                  fraction))
     return rows
