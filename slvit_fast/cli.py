@@ -26,16 +26,32 @@ class _BelowWarning(logging.Filter):
         return record.levelno < logging.WARNING
 
 
+class _StdStream(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout``/``sys.stderr`` is at the time (pytest and notebooks swap them)."""
+
+    def __init__(self, name: str):
+        self._which = name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self._which)
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the live one is always used
+        pass
+
+
 def _setup_logging() -> None:
     """INFO lines of the ``slvit_fast`` loggers on stdout (plain), warnings on stderr."""
     logger = logging.getLogger("slvit_fast")
     if getattr(logger, "_slvit_cli", False):
         return
-    out = logging.StreamHandler(sys.stdout)
+    out = _StdStream("stdout")
     out.setLevel(logging.INFO)
     out.addFilter(_BelowWarning())
     out.setFormatter(logging.Formatter("%(message)s"))
-    err = logging.StreamHandler(sys.stderr)
+    err = _StdStream("stderr")
     err.setLevel(logging.WARNING)
     err.setFormatter(logging.Formatter("warning: %(message)s"))
     logger.addHandler(out)

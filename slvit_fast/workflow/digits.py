@@ -108,7 +108,7 @@ def run_digits_demo(out: str | os.PathLike = "slvit-fast-demo", seed: int = 0, i
     data = write_digits(out / "digits.npz", samples, seed)
     n = int(np.load(data)["y"].shape[0])
     print(f"slvit-fast demo: SL-ViT vs CNN early exits on scikit-learn's digits ({n} 8x8 images upsampled to "
-          f"3x{input_size}x{input_size}), {DEMO_BACKBONE} trained here for {backbone_epochs} epochs; "
+          f"3x{input_size}x{input_size}), {DEMO_BACKBONE} trained here for {backbone_epochs} epoch{'s' if backbone_epochs != 1 else ''}; "
           f"{threads} thread{'s' if threads != 1 else ''}; output in {out}", flush=True)
     reports = run_experiment(RunSpec(
         data=str(data), backbone=DEMO_BACKBONE, out=str(out), input_size=input_size, exit_types=("slvit", "cnn"),
