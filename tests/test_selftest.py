@@ -59,6 +59,9 @@ def test_paired_check_structural_problems_fail():
     nan_leak = paired_check("g", torch.tensor([float("nan")] * 3, dtype=torch.float64), ref, ref, tol)
     assert not nan_leak.ok and "non-finite" in nan_leak.problem and math.isinf(nan_leak.ratio)
     assert "no value" in paired_check("g", None, ref, ref, tol).problem
+    finite_ref = torch.tensor([1.0, 3.0, 2.0], dtype=torch.float64)  # the one-pass path (all finite)
+    inf_leak = paired_check("g", torch.tensor([1.0, float("inf"), 2.0]), finite_ref, finite_ref, tol)
+    assert not inf_leak.ok and "1 non-finite" in inf_leak.problem
     assert "shape" in paired_check("g", ref[:2], ref, ref, tol).problem
 
 

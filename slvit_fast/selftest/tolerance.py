@@ -9,6 +9,7 @@ like fp16, hence fp16's factor and floor.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -62,26 +63,57 @@ class TensorCheck:
         return d
 
 
-def paired_check(name: str, ours: torch.Tensor | None, ref_lowp: torch.Tensor, ref64: torch.Tensor,
-                 tol: Tolerance) -> TensorCheck:
-    """Compare ``ours`` with ``ref64``, allowing what ``ref_lowp`` (the reference in ours' dtype) errs."""
+@dataclass
+class ReferenceStats:
+    """What every backend's tensor is compared with, computed once per tensor and dtype."""
+
+    ref64: torch.Tensor  # float64 reference values
+    finite: torch.Tensor | None  # mask of finite reference entries; None when all are finite (fast path)
+    scale: float  # max |finite reference value|
+    reference_error: float  # max |reference in the dtype - float64| over finite entries
+
+
+def reference_stats(ref_lowp: torch.Tensor, ref64: torch.Tensor) -> ReferenceStats:
+    ref64 = ref64.detach().double()
+    low64 = ref_lowp.detach().double()
+    finite = torch.isfinite(ref64)
+    if bool(finite.all()):
+        if ref64.numel() == 0:
+            return ReferenceStats(ref64, None, 0.0, 0.0)
+        return ReferenceStats(ref64, None, ref64.abs().max().item(), (low64 - ref64).abs().max().item())
+    if not finite.any():
+        return ReferenceStats(ref64, finite, 0.0, 0.0)
+    return ReferenceStats(ref64, finite, ref64[finite].abs().max().item(),
+                          (low64 - ref64)[finite].abs().max().item())
+
+
+def paired_check(name: str, ours: torch.Tensor | None, ref_lowp: torch.Tensor | ReferenceStats,
+                 ref64: torch.Tensor | None, tol: Tolerance) -> TensorCheck:
+    """Compare ``ours`` with ``ref64``, allowing what ``ref_lowp`` (the reference in ours' dtype) errs.
+
+    ``ref_lowp`` may instead be the :class:`ReferenceStats` of the pair (then ``ref64`` is unused), so
+    several backends share one pass over the references.
+    """
+    stats = ref_lowp if isinstance(ref_lowp, ReferenceStats) else reference_stats(ref_lowp, ref64)
     nan = float("nan")
     if ours is None:
         return TensorCheck(name, nan, nan, nan, nan, False, "backend produced no value/gradient")
+    ref64 = stats.ref64
     if tuple(ours.shape) != tuple(ref64.shape):
         return TensorCheck(name, nan, nan, nan, nan, False,
                            f"shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}")
-    ours64, low64, ref64 = ours.detach().double(), ref_lowp.detach().double(), ref64.detach().double()
-    finite = torch.isfinite(ref64)
-    if not torch.equal(torch.isfinite(ours64), finite):
-        bad = int((torch.isfinite(ours64) != finite).sum())
-        return TensorCheck(name, nan, nan, nan, nan, False,
-                           f"{bad} non-finite value(s) where the reference has none (or the reverse)")
-    if finite.any():
-        scale = ref64[finite].abs().max().item()
-        ref_err = (low64 - ref64)[finite].abs().max().item()
-        err = (ours64 - ref64)[finite].abs().max().item()
+    ours64 = ours.detach().double()
+    bound = tol.factor * stats.reference_error + tol.floor * max(stats.scale, 1e-30)
+    if stats.finite is None:  # common case: one pass; a NaN/inf of ours shows up as a non-finite error
+        err = (ours64 - ref64).abs().max().item() if ref64.numel() else 0.0
+        if not math.isfinite(err):
+            bad = int((~torch.isfinite(ours64)).sum())
+            return TensorCheck(name, nan, bound, stats.reference_error, stats.scale, False,
+                               f"{bad} non-finite value(s) where the reference has none")
     else:
-        scale = ref_err = err = 0.0
-    bound = tol.factor * ref_err + tol.floor * max(scale, 1e-30)
-    return TensorCheck(name, err, bound, ref_err, scale, err <= bound)
+        if not torch.equal(torch.isfinite(ours64), stats.finite):
+            bad = int((torch.isfinite(ours64) != stats.finite).sum())
+            return TensorCheck(name, nan, bound, stats.reference_error, stats.scale, False,
+                               f"{bad} entries non-finite in one of ours and the reference but not the other")
+        err = (ours64 - ref64)[stats.finite].abs().max().item() if stats.finite.any() else 0.0
+    return TensorCheck(name, err, bound, stats.reference_error, stats.scale, err <= bound)
