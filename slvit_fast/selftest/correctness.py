@@ -135,7 +135,7 @@ class CaseResult:
         return {
             "output": None if out is None else out.error,
             "output_bound": None if out is None else out.bound,
-            "gradient": max((c.error for c in grads), default=None),
+            "gradient": max((c.error for c in grads), default=None),  # largest absolute error of any gradient
             "worst_gradient": None if worst_grad is None else worst_grad.name,
             "worst_gradient_error": None if worst_grad is None else worst_grad.error,
             "worst_gradient_bound": None if worst_grad is None else worst_grad.bound,

@@ -31,7 +31,7 @@ from ..slvit_exit import SLViTExit
 from .correctness import CaseResult, check_config, matmul_precision, randomize_
 from .launches import forward_launches
 from .plan import (CORRECTNESS_BATCH, VEHICLE_BATCH, VEHICLE_MAX_CHANNELS, BackendPlan, cap_channels, plan_backends,
-                   preset_configs, triton_interpreted)
+                   preset_config, preset_configs, triton_interpreted)
 from .report import Row, SelftestReport
 from .timing import TimingCase, time_case
 from .tolerance import DTYPES
@@ -182,7 +182,8 @@ def run_selftest(device: str = "cpu", quick: bool = False, json_path: str | None
         timed = [b.name for b in plans if b.skipped is None and b.timed]
         distinct = [name for name, (_, same) in preset_map.items() if same is None]
         for preset, dt, anchors in timing_plan(device, quick, distinct):
-            cfg = preset_map[preset][0]
+            # timing always uses the paper's sizes (--quick shrinks only the correctness configs)
+            cfg = preset_map[preset][0] if configs is not None else preset_config(preset, quick=False)
             names = [b for b in timed if dt in backend_dtypes[b]]
             if "torch" not in names:
                 names.insert(0, "torch")  # eager is the baseline of every ratio
