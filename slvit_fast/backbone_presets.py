@@ -56,7 +56,6 @@ random one with a logged note (timm's ``num_classes`` behaviour); ``net.classifi
 from __future__ import annotations
 
 import difflib
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -66,7 +65,7 @@ from torch import nn
 from .backbones import torchvision_zoo
 from .backbones.weights import WeightsUnavailableError, load_into, read_weights
 from .cnn_exit import CNNExit
-from .config import CNNExitConfig, SLViTConfig
+from .config import CNNExitConfig, SLViTConfig, patch_for_map
 from .exit_presets import get_preset
 from .multi_exit import MultiExitNetwork
 from .shape_probe import input_sizes, probe
@@ -165,11 +164,9 @@ def _input_size(name: str, input_size: Any) -> Any:
 
 
 def patch_for(feature_size: tuple[int, int]) -> int:
-    """The paper's patch rule: the common divisor of H and W closest to sqrt(sqrt(H * W))."""
-    H, W = feature_size
-    target = math.sqrt(math.sqrt(H * W))
-    divisors = [d for d in range(1, min(H, W) + 1) if H % d == 0 and W % d == 0]
-    return min(divisors, key=lambda d: (abs(d - target), -d))
+    """The paper's patch rule (:func:`slvit_fast.config.patch_for_map`): the common divisor of H and W
+    closest to sqrt(sqrt(H * W)) - 28 -> 4, 25 -> 5, 72x128 -> 8."""
+    return patch_for_map(feature_size)
 
 
 def exit_config(exit_type: str, in_channels: int, feature_size: tuple[int, int], num_outputs: int,
