@@ -223,3 +223,11 @@ def test_cuda_launch_counting_path_runs_its_bookkeeping_on_cpu():
     counts = _count_launches(TINY, plans, "cpu")
     assert set(counts) == {(b.name, d) for b in plans for d in b.dtypes}
     assert all(n is None and "n/a" in note for n, note in counts.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cli_cuda_without_a_gpu_is_a_clear_error(capsys):
+    from slvit_fast.selftest.cli import main
+
+    assert main(["--device", "cuda"]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err

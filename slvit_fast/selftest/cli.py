@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -27,6 +28,10 @@ def run(args: argparse.Namespace) -> int:
     from .runner import run_selftest
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("slvit-fast selftest: --device cuda, but torch.cuda.is_available() is False here (no GPU, or a "
+              "CPU-only torch build); run with --device cpu", file=sys.stderr)
+        return 2
     csv = lambda s: [t for t in (s or "").split(",") if t]  # noqa: E731
     report = run_selftest(device=device, quick=args.quick, json_path=args.json, backends=csv(args.backends) or None,
                           presets=csv(args.presets) or None, timing=not args.no_timing)
@@ -38,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m slvit_fast.selftest.cli`` works before the subcommand is wired into slvit-fast."""
     parser = argparse.ArgumentParser(prog="slvit-fast")
     add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["selftest", *(argv if argv is not None else __import__("sys").argv[1:])])
+    args = parser.parse_args(["selftest", *(argv if argv is not None else sys.argv[1:])])
     return args.func(args)
 
 
