@@ -34,6 +34,7 @@ class Row:
     first_call_s: float
     timing: dict[str, Any] | None = None  # batch -> {exit_s, eager_s, speedup_vs_*} where timed
     in_channels: int | None = None  # feature-map channels checked (capped for --quick / emulators)
+    timing_note: str = ""  # why ``timing`` is null for this row
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -193,6 +193,11 @@ def run_selftest(device: str = "cpu", quick: bool = False, json_path: str | None
                 report.timing.append(case)
                 _attach_timing(report.rows, case)
         report.seconds["timing"] = time.perf_counter() - t0
+        vehicles = {b.name for b in plans if b.skipped is None and not b.timed}
+        for r in report.rows:
+            if r.timing is None:
+                r.timing_note = ("emulator/interpreter: correctness only" if r.backend in vehicles else
+                                 "not in this device's timing plan (preset x dtype)")
         busy = _busy_note()
         if busy:
             report.notes.append(busy)
@@ -203,6 +208,9 @@ def run_selftest(device: str = "cpu", quick: bool = False, json_path: str | None
             report.notes.append("timing on CPU: resnet152-b1 fp32 only, anchors compile"
                                 + ("" if quick else " + max-autotune") + " (reduce-overhead = CUDA graphs: CUDA only); "
                                 "`slvit-fast bench` measures more")
+    if not timing:
+        for r in report.rows:
+            r.timing_note = "timing skipped (--no-timing)"
     report.seconds["total"] = time.perf_counter() - t_start
     if json_path:
         Path(json_path).write_text(json.dumps(_finite(report.to_dict()), indent=1))
