@@ -8,6 +8,7 @@
 #include "fused_avx2.h"
 
 #include <immintrin.h>
+#include <x86intrin.h>
 #include <sched.h>
 
 #include <cmath>
@@ -251,6 +252,23 @@ struct Team {
   }
 };
 
+// Profiling (set_profiling): cycles since the previous mark go to `ph`, on worker 0's thread only.
+bool g_prof = false;
+thread_local double t_prof[kNumPhases];
+thread_local uint64_t t_last = 0;
+inline void mark(const Team& t, int ph) {
+  if (!g_prof || t.w0 != 0) return;
+  const uint64_t now = __rdtsc();
+  t_prof[ph] += (double)(now - t_last);
+  t_last = now;
+}
+// End of phase `ph`, then the barrier (its wait is counted as kPhBarrier).
+inline void end_phase(const Team& t, int ph) {
+  mark(t, ph);
+  t.sync();
+  mark(t, kPhBarrier);
+}
+
 // Rows [0, M) in whole micro-tile blocks per worker (a split inside a block wastes FMA lanes).
 template <class F>
 void for_row_share(const Team& t, int64_t M, F f) {
@@ -280,6 +298,8 @@ struct Plan {
   bool head_gemm;   // head as a GEMM over a feature-major flat batch (else per-sample dot products)
   int64_t S, cols, ncomp, ld, ldS, ldf;
   int64_t pt_floats, n_set, n_scratch, n_flat, n_hid, n_outT;
+  bool fold;        // team with LayerNorm folded into the next GEMM (per-worker y buffers of n_ypriv)
+  int64_t n_ypriv;
 };
 
 Plan make_plan(const Problem& p, int nw) {
@@ -305,6 +325,8 @@ Plan make_plan(const Problem& p, int nw) {
   pl.n_flat = round_up(pl.head_gemm ? Td * pl.ldf : p.B * Td, 16);
   pl.n_hid = round_up(pl.head_gemm ? p.hidden * pl.ldf : p.B * p.hidden, 16);
   pl.n_outT = round_up(p.outputs * pl.ldf, 16);
+  pl.fold = pl.team && !p.legacy_phases;
+  pl.n_ypriv = pl.fold ? round_up(p.d * pl.ld, 16) : 0;
   return pl;
 }
 
@@ -480,8 +502,15 @@ void attention_head(const Problem& p, const Plan& pl, const ChunkBufs& cb, int64
 
 // The encoder (all layers) over one chunk of S samples starting at b0; the result is left in the
 // returned buffer (tA or tB). Team phases are separated by sync().
+// A team with `ypriv` (this thread's own d x ld buffer; nullptr = the old layout) folds each
+// LayerNorm into the GEMM that consumes it: every thread normalises all token columns into ypriv
+// itself (d x cols, a few microseconds at team sizes) instead of sharing the work and meeting at a
+// barrier, and the last layer's fc2 writes its own rows of the head input (`flat`) with no barrier.
+void write_flat(const Problem& p, const Plan& pl, const float* tT, int64_t b0, int64_t S, float* flat, int64_t f0,
+                int64_t f1);
+
 float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float* scratch0, int64_t scratch_stride,
-                    int64_t b0, int64_t S, const Team& t) {
+                    int64_t b0, int64_t S, const Team& t, float* ypriv = nullptr, float* flat = nullptr) {
   const int64_t ld = pl.ld, d = p.d, A = p.A;
   const int64_t cols = S * p.T;
   const int64_t ncomp = round_up(cols, 8);
@@ -502,18 +531,20 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
       for_share(t, p.C, [&](int64_t c0, int64_t c1) {
         for (int64_t b = 0; b < npanel; ++b) gather_panel(p, b0, S, b * 16, cb.PT + b * panel_sz, c0, c1);
       });
-      t.sync();
+      end_phase(t, kPhGather);
       for_row_share(t, d, [&](int64_t r0, int64_t r1) { gemm_sh(r0, r1, ncomp, sh, p.Wp, cb.PT, cb.tA, e, panel_sz); });
     } else {
       for (int64_t b = 0; b < npanel; ++b) {
         gather_panel(p, b0, S, b * 16, cb.PT, 0, p.C);
+        mark(t, kPhGather);
         Epi eb = e;
         eb.add = cb.add + b * 16;
         gemm_sh(0, d, imin(16, ncomp - b * 16), sh, p.Wp, cb.PT, cb.tA + b * 16, eb);
+        mark(t, kPhEmbed);
       }
     }
   }
-  t.sync();
+  end_phase(t, kPhEmbed);
   if (p.E > 0 && t.w0 == 0) {
     for (int64_t s = 0; s < S; ++s)
       for (int64_t e = 0; e < p.E; ++e) {
@@ -522,16 +553,23 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
           cb.tA[n * ld + s * p.T + p.Np + e] = p.be[n] + dot(p.We + n * p.De, ex, p.De);
       }
   }
-  if (p.E > 0) t.sync();
+  if (p.E > 0) end_phase(t, kPhEmbed);
 
   float* cur = cb.tA;
   float* nxt = cb.tB;
   const float scale = 1.f / std::sqrt((float)p.kd);
   const int64_t ncb = ncomp / 8;
+  const bool fold = ypriv != nullptr;
+  float* y = fold ? ypriv : cb.y;
   for (int64_t l = 0; l < p.layers; ++l) {
     const LayerWeights& w = p.layer[l];
-    for_share(t, ncb, [&](int64_t lo, int64_t hi) { layer_norm_cols(cur, cb.y, ld, d, lo, hi, w.g1, w.b1, p.eps); });
-    t.sync();
+    if (fold) {
+      layer_norm_cols(cur, y, ld, d, 0, ncb, w.g1, w.b1, p.eps);
+      mark(t, kPhLayerNorm);
+    } else {
+      for_share(t, ncb, [&](int64_t lo, int64_t hi) { layer_norm_cols(cur, y, ld, d, lo, hi, w.g1, w.b1, p.eps); });
+      end_phase(t, kPhLayerNorm);
+    }
     {
       const float* Ws[3] = {w.Wq, w.Wk, w.Wv};
       const float* bs[3] = {w.bq, w.bk, w.bv};
@@ -539,7 +577,7 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
       for (int j = 0; j < 3; ++j) {
         Epi e;
         e.row_bias = bs[j];
-        for_row_share(t, A, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, d, Ws[j], d, 1, cb.y, ld, outs[j], ld, e); });
+        for_row_share(t, A, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, d, Ws[j], d, 1, y, ld, outs[j], ld, e); });
       }
       // queries past the chunk's last token are read (into discarded score columns): keep them finite
       for_share(t, A, [&](int64_t r0, int64_t r1) {
@@ -547,7 +585,7 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
           for (int64_t c = ncomp; c < ld; ++c) cb.q[r * ld + c] = cb.o[r * ld + c] = 0.f;
       });
     }
-    t.sync();
+    end_phase(t, kPhQKV);
     for (int w = t.w0; w < t.w1; ++w) {
       int64_t lo, hi;
       Team::share(S * p.heads, w, t.n, lo, hi);
@@ -558,7 +596,7 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
         for (int64_t r = 0; r < A; ++r)
           for (int64_t c = cols; c < ncomp; ++c) cb.o[r * ld + c] = 0.f;
     }
-    t.sync();
+    end_phase(t, kPhAttention);
     {
       Epi e;
       e.row_bias = w.bo;
@@ -566,16 +604,22 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
       e.ld_add = ld;
       for_row_share(t, d, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, A, w.Wo, A, 1, cb.o, ld, cb.t1, ld, e); });
     }
-    t.sync();
-    for_share(t, ncb, [&](int64_t lo, int64_t hi) { layer_norm_cols(cb.t1, cb.y, ld, d, lo, hi, w.g2, w.b2, p.eps); });
-    t.sync();
+    end_phase(t, kPhOutProj);
+    if (fold) {
+      layer_norm_cols(cb.t1, y, ld, d, 0, ncb, w.g2, w.b2, p.eps);
+      mark(t, kPhLayerNorm);
+    } else {
+      for_share(t, ncb, [&](int64_t lo, int64_t hi) { layer_norm_cols(cb.t1, y, ld, d, lo, hi, w.g2, w.b2, p.eps); });
+      end_phase(t, kPhLayerNorm);
+    }
     {
       Epi e;
       e.row_bias = w.c1;
       e.act = kGelu;
-      for_row_share(t, p.mlp, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, d, w.W1, d, 1, cb.y, ld, cb.h, ld, e); });
+      for_row_share(t, p.mlp, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, d, w.W1, d, 1, y, ld, cb.h, ld, e); });
     }
-    t.sync();
+    end_phase(t, kPhFc1);
+    const bool last_flat = fold && flat && l == p.layers - 1;
     {
       Epi e;
       e.row_bias = w.c2;
@@ -583,9 +627,16 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
         e.add = cb.t1;
         e.ld_add = ld;
       }
-      for_row_share(t, d, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, p.mlp, w.W2, p.mlp, 1, cb.h, ld, nxt, ld, e); });
+      for_row_share(t, d, [&](int64_t r0, int64_t r1) {
+        gemm(r0, r1, ncomp, p.mlp, w.W2, p.mlp, 1, cb.h, ld, nxt, ld, e);
+        if (last_flat) write_flat(p, pl, nxt, b0, S, flat, r0, r1);  // rows this worker just wrote
+      });
     }
-    t.sync();
+    if (last_flat) {
+      mark(t, kPhFc2);  // the caller's barrier before the head follows
+    } else {
+      end_phase(t, kPhFc2);
+    }
     float* tmp = cur;
     cur = nxt;
     nxt = tmp;
@@ -619,12 +670,22 @@ bool cpu_supported() {
 int64_t workspace_floats(const Problem& p, int nw) {
   const Plan pl = make_plan(p, nw);
   const int64_t sets = pl.team ? 1 : nw;
-  return pl.n_flat + pl.n_hid + pl.n_outT + sets * pl.n_set + nw * pl.n_scratch + 64;
+  return pl.n_flat + pl.n_hid + pl.n_outT + sets * pl.n_set + nw * (pl.n_scratch + pl.n_ypriv) + 64;
+}
+
+void set_profiling(bool on) {
+  for (int i = 0; i < kNumPhases; ++i) t_prof[i] = 0.0;
+  g_prof = on;
+}
+
+void read_profile(double* cycles) {
+  for (int i = 0; i < kNumPhases; ++i) cycles[i] = t_prof[i];
 }
 
 void run(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar) {
   const Plan pl = make_plan(p, nw);
   const Team team{wlo, whi, nw, bar};
+  if (g_prof && wlo == 0) t_last = __rdtsc();
   // score-tile columns past round8(T) are read (into discarded results) by the P V product: finite
   for (int w = wlo; w < whi; ++w) {
     float* st = ws + pl.n_flat + pl.n_hid + pl.n_outT + (pl.team ? 1 : nw) * pl.n_set + w * pl.n_scratch;
@@ -645,8 +706,14 @@ void run(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar) {
     const ChunkBufs cb = chunk_bufs(p, pl, sets);
     for_share(team, p.d, [&](int64_t r0, int64_t r1) { build_add(p, pl, cb.add, r0, r1); });
     // (the patch gather's sync inside encode_chunk orders build_add before its first use)
-    const float* tT = encode_chunk(p, pl, cb, scratch + wlo * pl.n_scratch, pl.n_scratch, 0, p.B, team);
-    for_share(team, p.d, [&](int64_t f0, int64_t f1) { write_flat(p, pl, tT, 0, p.B, flat, f0, f1); });
+    if (pl.fold) {
+      float* ypriv = scratch + nw * pl.n_scratch + wlo * pl.n_ypriv;
+      encode_chunk(p, pl, cb, scratch + wlo * pl.n_scratch, pl.n_scratch, 0, p.B, team, ypriv, flat);
+    } else {
+      const float* tT = encode_chunk(p, pl, cb, scratch + wlo * pl.n_scratch, pl.n_scratch, 0, p.B, team);
+      for_share(team, p.d, [&](int64_t f0, int64_t f1) { write_flat(p, pl, tT, 0, p.B, flat, f0, f1); });
+      mark(team, kPhFlat);
+    }
   } else {
     const Team solo{0, 1, 1, nullptr};
     for (int w = wlo; w < whi; ++w) {
@@ -659,10 +726,11 @@ void run(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar) {
         const int64_t S = imin(pl.S, hi - b0);
         const float* tT = encode_chunk(p, pl, cb, st, pl.n_scratch, b0, S, solo);
         write_flat(p, pl, tT, b0, S, flat, 0, p.d);
+        mark(team, kPhFlat);
       }
     }
   }
-  team.sync();
+  end_phase(team, kPhOther);
 
   // head: hidden = act(Wh1 flat + bh1); out = Wh2 hidden + bh2
   if (pl.head_gemm) {
@@ -672,30 +740,38 @@ void run(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar) {
     for_row_share(team, p.hidden, [&](int64_t r0, int64_t r1) {
       gemm(r0, r1, round_up(p.B, 8), Td, p.Wh1, Td, 1, flat, pl.ldf, hid, pl.ldf, e);
     });
-    team.sync();
+    end_phase(team, kPhHead);
     Epi e2;
     e2.row_bias = p.bh2;
+    // each worker transposes the output rows it computed (no barrier before the copy)
     for_row_share(team, p.outputs, [&](int64_t r0, int64_t r1) {
       gemm(r0, r1, p.B, p.hidden, p.Wh2, p.hidden, 1, hid, pl.ldf, outT, pl.ldf, e2);
+      if (!p.legacy_phases)
+        for (int64_t b = 0; b < p.B; ++b)
+          for (int64_t o = r0; o < r1; ++o) p.out[b * p.outputs + o] = outT[o * pl.ldf + b];
     });
-    team.sync();
-    for_share(team, p.B, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b)
-        for (int64_t o = 0; o < p.outputs; ++o) p.out[b * p.outputs + o] = outT[o * pl.ldf + b];
-    });
+    if (p.legacy_phases) {
+      team.sync();
+      for_share(team, p.B, [&](int64_t lo, int64_t hi) {
+        for (int64_t b = lo; b < hi; ++b)
+          for (int64_t o = 0; o < p.outputs; ++o) p.out[b * p.outputs + o] = outT[o * pl.ldf + b];
+      });
+    }
+    mark(team, kPhHead);
   } else {
     for_share(team, p.hidden, [&](int64_t lo, int64_t hi) {
       for (int64_t b = 0; b < p.B; ++b)
         for (int64_t n = lo; n < hi; ++n)
           hid[b * p.hidden + n] = act_scalar(dot(p.Wh1 + n * Td, flat + b * Td, Td) + p.bh1[n], p.head_act);
     });
-    team.sync();
+    end_phase(team, kPhHead);
     for_share(team, p.B * p.outputs, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t b = i / p.outputs, o = i % p.outputs;
         p.out[i] = dot(p.Wh2 + o * p.hidden, hid + b * p.hidden, p.hidden) + p.bh2[o];
       }
     });
+    mark(team, kPhHead);
   }
 }
 

@@ -21,6 +21,7 @@ struct Problem {
   // shapes (as the op's cfg, plus the input's)
   int64_t B, C, H, W, ph, pw, gh, gw, Np, E, De, T, d, heads, kd, A, mlp, hidden, outputs, layers;
   bool residual;   // encoder MLP residual
+  bool legacy_phases = false;  // team path with the old phase layout (LN and flat copies as own phases)
   int head_act;    // 1 gelu, 2 relu
   float eps;
   // input feature map, any strides (elements)
@@ -47,6 +48,13 @@ bool cpu_supported();
 
 // Floats of workspace run() needs for `nw` workers.
 int64_t workspace_floats(const Problem& p, int nw);
+
+// Per-phase time stamp counter cycles of worker 0 (the calling thread) of the following calls, for
+// profiling: set_profiling(true) zeroes the counters and turns them on (they cost two rdtsc per phase).
+enum Phase { kPhGather, kPhEmbed, kPhLayerNorm, kPhQKV, kPhAttention, kPhOutProj, kPhFc1, kPhFc2, kPhFlat,
+             kPhHead, kPhBarrier, kPhOther, kNumPhases };
+void set_profiling(bool on);
+void read_profile(double* cycles);  // kNumPhases values
 
 // Runs workers [wlo, whi) of `nw` on the calling thread. Every worker range of one call must run
 // concurrently (one OpenMP team), because workers meet at `bar` between dependent phases.

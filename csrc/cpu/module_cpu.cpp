@@ -1,8 +1,358 @@
-// Python module entry point of slvit_fast._C_cpu. Importing it registers the slvit_fast::cpu_* ops
-// (TORCH_LIBRARY in slvit_cpu.cpp); the module itself has no Python functions.
+// Python module slvit_fast._C_cpu. Importing it registers the slvit_fast::cpu_* ops (TORCH_LIBRARY in
+// slvit_cpu.cpp). Its functions:
+//
+//   exit_infer(module, x, extra) -> Tensor | None
+//     The batch-1 latency entry point of backend "cpu": an SLViTExit's inference forward through the
+//     fused kernels with no per-call Python work (no parameter list, cfg ints or op dispatch). The
+//     module's parameters are read from its `_modules` / `_parameters` dicts on every call (a replaced
+//     Parameter or submodule is always seen) and their validated pointers are kept per module, keyed on
+//     every parameter's TensorImpl, data pointer, version counter, dtype, sizes and strides plus the
+//     config object and the input's per-sample shape: an optimizer step, `.copy_`, `load_state_dict`,
+//     `.to()` or `.data =` changes a key, and the pointers are validated again (float32 copies of
+//     other dtypes are remade). Returns None - the caller takes the op path - whenever the fast path
+//     is not exactly right: autograd needs a graph, dropout is active, the input is not a plain
+//     float32 CPU tensor, a dispatch / torch-function mode or tensor subclass is active (fake tensors,
+//     FlopCounterMode, functorch), the fused kernels are off, or the parameters fail validation (the op
+//     path then raises its usual error).
+//   entry_stats() -> (fast calls, validations, declined calls)
+//   _fused_debug(legacy_phases, profile) -> Tensor   (tests and profiling; see cpu_entry.h)
 #include <Python.h>
 
-static struct PyModuleDef slvit_cpu_module = {PyModuleDef_HEAD_INIT, "_C_cpu", "slvit_fast fused CPU kernels",
-                                              -1, nullptr};
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "cpu_entry.h"
+
+namespace {
+
+using at::Tensor;
+
+struct ParamKey {
+  const void* impl;
+  const void* data;
+  int64_t version;
+  at::ScalarType dtype;
+  std::vector<int64_t> sizes, strides;
+
+  bool same(const Tensor& t) const {
+    return impl == t.unsafeGetTensorImpl() && data == t.data_ptr() && version == t._version() &&
+           dtype == t.scalar_type() && t.sizes() == at::IntArrayRef(sizes) && t.strides() == at::IntArrayRef(strides);
+  }
+  static ParamKey of(const Tensor& t) {
+    return {t.unsafeGetTensorImpl(), t.data_ptr(), t._version(), t.scalar_type(), t.sizes().vec(), t.strides().vec()};
+  }
+};
+
+struct Entry {
+  PyObject* weak = nullptr;    // weak reference to the module (owned)
+  PyObject* config = nullptr;  // the module's config object when cfg was read (owned; frozen dataclass)
+  std::vector<int64_t> cfg;
+  double eps = 0;
+  bool dropout = false;  // any dropout rate of the config > 0
+  bool extra = false;    // config has extra tokens
+  std::vector<ParamKey> keys;
+  std::shared_ptr<slvit_cpu::Prepared> prep;
+};
+
+std::unordered_map<PyObject*, Entry> g_cache;  // keyed by module identity; only touched with the GIL held
+uint64_t g_fast = 0, g_validated = 0, g_declined = 0;
+
+// Parameter layout of slvit_fast.reference (read once from there: one definition for every backend).
+struct Path {
+  std::vector<PyObject*> mods;  // submodule names (interned, owned)
+  PyObject* leaf;
+};
+std::vector<Path> g_embed, g_extra, g_layer, g_head;
+PyObject *s_modules, *s_parameters, *s_layers, *s_training, *s_config, *g_config_ints;
+
+bool read_paths(PyObject* ref, const char* name, std::vector<Path>& out) {
+  PyObject* names = PyObject_GetAttrString(ref, name);
+  if (!names) return false;
+  PyObject* seq = PySequence_Fast(names, "parameter names");
+  Py_DECREF(names);
+  if (!seq) return false;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
+    const char* full = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(seq, i));
+    if (!full) {
+      Py_DECREF(seq);
+      return false;
+    }
+    std::string s(full);
+    Path p;
+    size_t start = 0, dot;
+    while ((dot = s.find('.', start)) != std::string::npos) {
+      p.mods.push_back(PyUnicode_InternFromString(s.substr(start, dot - start).c_str()));
+      start = dot + 1;
+    }
+    p.leaf = PyUnicode_InternFromString(s.substr(start).c_str());
+    out.push_back(p);
+  }
+  Py_DECREF(seq);
+  return true;
+}
+
+bool init_once() {
+  static int state = 0;  // 0 not yet, 1 ready, -1 failed
+  if (state) return state > 0;
+  state = -1;
+  PyObject* ref = PyImport_ImportModule("slvit_fast.reference");
+  if (!ref) return false;
+  const bool ok = read_paths(ref, "EMBED_PARAMS", g_embed) && read_paths(ref, "EXTRA_PARAMS", g_extra) &&
+                  read_paths(ref, "LAYER_PARAMS", g_layer) && read_paths(ref, "HEAD_PARAMS", g_head);
+  Py_DECREF(ref);
+  if (!ok) return false;
+  PyObject* ops = PyImport_ImportModule("slvit_fast.ops.cpp_ops");
+  if (!ops) return false;
+  g_config_ints = PyObject_GetAttrString(ops, "config_ints");
+  Py_DECREF(ops);
+  if (!g_config_ints) return false;
+  s_modules = PyUnicode_InternFromString("_modules");
+  s_parameters = PyUnicode_InternFromString("_parameters");
+  s_layers = PyUnicode_InternFromString("layers");
+  s_training = PyUnicode_InternFromString("training");
+  s_config = PyUnicode_InternFromString("config");
+  state = 1;
+  return true;
+}
+
+// m.__dict__[attr] as a dict (borrowed), or nullptr. Instance-dict lookup only: no __getattr__ runs.
+PyObject* inst_dict_item(PyObject* m, PyObject* attr) {
+  PyObject** dp = _PyObject_GetDictPtr(m);
+  if (!dp || !*dp) return nullptr;
+  PyObject* v = PyDict_GetItem(*dp, attr);
+  return (v && PyDict_Check(v)) ? v : nullptr;
+}
+
+PyObject* submodule(PyObject* m, PyObject* name) {  // borrowed or nullptr
+  PyObject* mods = inst_dict_item(m, s_modules);
+  return mods ? PyDict_GetItem(mods, name) : nullptr;
+}
+
+bool read_group(PyObject* root, const std::vector<Path>& paths, std::vector<PyObject*>& out) {
+  for (const Path& p : paths) {
+    PyObject* m = root;
+    for (PyObject* k : p.mods)
+      if (!(m = submodule(m, k))) return false;
+    PyObject* params = inst_dict_item(m, s_parameters);
+    PyObject* t = params ? PyDict_GetItem(params, p.leaf) : nullptr;
+    if (!t || !THPVariable_Check(t)) return false;
+    out.push_back(t);
+  }
+  return true;
+}
+
+// The module's parameters in op order (reference.module_params), borrowed; false if any is missing.
+bool read_params(PyObject* module, bool extra, std::vector<PyObject*>& out) {
+  if (!read_group(module, g_embed, out)) return false;
+  if (extra && !read_group(module, g_extra, out)) return false;
+  PyObject* layers = submodule(module, s_layers);
+  PyObject* lmods = layers ? inst_dict_item(layers, s_modules) : nullptr;
+  if (!lmods) return false;
+  Py_ssize_t pos = 0;
+  PyObject *key, *layer;
+  while (PyDict_Next(lmods, &pos, &key, &layer))
+    if (!read_group(layer, g_layer, out)) return false;
+  return read_group(module, g_head, out);
+}
+
+// A plain dense CPU tensor that no Python/functorch layer needs to see.
+bool plain_cpu(const Tensor& t) {
+  if (!t.defined() || t.layout() != at::kStrided || !t.device().is_cpu() || !t.has_storage()) return false;
+  const c10::DispatchKeySet ks = t.key_set();
+  return ks.has(c10::DispatchKey::CPU) && !ks.has(c10::DispatchKey::Python) &&
+         !ks.has(c10::DispatchKey::Functionalize) && !ks.has(c10::DispatchKey::FuncTorchBatched) &&
+         !ks.has(c10::DispatchKey::FuncTorchGradWrapper) && !ks.has(c10::DispatchKey::Conjugate) &&
+         !ks.has(c10::DispatchKey::Negative);
+}
+
+PyObject* decline() {
+  ++g_declined;
+  Py_RETURN_NONE;
+}
+
+void drop_entry(Entry& e) {
+  Py_XDECREF(e.weak);
+  Py_XDECREF(e.config);
+  e.weak = e.config = nullptr;
+}
+
+void sweep_dead() {
+  for (auto it = g_cache.begin(); it != g_cache.end();) {
+    if (PyWeakref_GetObject(it->second.weak) == Py_None) {
+      drop_entry(it->second);
+      it = g_cache.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+// (Re)reads cfg, eps and the dropout rates from the module's config object.
+bool read_config(Entry& e, PyObject* config) {
+  PyObject* ints = PyObject_CallOneArg(g_config_ints, config);
+  if (!ints) return false;
+  PyObject* seq = PySequence_Fast(ints, "config_ints");
+  Py_DECREF(ints);
+  if (!seq) return false;
+  e.cfg.clear();
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i)
+    e.cfg.push_back(PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i)));
+  Py_DECREF(seq);
+  auto num = [&](const char* name, double& v) {
+    PyObject* o = PyObject_GetAttrString(config, name);
+    if (!o) return false;
+    v = PyFloat_AsDouble(o);
+    Py_DECREF(o);
+    return !(v == -1.0 && PyErr_Occurred());
+  };
+  double eps, d1, d2, d3;
+  if (PyErr_Occurred() || !num("ln_eps", eps) || !num("dropout", d1) || !num("attention_dropout", d2) ||
+      !num("head_dropout", d3))
+    return false;
+  e.eps = eps;
+  e.dropout = d1 > 0 || d2 > 0 || d3 > 0;
+  e.extra = e.cfg.size() > 8 && e.cfg[8] > 0;
+  Py_XDECREF(e.config);
+  Py_INCREF(config);
+  e.config = config;
+  return true;
+}
+
+PyObject* exit_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 3) {
+    PyErr_SetString(PyExc_TypeError, "exit_infer(module, x, extra) takes 3 arguments");
+    return nullptr;
+  }
+  PyObject *module = args[0], *xo = args[1], *eo = args[2];
+  if (!init_once()) return nullptr;
+  if (!THPVariable_CheckExact(xo) || (eo != Py_None && !THPVariable_CheckExact(eo))) return decline();
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled()) return decline();
+  const Tensor& x = THPVariable_Unpack(xo);
+  c10::optional<Tensor> extra;
+  if (eo != Py_None) extra = THPVariable_Unpack(eo);
+  if (!plain_cpu(x) || x.scalar_type() != at::kFloat) return decline();
+  if (extra && (!plain_cpu(*extra) || extra->scalar_type() != at::kFloat)) return decline();
+  const bool grad = at::GradMode::is_enabled();
+  if (grad && (x.requires_grad() || (extra && extra->requires_grad()))) return decline();
+  bool fused;
+  try {
+    fused = slvit_cpu::entry_fused_wanted();
+  } catch (const std::exception&) {
+    fused = false;  // an invalid SLVIT_FAST_CPU_FUSED value: the Python path reports it
+  }
+  if (!fused) return decline();
+
+  PyObject** dp = _PyObject_GetDictPtr(module);
+  PyObject* config = (dp && *dp) ? PyDict_GetItem(*dp, s_config) : nullptr;
+  PyObject* training = (dp && *dp) ? PyDict_GetItem(*dp, s_training) : nullptr;
+  if (!config || !training) return decline();
+
+  auto it = g_cache.find(module);
+  if (it != g_cache.end() && PyWeakref_GetObject(it->second.weak) != module) {  // a new object at this address
+    drop_entry(it->second);
+    g_cache.erase(it);
+    it = g_cache.end();
+  }
+  if (it == g_cache.end()) {
+    if (g_cache.size() >= 256) sweep_dead();
+    PyObject* weak = PyWeakref_NewRef(module, nullptr);
+    if (!weak) {
+      PyErr_Clear();
+      return decline();
+    }
+    it = g_cache.emplace(module, Entry{}).first;
+    it->second.weak = weak;
+  }
+  Entry& e = it->second;
+  if (e.config != config && !read_config(e, config)) {
+    PyErr_Clear();
+    e.prep.reset();
+    Py_CLEAR(e.config);
+    return decline();
+  }
+  if (e.dropout && training == Py_True) return decline();
+  if (e.extra != extra.has_value()) return decline();  // wrong call: the op path raises the error
+
+  std::vector<PyObject*> objs;
+  objs.reserve(64);
+  if (!read_params(module, e.extra, objs)) return decline();
+  std::vector<Tensor> params;
+  params.reserve(objs.size());
+  bool same = e.prep && e.keys.size() == objs.size();
+  for (size_t i = 0; i < objs.size(); ++i) {
+    const Tensor& t = THPVariable_Unpack(objs[i]);
+    // float32 contiguous only: then the kept pointers are the data pointers compared in the key (no
+    // copies that could go stale); inference tensors have no version counter
+    if (!plain_cpu(t) || t.scalar_type() != at::kFloat || !t.is_contiguous() || t.is_inference() ||
+        (grad && t.requires_grad()))
+      return decline();
+    same = same && e.keys[i].same(t);
+    params.push_back(t);  // kept alive while the kernel runs without the GIL
+  }
+  if (same && !slvit_cpu::entry_matches(*e.prep, x, extra)) same = false;
+  if (!same) {
+    e.prep.reset();
+    e.keys.clear();
+    try {
+      e.prep = slvit_cpu::entry_prepare(x, extra, params, e.cfg, e.eps);
+    } catch (const std::exception&) {
+      return decline();  // the op path reports it
+    }
+    for (const Tensor& t : params) e.keys.push_back(ParamKey::of(t));
+    ++g_validated;
+  }
+  ++g_fast;
+  std::shared_ptr<slvit_cpu::Prepared> prep = e.prep;  // stays valid if another thread revalidates
+  Tensor out;
+  std::string err;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    out = slvit_cpu::entry_run(*prep, x, extra);
+  } catch (const std::exception& ex) {
+    err = ex.what();
+  }
+  Py_END_ALLOW_THREADS
+  if (!out.defined()) {
+    PyErr_SetString(PyExc_RuntimeError, err.c_str());
+    return nullptr;
+  }
+  return THPVariable_Wrap(std::move(out));
+}
+
+PyObject* entry_stats(PyObject*, PyObject*) {
+  return Py_BuildValue("(KKK)", (unsigned long long)g_fast, (unsigned long long)g_validated,
+                       (unsigned long long)g_declined);
+}
+
+PyObject* fused_debug(PyObject*, PyObject* args) {
+  long long legacy, profile;
+  if (!PyArg_ParseTuple(args, "LL", &legacy, &profile)) return nullptr;
+  try {
+    return THPVariable_Wrap(slvit_cpu::fused_debug(legacy, profile));
+  } catch (const std::exception& ex) {
+    PyErr_SetString(PyExc_RuntimeError, ex.what());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"exit_infer", (PyCFunction)(void (*)(void))exit_infer, METH_FASTCALL,
+     "exit_infer(module, x, extra) -> Tensor | None: fused inference forward of an SLViTExit (None: use the op)"},
+    {"entry_stats", entry_stats, METH_NOARGS, "(fast calls, validations, declined calls) of exit_infer"},
+    {"_fused_debug", fused_debug, METH_VARARGS,
+     "_fused_debug(legacy_phases, profile) -> per-phase cycle counters (-1 leaves a knob unchanged)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+struct PyModuleDef slvit_cpu_module = {PyModuleDef_HEAD_INIT, "_C_cpu", "slvit_fast fused CPU kernels", -1, methods};
+
+}  // namespace
 
 PyMODINIT_FUNC PyInit__C_cpu(void) { return PyModule_Create(&slvit_cpu_module); }

@@ -40,12 +40,14 @@
 #include <ATen/Config.h>
 
 #include "blas_dispatch.h"
+#include "cpu_entry.h"
 
 #ifdef SLVIT_FUSED_AVX2
 #include "fused_avx2.h"
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -352,36 +354,65 @@ static bool fused_wanted() {
   return fused_switch() && supported;
 }
 
-static Tensor fused_forward(const Tensor& x, const c10::optional<Tensor>& extra, at::TensorList params,
-                            const Cfg& c, double eps) {
-  RECORD_FUNCTION("slvit_cpu::fused_forward", std::vector<c10::IValue>());
+// Test/benchmark knobs of the fused path (fused_debug, _C_cpu._fused_debug): the old team phase layout
+// (for old-vs-new timings in one process) and per-phase cycle counters.
+static std::atomic<bool> g_legacy_phases{false};
+
+// The validated weight pointers of one exit for the fused kernels: what float_params + the pointer
+// walk produce, kept by the module entry point (entry_cpu.cpp) while the parameters are unchanged.
+struct Prepared {
+  Cfg c;  // B unset
+  double eps;
+  slvit_fused::Problem pr;  // weights set; x, extra, out, B unset
+  std::vector<slvit_fused::LayerWeights> layers;
+  std::vector<Tensor> keep;  // float32 copies made for non-float32 parameters (kept alive)
+};
+
+static void prepare(Prepared& pp, const Tensor& x, const c10::optional<Tensor>& extra, at::TensorList params,
+                    const Cfg& c, double eps) {
   std::vector<Tensor> p = float_params(params, c);
-  Tensor xf = x.to(at::kFloat);
-  Tensor extraf;
-  if (c.E) extraf = extra->to(at::kFloat).contiguous();
-  slvit_fused::Problem pr;
-  pr.B = c.B; pr.C = c.C; pr.H = c.H; pr.W = c.W; pr.ph = c.ph; pr.pw = c.pw; pr.gh = c.gh; pr.gw = c.gw;
+  pp.c = c;
+  pp.eps = eps;
+  slvit_fused::Problem& pr = pp.pr;
+  pr.C = c.C; pr.H = c.H; pr.W = c.W; pr.ph = c.ph; pr.pw = c.pw; pr.gh = c.gh; pr.gw = c.gw;
   pr.Np = c.Np; pr.E = c.E; pr.De = c.De; pr.T = c.T; pr.d = c.d; pr.heads = c.heads; pr.kd = c.kd; pr.A = c.A;
   pr.mlp = c.mlp; pr.hidden = c.hidden; pr.outputs = c.outputs; pr.layers = c.layers;
   pr.residual = c.residual;
   pr.head_act = c.act == 0 ? 1 : 2;
   pr.eps = (float)eps;
-  pr.x = xf.data_ptr<float>();
-  pr.sb = xf.stride(0); pr.sc = xf.stride(1); pr.sh = xf.stride(2); pr.sw = xf.stride(3);
-  pr.extra = c.E ? extraf.data_ptr<float>() : nullptr;
   int64_t i = 0;
   pr.Wp = p[i++].data_ptr<float>(); pr.bp = p[i++].data_ptr<float>(); pr.pos = p[i++].data_ptr<float>();
   pr.We = pr.be = nullptr;
   if (c.E) { pr.We = p[i++].data_ptr<float>(); pr.be = p[i++].data_ptr<float>(); }
-  std::vector<slvit_fused::LayerWeights> layers(c.layers);
-  for (auto& L : layers) {
+  pp.layers.resize(c.layers);
+  for (auto& L : pp.layers) {
     const float* w[kPerLayer];
     for (int64_t j = 0; j < kPerLayer; ++j) w[j] = p[i++].data_ptr<float>();
     L = {w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], w[11], w[12], w[13], w[14], w[15]};
   }
-  pr.layer = layers.data();
+  pr.layer = pp.layers.data();
   pr.Wh1 = p[i++].data_ptr<float>(); pr.bh1 = p[i++].data_ptr<float>();
   pr.Wh2 = p[i++].data_ptr<float>(); pr.bh2 = p[i++].data_ptr<float>();
+  pp.keep.clear();
+  for (size_t j = 0; j < p.size(); ++j)
+    if (!p[j].is_same(params[j])) pp.keep.push_back(p[j]);
+}
+
+// The fused forward for x (shape checked against pp by the caller) with prepared weights.
+static Tensor run_prepared(const Prepared& pp, const Tensor& x, const c10::optional<Tensor>& extra, int64_t B) {
+  RECORD_FUNCTION("slvit_cpu::fused_forward", std::vector<c10::IValue>());
+  Cfg c = pp.c;
+  c.B = B;
+  Tensor xf = x.to(at::kFloat);
+  Tensor extraf;
+  if (c.E) extraf = extra->to(at::kFloat).contiguous();
+  slvit_fused::Problem pr = pp.pr;
+  pr.B = B;
+  pr.layer = pp.layers.data();
+  pr.legacy_phases = g_legacy_phases.load(std::memory_order_relaxed);
+  pr.x = xf.data_ptr<float>();
+  pr.sb = xf.stride(0); pr.sc = xf.stride(1); pr.sh = xf.stride(2); pr.sw = xf.stride(3);
+  pr.extra = c.E ? extraf.data_ptr<float>() : nullptr;
   Tensor out = at::empty({c.B, c.outputs}, at::TensorOptions().dtype(at::kFloat));
   pr.out = out.data_ptr<float>();
 
@@ -408,9 +439,62 @@ static Tensor fused_forward(const Tensor& x, const c10::optional<Tensor>& extra,
   }
   return out.to(x.scalar_type());
 }
+
+static Tensor fused_forward(const Tensor& x, const c10::optional<Tensor>& extra, at::TensorList params,
+                            const Cfg& c, double eps) {
+  Prepared pp;
+  prepare(pp, x, extra, params, c, eps);
+  return run_prepared(pp, x, extra, c.B);
+}
+
+// Returns the cycle counters (of this thread) collected since profiling was last switched on, one
+// per phase (slvit_fused::Phase order), read before the knobs change.
+Tensor fused_debug(int64_t legacy_phases, int64_t profile) {
+  Tensor out = at::empty({slvit_fused::kNumPhases}, at::TensorOptions().dtype(at::kDouble));
+  slvit_fused::read_profile(out.data_ptr<double>());
+  if (legacy_phases >= 0) g_legacy_phases.store(legacy_phases != 0);
+  if (profile >= 0) slvit_fused::set_profiling(profile != 0);
+  return out;
+}
+bool entry_fused_wanted() { return fused_wanted(); }
+
+std::shared_ptr<Prepared> entry_prepare(const Tensor& x, const c10::optional<Tensor>& extra, at::TensorList params,
+                                        at::IntArrayRef cfg, double eps) {
+  Cfg c = make_cfg(x, extra, cfg);
+  auto pp = std::make_shared<Prepared>();
+  prepare(*pp, x, extra, params, c, eps);
+  return pp;
+}
+
+bool entry_matches(const Prepared& pp, const Tensor& x, const c10::optional<Tensor>& extra) {
+  const Cfg& c = pp.c;
+  if (x.dim() != 4 || x.size(0) < 1 || x.size(1) != c.C || x.size(2) != c.H || x.size(3) != c.W) return false;
+  const bool has_extra = extra.has_value() && extra->defined();
+  if (has_extra != (c.E > 0)) return false;
+  if (has_extra && (extra->dim() != 3 || extra->size(0) != x.size(0) || extra->size(1) != c.E || extra->size(2) != c.De))
+    return false;
+  return true;
+}
+
+Tensor entry_run(const Prepared& pp, const Tensor& x, const c10::optional<Tensor>& extra) {
+  return run_prepared(pp, x, extra, x.size(0));
+}
 #else
 static bool fused_wanted() { return fused_switch() && false; }  // the switch is still validated
 static Tensor fused_forward(const Tensor&, const c10::optional<Tensor>&, at::TensorList, const Cfg&, double) {
+  TORCH_CHECK(false, "slvit_fast: this build has no fused AVX2 kernels (not an x86-64 build)");
+}
+Tensor fused_debug(int64_t, int64_t) {
+  TORCH_CHECK(false, "slvit_fast: this build has no fused AVX2 kernels (not an x86-64 build)");
+}
+struct Prepared {};
+bool entry_fused_wanted() { return false; }
+std::shared_ptr<Prepared> entry_prepare(const Tensor&, const c10::optional<Tensor>&, at::TensorList, at::IntArrayRef,
+                                        double) {
+  TORCH_CHECK(false, "slvit_fast: this build has no fused AVX2 kernels (not an x86-64 build)");
+}
+bool entry_matches(const Prepared&, const Tensor&, const c10::optional<Tensor>&) { return false; }
+Tensor entry_run(const Prepared&, const Tensor&, const c10::optional<Tensor>&) {
   TORCH_CHECK(false, "slvit_fast: this build has no fused AVX2 kernels (not an x86-64 build)");
 }
 #endif

@@ -22,7 +22,7 @@ import os
 import torch
 from torch import Tensor
 
-from .. import reference
+from .. import native, reference
 from ..ops import cpp_ops
 from . import env
 from .common import dropout_active, reference_fallback
@@ -37,6 +37,19 @@ def _sync_fused_switch() -> None:
         return
     canonical = "1" if env.flag(env.CPU_FUSED, default=True) else "0"
     os.environ[env.CPU_FUSED] = canonical
+
+
+def _fast_entry():
+    """``_C_cpu.exit_infer`` (csrc/cpu/module_cpu.cpp): the inference forward straight from the module, with
+    no per-call Python work; it returns None whenever the op path below must run (autograd, dropout,
+    fp16/bf16, modes, fused kernels off). None when the extension predates it."""
+    global _exit_infer
+    if _exit_infer is False:
+        _exit_infer = getattr(native.load("cpu"), "exit_infer", None)
+    return _exit_infer
+
+
+_exit_infer = False
 
 
 class CPUBackend:
@@ -55,6 +68,11 @@ class CPUBackend:
         return None
 
     def slvit_exit(self, module, x: Tensor, extra: Tensor | None) -> Tensor:
+        fast = _exit_infer or _fast_entry()
+        if fast is not None and not torch.compiler.is_compiling():
+            out = fast(module, x, extra)
+            if out is not None:
+                return out
         if dropout_active(module):
             return reference_fallback(module, x, extra, self.name)
         _sync_fused_switch()

@@ -1,0 +1,204 @@
+"""The batch-1 entry point of backend "cpu" (``_C_cpu.exit_infer``, csrc/cpu/module_cpu.cpp).
+
+It keeps each module's validated parameter pointers between calls, keyed on every parameter's tensor,
+data pointer, version counter, dtype, shape and strides. These tests change the weights in every way a
+user can between calls - in place under no_grad, an optimizer step, ``load_state_dict``, a replaced
+Parameter, a replaced submodule, ``.data =``, ``.to()`` round trips - and check each output against the
+reference, and that the entry point (not the op path) produced it. Also: it declines (None) exactly when
+the op path must run, and the fused kernels' fewer-barrier team layout equals the old one.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from kernel_cases import awkward_config, randomize_
+from slvit_fast import SLViTConfig, SLViTExit
+from slvit_fast.backends import cpu_backend
+from slvit_fast.exit_presets import PRESETS
+
+reason = cpu_backend.BACKEND.unavailable_reason(torch.empty(1, 1, 1, 1))
+has_avx2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+pytestmark = [
+    pytest.mark.skipif(reason is not None, reason=f"cpu backend not built: {reason}"),
+    pytest.mark.skipif(not has_avx2, reason="the fused CPU kernels need AVX2+FMA"),
+]
+
+if reason is None:
+    from slvit_fast import _C_cpu
+
+
+def stats():
+    fast, validated, declined = _C_cpu.entry_stats()
+    return fast, validated
+
+
+def pair(config, seed=0):
+    ours = randomize_(SLViTExit(config, backend="cpu"), seed).eval()
+    ref = SLViTExit(config, backend="torch").eval()
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def check(ours, ref, x, extra=None, expect_validation=None):
+    """ours(x) == ref(x), produced by the entry point; `expect_validation`: whether it re-validated."""
+    f0, v0 = stats()
+    with torch.no_grad():
+        ref.load_state_dict(ours.state_dict())
+        out, expected = ours(x, extra), ref(x, extra)
+    f1, v1 = stats()
+    assert f1 == f0 + 1, "the call did not take the entry point"
+    if expect_validation is not None:
+        assert (v1 == v0 + 1) == expect_validation, f"validations {v0} -> {v1}"
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    return out
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request, monkeypatch):
+    monkeypatch.setenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS", "0")
+    n = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(n)
+
+
+def test_weights_changed_between_calls_are_always_seen(threads):
+    c = awkward_config("N49-h8-kd36")
+    m, ref = pair(c)
+    x = torch.randn(1, c.in_channels, *c.feature_size)
+    first = check(m, ref, x)
+    check(m, ref, x, expect_validation=False)  # unchanged: the kept pointers are reused
+
+    with torch.no_grad():  # in-place update (version bump, same storage)
+        m.layers[0].attn.q.weight.mul_(1.5)
+    changed = check(m, ref, x, expect_validation=True)
+    assert not torch.allclose(changed, first)
+
+    # an optimizer step (training-mode forward/backward through the op path, then in-place updates)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    m.train()
+    m(x).square().sum().backward()
+    opt.step()
+    m.eval()
+    check(m, ref, x, expect_validation=True)
+
+    other = randomize_(SLViTExit(c, backend="cpu"), seed=5)
+    m.load_state_dict(other.state_dict())  # in-place copy_ of every tensor
+    check(m, ref, x, expect_validation=True)
+
+    # a replaced Parameter object (old storage freed) and a replaced submodule
+    m.layers[0].mlp.fc1.weight = nn.Parameter(torch.randn_like(m.layers[0].mlp.fc1.weight) * 0.2)
+    check(m, ref, x, expect_validation=True)
+    new_head = nn.Linear(c.head_hidden, c.num_outputs)
+    m.head.fc2 = new_head
+    check(m, ref, x, expect_validation=True)
+
+    with torch.no_grad():  # .data = (new storage under the same Parameter)
+        m.patch_embed.weight.data = torch.randn_like(m.patch_embed.weight) * 0.1
+    check(m, ref, x, expect_validation=True)
+
+    m.to(torch.float64).to(torch.float32)  # .to() round trip: every tensor replaced
+    check(m, ref, x, expect_validation=True)
+
+    y = torch.randn(3, c.in_channels, *c.feature_size)  # another batch size: same pointers
+    check(m, ref, y, expect_validation=False)
+
+
+def test_two_modules_and_extra_tokens():
+    c1, c2 = awkward_config("N25-h1"), awkward_config("grid16x9-h24-extra")
+    m1, r1 = pair(c1, 1)
+    m2, r2 = pair(c2, 2)
+    x1 = torch.randn(2, c1.in_channels, *c1.feature_size)
+    x2 = torch.randn(2, c2.in_channels, *c2.feature_size)
+    e2 = torch.randn(2, c2.extra_tokens, c2.extra_dim)
+    for _ in range(2):
+        check(m1, r1, x1)
+        check(m2, r2, x2, e2)
+    clone = copy.deepcopy(m1)  # a copy has its own tensors
+    with torch.no_grad():
+        clone.head.fc1.bias.add_(1.0)
+    check(clone, r1, x1)
+    check(m1, r1, x1, expect_validation=False)
+
+
+def test_declines_when_the_op_path_must_run():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = awkward_config("N25-h1")
+    m, _ = pair(c)
+    x = torch.randn(2, c.in_channels, *c.feature_size)
+    with torch.no_grad():
+        assert _C_cpu.exit_infer(m, x, None) is not None
+        assert _C_cpu.exit_infer(m, x.double(), None) is None  # not float32
+        assert _C_cpu.exit_infer(m, x.to("meta"), None) is None
+        with FlopCounterMode(display=False):  # a dispatch mode must see the op
+            assert _C_cpu.exit_infer(m, x, None) is None
+        md, _ = pair(awkward_config("N25-h1", dropout=0.1))
+        md.train()
+        assert _C_cpu.exit_infer(md, x, None) is None  # dropout active: the Python path handles it
+        md.eval()
+        assert _C_cpu.exit_infer(md, x, None) is not None
+        mh = copy.deepcopy(m).half()
+        assert _C_cpu.exit_infer(mh, x.half(), None) is None  # fp16 parameters: the op path upcasts
+
+
+def test_grad_mode_declines_and_training_still_works():
+    c = awkward_config("N25-h1")
+    m, ref = pair(c)
+    x = torch.randn(2, c.in_channels, *c.feature_size)
+    assert torch.is_grad_enabled()
+    assert _C_cpu.exit_infer(m, x, None) is None  # parameters require grad
+    out = m(x)
+    assert out.requires_grad
+    torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_switch_off_declines(monkeypatch):
+    c = awkward_config("N25-h1")
+    m, _ = pair(c)
+    x = torch.randn(2, c.in_channels, *c.feature_size)
+    monkeypatch.setenv("SLVIT_FAST_CPU_FUSED", "off")
+    with torch.no_grad():
+        assert _C_cpu.exit_infer(m, x, None) is None
+    monkeypatch.setenv("SLVIT_FAST_CPU_FUSED", "maybe")
+    with torch.no_grad():
+        assert _C_cpu.exit_infer(m, x, None) is None
+        with pytest.raises(Exception, match="SLVIT_FAST_CPU_FUSED"):
+            m(x)
+
+
+@pytest.mark.parametrize("name", ["N25-h1", "N49-h8-kd36", "N144-h12", "grid16x9-h24-extra", "N49-nores-relu",
+                                  "nonsquare-patch"])
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_fewer_team_phases_equal_the_old_layout(name, batch, threads):
+    """The team path with LayerNorm folded into the next GEMM and the flat/output copies folded into
+    the GEMM that produced them computes exactly what the old phase layout computed."""
+    c = awkward_config(name, num_layers=2) if name == "N49-nores-relu" else awkward_config(name)
+    m, ref = pair(c)
+    x = torch.randn(batch, c.in_channels, *c.feature_size)
+    extra = torch.randn(batch, c.extra_tokens, c.extra_dim) if c.extra_tokens else None
+    with torch.no_grad():
+        new = check(m, ref, x, extra)
+        _C_cpu._fused_debug(1, -1)
+        try:
+            old = m(x, extra)
+        finally:
+            _C_cpu._fused_debug(0, -1)
+    torch.testing.assert_close(new, old, rtol=0, atol=0)
+
+
+def test_profile_counters():
+    c = SLViTConfig(**PRESETS["resnet152-b1"].slvit_kwargs())
+    m = SLViTExit(c, backend="cpu").eval()
+    x = torch.randn(1, c.in_channels, *c.feature_size)
+    with torch.no_grad():
+        _C_cpu._fused_debug(-1, 1)
+        m(x)
+        cycles = _C_cpu._fused_debug(-1, 0)
+    assert cycles.shape == (12,) and (cycles >= 0).all()
+    assert cycles[:8].sum() > 0  # gather .. fc2 were timed
