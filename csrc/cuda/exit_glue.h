@@ -6,6 +6,7 @@
 #ifndef TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS  // per-operator headers: much faster to compile
 #endif
+#include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -53,6 +54,10 @@ inline slvit::ExitArgs make_args(const Tensor& x, const c10::optional<Tensor>& e
               a.ph, "x", a.pw);
   a.gh = a.H / a.ph; a.gw = a.W / a.pw; a.Np = a.gh * a.gw; a.T = a.Np + a.E; a.A = a.heads * a.kd;
   a.eps = (float)eps;
+  // float32 GEMM stages on TF32 tensor cores exactly when torch would let cuBLAS use TF32
+  // (torch.get_float32_matmul_precision() != "highest"); fp16/bf16 always use tensor cores
+  a.tf32 = x.scalar_type() == at::kFloat &&
+           at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
   a.scale = 1.0f / std::sqrt((float)a.kd);
   a.x = x.data_ptr();
   a.sx_b = x.stride(0); a.sx_c = x.stride(1); a.sx_h = x.stride(2); a.sx_w = x.stride(3);

@@ -61,6 +61,7 @@ __global__ void __launch_bounds__(kThreads) slvit_backward_kernel(BackwardArgs b
   const int T = a.T, d = a.d, A = a.A, A3 = 3 * a.A, M = a.M, H = a.heads, kd = a.kd, Hh = a.Hh;
   const int Td = T * d;
   const LayerPtrs& lp = a.layers[0];
+  const bool tc = tensor_cores<S>(a);  // the recompute uses the forward's GEMMs (tensor cores included)
   // workspace
   float* w = a.ws + (int64_t)b * a.ws_stride;
   float* tin = w; w += Td;
@@ -96,17 +97,17 @@ __global__ void __launch_bounds__(kThreads) slvit_backward_kernel(BackwardArgs b
   __syncthreads();
   layer_norm_rows(tin, y1, static_cast<const S*>(lp.g1), static_cast<const S*>(lp.b1), T, d, a.eps, st1);
   __syncthreads();
-  qkv_projection<S>(lp, y1, qkv, T, d, A);
+  qkv_projection<S>(lp, y1, qkv, T, d, A, tc);
   __syncthreads();
   attention_rows(qkv, o, P, true, T, A, H, kd, a.scale);  // keeps the probabilities P for the backward
   __syncthreads();
-  out_projection<S>(lp, o, tin, t1, T, d, A);
+  out_projection<S>(lp, o, tin, t1, T, d, A, tc);
   __syncthreads();
   layer_norm_rows(t1, y2, static_cast<const S*>(lp.g2), static_cast<const S*>(lp.b2), T, d, a.eps, st2);
   __syncthreads();
-  mlp_fc1<S>(lp, y2, hpre, T, d, M, Identity());  // pre-activation: GELU's derivative needs it
+  mlp_fc1<S>(lp, y2, hpre, T, d, M, Identity(), tc);  // pre-activation: GELU's derivative needs it
   __syncthreads();
-  mlp_fc2<S>(lp, hpre, t1, t2, T, d, M, a.residual, Gelu());
+  mlp_fc2<S>(lp, hpre, t1, t2, T, d, M, a.residual, Gelu(), tc);
   __syncthreads();
   head_hidden<S>(a, t2, za, z);
   __syncthreads();

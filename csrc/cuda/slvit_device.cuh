@@ -27,9 +27,19 @@ typedef cudaStream_t slvit_stream_t;
     return e == cudaSuccess ? nullptr : cudaGetErrorString(e); }())
 #endif
 
+#include <type_traits>
+
 #include "slvit_kernels.cuh"
+#include "slvit_mma.cuh"
 
 namespace slvit {
+
+// Whether the GEMM stages run on tensor cores: always for fp16/bf16 (m16n8k16, fp32 accumulate);
+// for float32 only when TF32 is allowed (a.tf32), otherwise exact SIMT FFMA.
+template <class S>
+__device__ __forceinline__ bool tensor_cores(const ExitArgs& a) {
+  return !std::is_same<S, float>::value || a.tf32 != 0;
+}
 
 // ---- element access ----------------------------------------------------------------------------
 __device__ __forceinline__ float ld(const float* p) { return *p; }
@@ -113,6 +123,17 @@ __device__ void embed_tokens(const ExitArgs& a, int b, float* tok) {
   const S* bp = static_cast<const S*>(a.bp);
   const S* pos = static_cast<const S*>(a.pos);
   const int P = a.ph * a.pw * a.C;
+  if (tensor_cores<S>(a)) {
+    // patch matrix (Np x P) gathered from the strided map as the A operand: k = (i*pw + j)*C + c
+    const int pwC = a.pw * a.C;
+    auto patch = [&](int n, int k) {
+      const int gy = n / a.gw, gx = n % a.gw, i = k / pwC, j = (k / a.C) % a.pw, c = k % a.C;
+      return ld(x + (int64_t)c * a.sx_c + (int64_t)(gy * a.ph + i) * a.sx_h + (int64_t)(gx * a.pw + j) * a.sx_w);
+    };
+    block_gemm_tc<S>(a.Np, d, P, patch, wp, P, [&](int n, int e, float acc) {
+      tok[n * d + e] = acc + (ld(bp + e) + ld(pos + n * d + e));
+    });
+  } else
   for (int idx = tid; idx < a.Np * d; idx += nthreads) {
     const int n = idx / d, e = idx % d;
     const int gy = n / a.gw, gx = n % a.gw;
@@ -151,8 +172,19 @@ __device__ void embed_tokens(const ExitArgs& a, int b, float* tok) {
 
 // Q, K, V projections of the LayerNorm output y (T rows of d): qkv[t, which*A + r] (which 0 Q, 1 K, 2 V).
 template <class S>
-__device__ void qkv_projection(const LayerPtrs& lp, const float* y, float* qkv, int T, int d, int A) {
+__device__ void qkv_projection(const LayerPtrs& lp, const float* y, float* qkv, int T, int d, int A, bool tc) {
   const int A3 = 3 * A;
+  if (tc) {
+    auto yat = [&](int t, int k) { return y[t * d + k]; };
+    for (int which = 0; which < 3; ++which) {
+      const S* w = static_cast<const S*>(which == 0 ? lp.wq : which == 1 ? lp.wk : lp.wv);
+      const S* bias = static_cast<const S*>(which == 0 ? lp.bq : which == 1 ? lp.bk : lp.bv);
+      block_gemm_tc<S>(T, A, d, yat, w, d, [&](int t, int r, float acc) {
+        qkv[(int64_t)t * A3 + which * A + r] = ld(bias + r) + acc;
+      });
+    }
+    return;
+  }
   for (int idx = threadIdx.x; idx < T * A3; idx += blockDim.x) {
     const int t = idx / A3, col = idx % A3, which = col / A, r = col % A;
     const S* w = static_cast<const S*>(which == 0 ? lp.wq : which == 1 ? lp.wk : lp.wv);
@@ -210,9 +242,14 @@ __device__ inline void attention_rows(const float* qkv, float* o, float* rows, b
 // out may be res (in place: each element reads only its own residual).
 template <class S>
 __device__ void out_projection(const LayerPtrs& lp, const float* o, const float* res, float* out, int T, int d,
-                               int A) {
+                               int A, bool tc) {
   const S* wo = static_cast<const S*>(lp.wo);
   const S* bo = static_cast<const S*>(lp.bo);
+  if (tc) {
+    block_gemm_tc<S>(T, d, A, [&](int t, int k) { return o[(int64_t)t * A + k]; }, wo, A,
+                     [&](int t, int e, float acc) { out[t * d + e] = res[t * d + e] + (ld(bo + e) + acc); });
+    return;
+  }
   for (int idx = threadIdx.x; idx < T * d; idx += blockDim.x) {
     const int t = idx / d, e = idx % d;
     out[idx] = res[idx] + (ld(bo + e) + dot_fw(o + (int64_t)t * A, wo + (int64_t)e * A, A));
@@ -222,9 +259,14 @@ __device__ void out_projection(const LayerPtrs& lp, const float* o, const float*
 // MLP fc1 of the LayerNorm output y: h[t, m] = f(b1m[m] + y[t, :] . W1[m, :]); f is Gelu in the
 // forward, Identity in the backward (which keeps the pre-activation for GELU's derivative).
 template <class S, class F>
-__device__ void mlp_fc1(const LayerPtrs& lp, const float* y, float* h, int T, int d, int M, F f) {
+__device__ void mlp_fc1(const LayerPtrs& lp, const float* y, float* h, int T, int d, int M, F f, bool tc) {
   const S* w1 = static_cast<const S*>(lp.w1);
   const S* b1 = static_cast<const S*>(lp.b1m);
+  if (tc) {
+    block_gemm_tc<S>(T, M, d, [&](int t, int k) { return y[t * d + k]; }, w1, d,
+                     [&](int t, int m, float acc) { h[(int64_t)t * M + m] = f(ld(b1 + m) + acc); });
+    return;
+  }
   for (int idx = threadIdx.x; idx < T * M; idx += blockDim.x) {
     const int t = idx / M, m = idx % M;
     h[idx] = f(ld(b1 + m) + dot_fw(y + t * d, w1 + (int64_t)m * d, d));
@@ -235,9 +277,17 @@ __device__ void mlp_fc1(const LayerPtrs& lp, const float* y, float* h, int T, in
 // f(h) is the GELU output (f = Identity on stored GELU outputs, Gelu on pre-activations); out may be res.
 template <class S, class F>
 __device__ void mlp_fc2(const LayerPtrs& lp, const float* h, const float* res, float* out, int T, int d, int M,
-                        int residual, F f) {
+                        int residual, F f, bool tc) {
   const S* w2 = static_cast<const S*>(lp.w2);
   const S* b2 = static_cast<const S*>(lp.b2m);
+  if (tc) {
+    block_gemm_tc<S>(T, d, M, [&](int t, int k) { return f(h[(int64_t)t * M + k]); }, w2, M,
+                     [&](int t, int e, float acc) {
+                       const float m = ld(b2 + e) + acc;
+                       out[t * d + e] = residual ? res[t * d + e] + m : m;
+                     });
+    return;
+  }
   for (int idx = threadIdx.x; idx < T * d; idx += blockDim.x) {
     const int t = idx / d, e = idx % d;
     const float m = ld(b2 + e) + dot_fw(h + (int64_t)t * M, w2 + (int64_t)e * M, M, f);

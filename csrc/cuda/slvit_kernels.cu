@@ -27,6 +27,7 @@ __global__ void __launch_bounds__(kThreads) slvit_encoder_kernel(ExitArgs a) {
   float* qkv = y + T * d;
   float* o = qkv + (int64_t)T * 3 * A;
   float* hb = o + (int64_t)T * A;
+  const bool tc = tensor_cores<S>(a);  // GEMM stages on tensor cores (bf16/fp16; fp32 when TF32 is allowed)
 
   // 1. patch embedding (+ position, + extra tokens)
   embed_tokens<S>(a, b, tok);
@@ -38,22 +39,22 @@ __global__ void __launch_bounds__(kThreads) slvit_encoder_kernel(ExitArgs a) {
     layer_norm_rows(tok, y, static_cast<const S*>(lp.g1), static_cast<const S*>(lp.b1), T, d, a.eps);
     __syncthreads();
     // 3. Q, K, V projections: qkv[t, which*A + r]
-    qkv_projection<S>(lp, y, qkv, T, d, A);
+    qkv_projection<S>(lp, y, qkv, T, d, A, tc);
     __syncthreads();
     // 4. attention: a warp per (head, query row), full-row softmax, score rows in shared memory
     attention_rows(qkv, o, scores, false, T, A, a.heads, a.kd, a.scale);
     __syncthreads();
     // 5. output projection + residual (in place)
-    out_projection<S>(lp, o, tok, tok, T, d, A);
+    out_projection<S>(lp, o, tok, tok, T, d, A, tc);
     __syncthreads();
     // 6. LN2
     layer_norm_rows(tok, y, static_cast<const S*>(lp.g2), static_cast<const S*>(lp.b2), T, d, a.eps);
     __syncthreads();
     // 7. fc1 + GELU
-    mlp_fc1<S>(lp, y, hb, T, d, M, Gelu());
+    mlp_fc1<S>(lp, y, hb, T, d, M, Gelu(), tc);
     __syncthreads();
     // 8. fc2 (+ residual, in place)
-    mlp_fc2<S>(lp, hb, tok, tok, T, d, M, a.residual, Identity());
+    mlp_fc2<S>(lp, hb, tok, tok, T, d, M, a.residual, Identity(), tc);
     __syncthreads();
   }
 }

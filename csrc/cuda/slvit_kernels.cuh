@@ -31,6 +31,7 @@ struct ExitArgs {
   const void *wh1, *bh1, *wh2, *bh2;
   int B, C, H, W, ph, pw, gh, gw, Np, E, De, T, d, heads, kd, A, M, Hh, O, L;
   int residual, act;  // act: 0 exact GELU, 1 ReLU
+  int tf32;           // float32 only: GEMM stages on TF32 tensor cores (torch float32 matmul precision != highest)
   float eps, scale;
   float* ws;
   int64_t ws_stride;

@@ -18,6 +18,13 @@
 //  - warp shuffles: write to a 32-slot per-warp buffer, warp barrier, read, warp barrier;
 //  - barrier divergence (some threads at `__syncthreads`, others waiting for a warp barrier that can
 //    never complete) is reported as an error instead of hanging;
+//  - warp-level MMA (`mma.sync` m16n8k16 f16/bf16 and m16n8k8 tf32, fp32 accumulate): every lane
+//    deposits its A/B fragment registers in a per-warp buffer, warp barrier, each lane rebuilds the
+//    whole A and B tiles with the PTX ISA fragment layouts (9.7.14.5.7/8: groupID = laneid >> 2,
+//    threadID_in_group = laneid % 4) and computes its own C/D elements, warp barrier. The layouts
+//    are written here independently of the kernels' loaders, so a kernel that packs a fragment
+//    wrongly gets a wrong product. SLVIT_EMU_PLANT_MMA_BUG swaps two A fragment registers (a test
+//    builds with it and must see the GEMMs fail);
 //  - launches go through emu::launch (the SLVIT_LAUNCH macro), which checks the launch configuration
 //    like the driver would (block size, grid size, dynamic shared memory limits).
 #pragma once
@@ -87,6 +94,7 @@ struct Block {
   int alive = 0, wait_block = 0, current = -1, next_to_run = -1;
   std::vector<int> warp_alive, warp_wait;
   std::vector<std::array<uint64_t, kWarp>> shfl;
+  std::vector<std::array<uint32_t, kWarp * 6>> mma_regs;  // per warp: each lane's 4 A + 2 B registers
   std::vector<unsigned char> dyn_smem;
   bool failed = false;
   std::string error;
@@ -109,6 +117,7 @@ struct Block {
     for (int i = 0; i < n; ++i) warp_alive[i / kWarp]++;
     warp_wait.assign(nw, 0);
     shfl.assign(nw, {});
+    mma_regs.assign(nw, {});
     dyn_smem.assign(smem, 0xFF);  // all-ones bytes: NaN floats, so reads of unwritten smem show
     failed = false;
     error.clear();
@@ -265,6 +274,107 @@ inline T shuffle(T v, int src_lane) {
   std::memcpy(&r, &got, sizeof(T));
   syncwarp();
   return r;
+}
+
+// ---- warp-level MMA ------------------------------------------------------------------------------
+enum class MmaKind { F16, BF16, TF32 };
+
+// (row, col) of element i of a lane's fragment, PTX ISA "Matrix Fragments for mma.m16n8k16 / m16n8k8".
+// m16n8k16 .f16/.bf16: A holds a0..a7 (register i/2, low half first), B b0..b3, C/D c0..c3.
+// m16n8k8 .tf32: A a0..a3, B b0..b1 (one element per register), C/D as above.
+inline void mma_frag_a(MmaKind k, int lane, int i, int& row, int& col) {
+  const int g = lane >> 2, t = lane & 3;
+  if (k == MmaKind::TF32) {
+#ifdef SLVIT_EMU_PLANT_MMA_BUG
+    if (i == 1 || i == 2) i ^= 3;  // planted: a1 and a2 swapped
+#endif
+    row = g + ((i & 1) ? 8 : 0);  // a0, a2: groupID; a1, a3: groupID + 8
+    col = t + ((i & 2) ? 4 : 0);  // a0, a1: threadID_in_group; a2, a3: + 4
+  } else {
+#ifdef SLVIT_EMU_PLANT_MMA_BUG
+    if ((i & 6) == 2 || (i & 6) == 4) i ^= 6;  // planted: registers 1 (a2, a3) and 2 (a4, a5) swapped
+#endif
+    row = g + ((i & 2) ? 8 : 0);  // a0,a1,a4,a5: groupID; a2,a3,a6,a7: groupID + 8
+    col = t * 2 + (i & 1) + ((i & 4) ? 8 : 0);  // a0..a3: 2t + (i & 1); a4..a7: + 8
+  }
+}
+inline void mma_frag_b(MmaKind k, int lane, int i, int& row, int& col) {
+  const int g = lane >> 2, t = lane & 3;
+  col = g;
+  if (k == MmaKind::TF32)
+    row = t + (i ? 4 : 0);  // b0: threadID_in_group; b1: + 4
+  else
+    row = t * 2 + (i & 1) + ((i & 2) ? 8 : 0);  // b0,b1: 2t + i; b2,b3: + 8
+}
+inline void mma_frag_c(int lane, int i, int& row, int& col) {
+  row = (lane >> 2) + ((i & 2) ? 8 : 0);
+  col = (lane & 3) * 2 + (i & 1);
+}
+
+inline double mma_elem(MmaKind k, uint32_t reg, int half) {
+  if (k == MmaKind::TF32) {
+    uint32_t bits = reg & 0xFFFFE000u;  // the tensor core reads 19 bits of a .tf32 operand
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  const uint16_t raw = (uint16_t)(half ? reg >> 16 : reg & 0xFFFFu);
+  if (k == MmaKind::F16) {
+    __half h;
+    std::memcpy(&h, &raw, 2);
+    return __half2float(h);
+  }
+  __nv_bfloat16 h;
+  std::memcpy(&h, &raw, 2);
+  return __bfloat162float(h);
+}
+
+// d = A * B + c for one warp (all 32 lanes must call it, like the .aligned instruction).
+inline void mma_sync(MmaKind k, float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+  Block* blk = tl_block;
+  const int tid = cur_tid(), lane = tid % kWarp, w = tid / kWarp;
+  if (blk->warp_alive[w] != kWarp) {
+    blk->fail("mma.sync executed by a warp with exited lanes (it needs all 32)");
+    throw Abort{};
+  }
+  auto& regs = blk->mma_regs[w];
+  for (int i = 0; i < 4; ++i) regs[lane * 6 + i] = a[i];
+  for (int i = 0; i < 2; ++i) regs[lane * 6 + 4 + i] = b[i];
+  syncwarp();
+  const int K = k == MmaKind::TF32 ? 8 : 16;
+  const int na = k == MmaKind::TF32 ? 4 : 8, nb = k == MmaKind::TF32 ? 2 : 4;
+  const int per_reg = k == MmaKind::TF32 ? 1 : 2;
+  double A[16][16], B[16][8];
+  for (auto& r : A) std::fill(std::begin(r), std::end(r), std::nan(""));
+  for (auto& r : B) std::fill(std::begin(r), std::end(r), std::nan(""));
+  for (int l = 0; l < kWarp; ++l) {
+    for (int i = 0; i < na; ++i) {
+      int row, col;
+      mma_frag_a(k, l, i, row, col);
+      A[row][col] = mma_elem(k, regs[l * 6 + i / per_reg], i % per_reg);
+    }
+    for (int i = 0; i < nb; ++i) {
+      int row, col;
+      mma_frag_b(k, l, i, row, col);
+      B[row][col] = mma_elem(k, regs[l * 6 + 4 + i / per_reg], i % per_reg);
+    }
+  }
+  syncwarp();  // every lane has read the registers before any lane's next mma overwrites them
+  for (int i = 0; i < 4; ++i) {
+    int row, col;
+    mma_frag_c(lane, i, row, col);
+    double s = 0.0;  // products of 16-bit / tf32 operands are exact; fp32 accumulation
+    for (int kk = 0; kk < K; ++kk) s += A[row][kk] * B[kk][col];
+    d[i] = (float)((double)c[i] + s);
+  }
+}
+
+// cvt.rna.tf32.f32: round to the nearest tf32 (10 mantissa bits), ties away from zero.
+inline uint32_t cvt_rna_tf32(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  if ((bits & 0x7F800000u) != 0x7F800000u) bits += 0x1000u;  // finite: add half an ulp of tf32
+  return bits & 0xFFFFE000u;
 }
 
 inline unsigned char* dynamic_smem() { return tl_block->dyn_smem.data(); }
