@@ -7,6 +7,9 @@ Every backend implements the same exit forward (and, through autograd, backward)
 2. the environment variable ``SLVIT_FAST_BACKEND``, when set and not ``"auto"``;
 3. automatic: the first available of ``AUTO_ORDER[device type]``.
 
+While ``torch.onnx.export`` traces a model, every exit runs on ``"torch"`` whatever was requested, so
+the ONNX graph holds standard operators only (ONNX Runtime cannot run our custom ops).
+
 An explicitly requested backend that cannot run is an error naming the reason. The automatic choice
 falls back to the next backend and says why once per reason (``warnings``), so a missing build never
 silently changes results - every backend is tested against the reference.
@@ -106,6 +109,11 @@ def get(name: str) -> Backend:
 def resolve(requested: str, x: "Tensor") -> Backend:
     """The backend that runs for a module with ``backend=requested`` on input ``x``."""
     check_name(requested)
+    if torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export():
+        # ONNX has no form for our custom ops: the reference ops (the same function, the specification
+        # every backend is tested against) decompose into standard ONNX operators that any runtime runs.
+        # (is_exporting first: it is a flag read, is_in_onnx_export costs microseconds.)
+        return get("torch")
     if requested == "auto":
         requested = env.choice(ENV_VAR, ("auto", *KNOWN_BACKENDS), "auto")
     if requested != "auto":
@@ -152,3 +160,10 @@ def _reset_for_tests() -> None:
 
 
 __all__: list[str] = ["Backend", "ENV_VAR", "KNOWN_BACKENDS", "AUTO_ORDER", "get", "resolve", "status"]
+
+
+# Every custom op (and its fake/autograd kernels) exists from ``import slvit_fast`` on, not only after
+# the first forward: a torch.export program saved elsewhere must load in a fresh process.
+from ..ops import register_all as _register_all  # noqa: E402
+
+OP_STATUS: dict[str, str | None] = _register_all()
