@@ -88,7 +88,7 @@ def _run(session, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "cuda-emu", "triton"])
 def test_onnx_export_of_slvit_exit_runs_in_onnxruntime(tmp_path, backend):
     _needs(backend)
     m = _exit(backend)
