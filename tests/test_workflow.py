@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from slvit_fast.workflow import UsageError
 from slvit_fast.workflow import data as D
@@ -148,7 +149,7 @@ def _assert_evaluate_reproduces(out: Path, data: Path, report: dict, tmp_path: P
     return result.stdout
 
 
-def test_cli_train_and_evaluate_on_an_image_folder(image_folder, tmp_path):
+def test_cli_train_and_evaluate_on_an_image_folder(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
     result = _cli("train", "--data", str(image_folder), "--backbone", "resnet18", "--input-size", "32",
                   "--out", str(out), "--epochs", "3", "--batch-size", "16", "--train-backbone-epochs", "1",
@@ -162,6 +163,13 @@ def test_cli_train_and_evaluate_on_an_image_folder(image_folder, tmp_path):
         assert phase in result.stdout, phase
     assert "Traceback" not in result.stderr and "random weights" not in result.stderr
     _assert_evaluate_reproduces(out, image_folder, report, tmp_path)
+    # a damaged run directory is a one-line error too
+    from slvit_fast.cli import main
+
+    (out / "backbone.safetensors").rename(tmp_path / "moved.safetensors")
+    assert main(["evaluate", "--run", str(out), "--data", str(image_folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot rebuild the run" in err[0] and "backbone.safetensors" in err[0]
 
 
 def test_cli_train_and_evaluate_on_an_npz_with_a_weights_file(npz_file, tmp_path):
@@ -200,6 +208,14 @@ def test_cli_warns_about_a_random_untrained_backbone(npz_file, tmp_path):
     (["train", "--backbone", "resnet18", "--weights", "IMAGENET1K_V1"], "need --data"),
     (["train", "--backbone", "resnet18", "--data", "BAD", "--out", "o", "--budget", "lots"], "number of FLOPs"),
     (["evaluate", "--run", "/no/such/run", "--data", "BAD"], "does not exist"),
+    (["train", "--backbone", "resnet18", "--data", "GOOD", "--out", "o", "--exits", "layer9"],
+     "--exits: module path 'layer9' is not a submodule"),
+    (["train", "--backbone", "resnet18", "--data", "GOOD", "--out", "o", "--exits", "fc"], "not a (B, C, H, W)"),
+    (["train", "--backbone", "inception_v3", "--data", "GOOD", "--out", "o", "--input-size", "16"],
+     "--input-size 16 does not fit inception_v3"),
+    (["train", "--backbone", "resnet18", "--data", "GOOD", "--out", "o", "--weights", "IMAGENET9K"],
+     "unknown weights 'IMAGENET9K'"),
+    (["train", "--backbone", "resnet34", "--data", "GOOD", "--out", "o", "--weights", "R18"], "do not fit backbone 'resnet34'"),
     (["train", "--backbone", "resnet18", "--data", "BAD", "--out", "o", "--weights", "missing.pt"], "does not exist"),
 ])
 def test_usage_errors_are_one_line_with_exit_code_2(tmp_path, args, message, capsys):
@@ -207,7 +223,11 @@ def test_usage_errors_are_one_line_with_exit_code_2(tmp_path, args, message, cap
     from slvit_fast.cli import main
 
     np.savez(tmp_path / "bad.npz", x=np.zeros((4, 8, 8)))
-    args = [str(tmp_path / "bad.npz") if a == "BAD" else a for a in args]
+    np.savez(tmp_path / "good.npz", x=np.zeros((20, 8, 8), dtype=np.uint8), y=np.arange(20) % 2)
+    torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / "r18.pt")
+    files = {"BAD": tmp_path / "bad.npz", "GOOD": tmp_path / "good.npz", "R18": tmp_path / "r18.pt"}
+    args = [str(files[a]) if a in files else a for a in args]
+    args = [str(tmp_path / "o") if a == "o" else a for a in args]
     try:
         code = main(args)
     except SystemExit as e:
@@ -217,6 +237,7 @@ def test_usage_errors_are_one_line_with_exit_code_2(tmp_path, args, message, cap
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith(f"slvit-fast {args[0]}: error: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "o").exists()  # nothing written before the arguments were checked
 
 
 def test_usage_error_in_a_real_process_has_no_traceback(tmp_path):

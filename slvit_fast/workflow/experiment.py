@@ -178,29 +178,50 @@ def _weights_for(spec: RunSpec, out: Path, backbone, notes: list[str], finetuned
     return R.BACKBONE_FILE, True
 
 
+def _user_backbone(name: str, num_outputs: int, weights: Any, size: int, exit_paths: Sequence[str] | None):
+    """``presets.build_backbone`` with the user's mistakes as :class:`UsageError`: weights that are not a
+    state_dict of this backbone or an unknown torchvision name, an input size the backbone cannot take,
+    exit paths that are not (B, C, H, W) feature maps of it."""
+    from ..shape_probe import feature_shapes, probe
+
+    try:
+        backbone, notes = presets.build_backbone(name, num_outputs, weights, size)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    try:
+        probe(backbone, [(1, 3, size, size)], [], stop_early=False)  # fake tensors: shapes only
+    except Exception as e:  # a conv or pool larger than its input, typically
+        raise UsageError(f"--input-size {size} does not fit {name} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if exit_paths:
+        try:
+            feature_shapes(backbone, size, list(exit_paths))
+        except ValueError as e:
+            raise UsageError(f"--exits: {str(e).splitlines()[0]}") from None
+    return backbone, notes
+
+
 def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
     """Train, calibrate, evaluate and write run directories; returns ``{exit type: report}`` (module docstring)."""
     name = _check(spec)
     t_start = time.perf_counter()
     torch.manual_seed(spec.seed)
     out = Path(spec.out)
-    out.mkdir(parents=True, exist_ok=True)
-
     images = D.load_images(spec.data)
     size = int(spec.input_size or presets.DEFAULT_INPUT[name][-1])
+    K = images.num_classes
+    t0 = time.perf_counter()
+    backbone, notes = _user_backbone(name, K, spec.weights, size, spec.exit_paths)  # user errors before any work
+    build_seconds = time.perf_counter() - t0
     pretrained = is_torchvision_name(spec.weights)
     prep = D.prepare(images, size, spec.val_fraction, spec.test_fraction, spec.seed,
                      *((D.IMAGENET_MEAN, D.IMAGENET_STD) if pretrained else (None, None)))
+    out.mkdir(parents=True, exist_ok=True)
     n_split = {k: len(v) for k, v in prep.splits.items()}
     log.info("data: %s; split %d train / %d val / %d test (seed %d); input 3x%dx%d", images.describe(),
              n_split["train"], n_split["val"], n_split["test"], spec.seed, size, size)
-    K = images.num_classes
-
-    t0 = time.perf_counter()
-    backbone, notes = presets.build_backbone(name, K, spec.weights, size)
-    log.info("backbone: %s (%s weights%s), %.1fM parameters, built in %.1f s", name,
-             spec.weights or "random", "; " + "; ".join(notes) if notes else "",
-             sum(p.numel() for p in backbone.parameters()) / 1e6, time.perf_counter() - t0)
+    log.info("backbone: %s (%s weights%s), %.1fM parameters, built in %.1f s", name, spec.weights or "random",
+             "; classifier replaced" if any("replaced" in n for n in notes) else "",
+             sum(p.numel() for p in backbone.parameters()) / 1e6, build_seconds)
     if spec.train_backbone_epochs == 0:
         if spec.weights is None:
             log.warning("the backbone has random weights and --train-backbone-epochs is 0: its classifier (and the "
@@ -301,10 +322,13 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, timing_rep
     info = run["data"]
     prep = D.prepare(images, run["input_size"], info["val_fraction"], info["test_fraction"], info["seed"],
                      info["mean"], info["std"])
-    net = presets.build(run["backbone"], exit_type=run["exit_type"], num_outputs=run["num_outputs"],
-                        weights=_resolve_weights(d, run["weights"]), input_size=run["input_size"],
-                        exit_paths=run["exit_paths"])
-    net.load_exits(str(d / R.EXITS_FILE))
+    try:
+        net = presets.build(run["backbone"], exit_type=run["exit_type"], num_outputs=run["num_outputs"],
+                            weights=_resolve_weights(d, run["weights"]), input_size=run["input_size"],
+                            exit_paths=run["exit_paths"])
+        net.load_exits(str(d / R.EXITS_FILE))
+    except (ValueError, FileNotFoundError) as e:  # a damaged or edited run directory (CheckpointMismatchError too)
+        raise UsageError(f"cannot rebuild the run in {d}: {str(e).splitlines()[0]}") from None
     policy = R.policy_from_json(R.read_json(d / R.POLICY_FILE), str(d / R.POLICY_FILE))
     test = D.loader(prep.subset("test"), run["training"]["batch_size"])
     report = evaluate(net, policy, test, input_size=(3, run["input_size"], run["input_size"]),
