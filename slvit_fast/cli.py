@@ -123,10 +123,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preset_name(text: str) -> str:
+    """The canonical backbone preset name, or a usage error with suggestions ('resnt18' -> 'resnet18')."""
+    from .presets import canonical_name
+    from .workflow import UsageError
+
+    try:
+        return canonical_name(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def _cmd_summary(args: argparse.Namespace) -> int:
     from . import accounting, presets
 
-    net = presets.build(args.backbone, exit_type=args.exit_type, input_size=args.input_size)
+    net = presets.build(_preset_name(args.backbone), exit_type=args.exit_type, input_size=args.input_size)
     print(accounting.summary(net).table())
     return 0
 
@@ -167,13 +178,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .presets import canonical_name
     from .workflow import UsageError
 
-    try:
-        canonical_name(args.backbone)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    _preset_name(args.backbone)
     real_only = {"--out": args.out, "--weights": args.weights, "--exits": args.exits, "--budget": args.budget,
                  "--fractions": args.fractions, "--train-backbone-epochs": args.train_backbone_epochs}
     if args.data is None:  # the synthetic example (no data needed)

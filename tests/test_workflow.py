@@ -200,6 +200,8 @@ def test_cli_warns_about_a_random_untrained_backbone(npz_file, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--backbone", "resnt18", "--data", "x.npz", "--out", "o"], "did you mean 'resnet18'"),
+    (["train", "--backbone", "resnt18"], "did you mean 'resnet18'"),
+    (["summary", "densenet12"], "did you mean 'densenet121'"),
     (["train", "--backbone", "resnet18", "--data", "/no/such/data", "--out", "o"], "does not exist"),
     (["train", "--backbone", "resnet18", "--data", "BAD", "--out", "o"], "needs arrays 'x'"),
     (["train", "--backbone", "resnet18", "--data", "BAD", "--out", "o", "--budget", "1M", "--fractions", "0.5"],
