@@ -271,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--input-size", type=int, default=None,
                    help="image side (digits demo: 32; --synthetic: 224 = the paper's branch shapes)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: all cores, 1 when the machine is already busy)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="digits demo: torch intra-op threads (default 1: repeatable numbers, and fastest on a busy machine)")
     p.add_argument("--backbone-epochs", type=int, default=3, help="digits demo: ResNet18 training epochs")
     p.add_argument("--exit-epochs", type=int, default=20, help="digits demo: exit training epochs (early stopping)")
     p.add_argument("--samples", type=int, default=None, help="digits demo: use a random subset of this many images")

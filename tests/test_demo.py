@@ -15,7 +15,7 @@ from slvit_fast.workflow.digits import run_digits_demo
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    reports = run_digits_demo(out=out, samples=400, backbone_epochs=1, exit_epochs=3, timing_repeats=1, threads=1)
+    reports = run_digits_demo(out=out, samples=400, backbone_epochs=1, exit_epochs=3, timing_repeats=1)
     return out, reports
 
 
@@ -82,19 +82,25 @@ def test_demo_prints_the_table(demo):
         assert token in text
 
 
-def test_demo_command_line(tmp_path):
+def test_demo_command_line_repeats_the_numbers(demo, tmp_path):
+    """``slvit-fast demo`` in a new process with the fixture's settings: same accuracies, counts and FLOPs
+    (fixed seeds, one thread), and the printed summary."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     result = subprocess.run(
-        [sys.executable, "-m", "slvit_fast.cli", "demo", "--out", str(tmp_path / "d"), "--samples", "300",
-         "--backbone-epochs", "1", "--exit-epochs", "2", "--threads", "1"],
+        [sys.executable, "-m", "slvit_fast.cli", "demo", "--out", str(tmp_path / "d"), "--samples", "400",
+         "--backbone-epochs", "1", "--exit-epochs", "3"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     for line in ("backbone epoch 1/1", "SL-ViT vs CNN exit", "accuracy vs mean FLOPs",
                  f"plot: {tmp_path / 'd' / 'accuracy_flops.png'}"):
         assert line in result.stdout, line
-    assert (tmp_path / "d" / "accuracy_flops.png").is_file()
+    for kind, rep in demo[1].items():
+        again = json.loads((tmp_path / "d" / kind / "report.json").read_text())
+        assert [r["accuracy"] for r in again["exits"]] == [r["accuracy"] for r in rep["exits"]]
+        for key in ("accuracy", "exit_counts", "mean_flops"):
+            assert again["early_exit"][key] == rep["early_exit"][key], (kind, key)

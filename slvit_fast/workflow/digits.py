@@ -13,6 +13,11 @@ The pipeline is :func:`slvit_fast.workflow.run_experiment` - the one behind ``sl
 --data`` - on ``OUT/digits.npz``; ``slvit-fast evaluate --run OUT/slvit --data OUT/digits.npz``
 re-evaluates the saved run. Seeds are fixed; on a busy machine the numbers of the wall-clock columns
 move, the rest does not.
+
+Threads: one by default. Training is then bit-for-bit repeatable (multi-threaded float reductions
+round differently, and 3 epochs of Adam turn 1e-3 weight differences into different test accuracies),
+and on a shared 2-core machine one thread was 5-6x faster than two oversubscribed ones. ``threads=2``
+(``--threads 2``) is faster on an idle machine; the numbers then differ slightly from the 1-thread run.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from .experiment import RunSpec, run_experiment
 from .report import fmt_count, format_comparison
 from .rundir import PLOT_FILE
 
-__all__ = ["run_digits_demo", "write_digits", "auto_threads"]
+__all__ = ["run_digits_demo", "write_digits"]
 
 DEMO_BACKBONE = "resnet18"
 
@@ -50,18 +55,6 @@ def write_digits(path: str | os.PathLike, samples: int | None = None, seed: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, x=x, y=y)
     return path
-
-
-def auto_threads() -> int:
-    """Intra-op threads for the demo: all cores, but one when the machine is already busy (load average
-    above the core count) - oversubscribed OpenMP threads spin-wait and ran 5-6x slower than one
-    thread on a loaded 2-core machine."""
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0] > cores
-    except (AttributeError, OSError):
-        busy = False
-    return 1 if busy else torch.get_num_threads()
 
 
 def _curve_table(reports: dict[str, dict[str, Any]], thresholds=(0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999)) -> list[str]:
@@ -96,19 +89,14 @@ def _verdict(reports: dict[str, dict[str, Any]]) -> list[str]:
     return ["SL-ViT vs CNN exit (same branches, same training):"] + lines
 
 
-def run_digits_demo(out: str | os.PathLike = "slvit-fast-demo", seed: int = 0, input_size: int = 32,
-                    backbone_epochs: int = 3, exit_epochs: int = 20, samples: int | None = None,
-                    threads: int | None = None, timing_repeats: int = 3, exit_backend: str = "auto",
-                    ) -> dict[str, dict[str, Any]]:
-    """Run the demo (module docstring); returns ``{"slvit": report, "cnn": report}`` (``report.json``)."""
-    t0 = time.perf_counter()
-    threads = int(threads) if threads else auto_threads()
-    torch.set_num_threads(threads)
+def _run(out, seed, input_size, backbone_epochs, exit_epochs, samples, threads, timing_repeats, exit_backend):
+    """Write the data, say what runs, run the shared pipeline: ``(reports, out)``."""
     out = Path(out)
     data = write_digits(out / "digits.npz", samples, seed)
     n = int(np.load(data)["y"].shape[0])
+    epochs = f"{backbone_epochs} epoch{'s' if backbone_epochs != 1 else ''}"
     print(f"slvit-fast demo: SL-ViT vs CNN early exits on scikit-learn's digits ({n} 8x8 images upsampled to "
-          f"3x{input_size}x{input_size}), {DEMO_BACKBONE} trained here for {backbone_epochs} epoch{'s' if backbone_epochs != 1 else ''}; "
+          f"3x{input_size}x{input_size}), {DEMO_BACKBONE} trained here for {epochs}; "
           f"{threads} thread{'s' if threads != 1 else ''}; output in {out}", flush=True)
     reports = run_experiment(RunSpec(
         data=str(data), backbone=DEMO_BACKBONE, out=str(out), input_size=input_size, exit_types=("slvit", "cnn"),
@@ -117,6 +105,23 @@ def run_digits_demo(out: str | os.PathLike = "slvit-fast-demo", seed: int = 0, i
         plot_title=f"{DEMO_BACKBONE} on digits ({input_size} px): early exit, accuracy vs FLOPs",
         extra={"demo": "digits"},
     ))
+    return reports, out
+
+
+def run_digits_demo(out: str | os.PathLike = "slvit-fast-demo", seed: int = 0, input_size: int = 32,
+                    backbone_epochs: int = 3, exit_epochs: int = 20, samples: int | None = None,
+                    threads: int = 1, timing_repeats: int = 3, exit_backend: str = "auto",
+                    ) -> dict[str, dict[str, Any]]:
+    """Run the demo (module docstring); returns ``{"slvit": report, "cnn": report}`` (``report.json``)."""
+    t0 = time.perf_counter()
+    threads = int(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        reports, out = _run(out, seed, input_size, backbone_epochs, exit_epochs, samples, threads,
+                            timing_repeats, exit_backend)
+    finally:
+        torch.set_num_threads(before)
     seconds = time.perf_counter() - t0
     print()
     print(format_comparison(reports, f"{DEMO_BACKBONE} on digits, test split ({next(iter(reports.values()))['test_samples']} "
@@ -126,7 +131,7 @@ def run_digits_demo(out: str | os.PathLike = "slvit-fast-demo", seed: int = 0, i
     print()
     print("\n".join(_verdict(reports)))
     print(f"\nplot: {out / PLOT_FILE} (per exit type: {out / 'slvit' / PLOT_FILE}, {out / 'cnn' / PLOT_FILE})")
-    print(f"re-evaluate: slvit-fast evaluate --run {out / 'slvit'} --data {data}")
+    print(f"re-evaluate: slvit-fast evaluate --run {out / 'slvit'} --data {out / 'digits.npz'}")
     print(f"demo finished in {seconds:.0f} s ({threads} thread{'s' if threads != 1 else ''}, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)", flush=True)
     for kind, rep in reports.items():
