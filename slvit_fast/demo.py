@@ -1,4 +1,6 @@
-"""The README's main job: per-sample early exit on a random-weight ResNet152 with the paper's SL-ViT exits.
+"""``slvit-fast demo --synthetic``: the mechanics of per-sample early exit on a random-weight ResNet152
+with the paper's SL-ViT exits (``slvit-fast demo`` without the flag runs the real experiment on digits,
+:mod:`slvit_fast.workflow.digits`).
 
 1. builds the ``resnet152`` preset (exits at ``layer2.0.conv2`` and ``layer2``, Table II) and prints the
    paper-style accounting table (parameters, FLOPs, cumulative FLOPs, speedup);
