@@ -131,6 +131,11 @@ def test_cpu_fused_switch_spellings(monkeypatch, value, fused):
 
 @pytest.mark.skipif(CPU_REASON != "available", reason=f"cpu backend: {CPU_REASON}")
 def test_cpu_fused_switch_unknown_value_is_an_error(monkeypatch):
+    """Wherever the switch is read (inference; training never reads it) a typo is an error, not 'on'."""
     monkeypatch.setenv(env.CPU_FUSED, "fast")
-    with pytest.raises(ValueError, match=r"SLVIT_FAST_CPU_FUSED='fast' is not an on/off value"):
-        _exit("cpu").eval()(torch.randn(2, 2, 4, 4))
+    module = _exit("cpu").eval()
+    match = r"SLVIT_FAST_CPU_FUSED='fast' is not an on/off value"
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match=match):
+        module(torch.randn(1, 2, 4, 4))  # the inference fast entry reads the switch
+    with torch.no_grad(), torch.autograd.profiler.profile(), pytest.raises((ValueError, RuntimeError), match=match):
+        module(torch.randn(3, 2, 4, 4))  # under a profiler the fast entry declines: the op path reads it

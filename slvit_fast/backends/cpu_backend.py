@@ -6,7 +6,8 @@ any floating dtype are computed in float32 and the result is returned in the inp
 
 Threading: problems under 256 token rows (batch 1-4 at the paper's sizes) run on the calling thread
 only (per-thread OpenMP/MKL settings, restored afterwards); larger batches use ATen's thread pool and
-MKL. ``SLVIT_FAST_CPU_FUSED=0`` (or false/no/off) turns the fused AVX2 inference path off. Inference
+MKL. ``SLVIT_FAST_CPU_FUSED=0`` (or false/no/off) turns the fused AVX2 inference path off; the C++ side
+reads it, with the spellings and errors of :func:`slvit_fast.backends.env.flag`. Inference
 keeps intermediates in a per-thread arena reused across calls (it holds the largest
 batch's intermediates, ~60 MB at batch 64 for the ResNet presets). float64 is left to the 'torch'
 backend (the fused kernels compute in float32).
@@ -17,26 +18,12 @@ Dropout is not fused: an exit in training mode with a non-zero dropout rate runs
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
 from .. import native, reference
 from ..ops import cpp_ops
-from . import env
 from .common import dropout_active, reference_fallback
-
-
-def _sync_fused_switch() -> None:
-    """Parse ``SLVIT_FAST_CPU_FUSED`` (:func:`slvit_fast.backends.env.flag`: 1/true/yes/on, 0/false/no/off,
-    anything else is an error) and leave its canonical spelling for the C++ op, which reads the variable
-    itself (csrc/cpu/slvit_cpu.cpp) and knows only "0" as off."""
-    raw = os.environ.get(env.CPU_FUSED)
-    if raw is None or raw == "0" or raw == "1":
-        return
-    canonical = "1" if env.flag(env.CPU_FUSED, default=True) else "0"
-    os.environ[env.CPU_FUSED] = canonical
 
 
 def _fast_entry():
@@ -75,7 +62,6 @@ class CPUBackend:
                 return out
         if dropout_active(module):
             return reference_fallback(module, x, extra, self.name)
-        _sync_fused_switch()
         params = reference.module_params(module)
         save = torch.is_grad_enabled() and (
             x.requires_grad or (extra is not None and extra.requires_grad) or any(p.requires_grad for p in params))

@@ -1,7 +1,9 @@
 """The environment switches of slvit_fast, parsed in one place so every switch reads the same way.
 
 * ``SLVIT_FAST_BACKEND``: a backend name or ``auto`` (see :mod:`slvit_fast.backends`).
-* ``SLVIT_FAST_CPU_FUSED``: on/off switch of the fused AVX2 inference path of backend ``"cpu"``.
+* ``SLVIT_FAST_CPU_FUSED``: on/off switch of the fused AVX2 inference path of backend ``"cpu"``. The
+  C++ extension reads it itself, on every call and for direct op calls too (``fused_switch`` in
+  csrc/cpu/slvit_cpu.cpp), with exactly the rules of :func:`flag`; keep the two in step.
 
 On/off switches accept ``1/true/yes/on`` and ``0/false/no/off`` (any case; unset or empty = the
 default). Any other value is an error naming the variable and the value: a typo must not silently
