@@ -25,7 +25,7 @@ from .multi_exit import MultiExitNetwork
 from .shape_probe import feature_shapes
 from .attach import attach_exits
 from .calibration import calibrate_fractions
-from . import accounting, analysis, calibration, policies, presets  # noqa: E402  (slvit_fast.policies, ...)
+from . import accounting, analysis, calibration, export, policies, presets  # noqa: E402  (slvit_fast.policies, ...)
 
 # Budget calibration moved from policies to calibration (which imports policies); its names stay
 # reachable where they used to be, e.g. ``policies.calibrate_budget``.
