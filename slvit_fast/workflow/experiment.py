@@ -44,7 +44,7 @@ from . import rundir as R
 from .errors import UsageError
 from .evaluation import evaluate
 from .finetune import finetune_backbone
-from .report import fmt_count, format_comparison, format_report
+from .report import fmt_count, format_report
 
 log = logging.getLogger("slvit_fast.workflow")
 
@@ -338,8 +338,4 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, timing_rep
         print(format_report(report, f"{run['backbone']} with {run['exit_type']} exits from {d}, "
                                     f"test split of {data} ({report['test_samples']} samples):"), flush=True)
     return report
-
-
-def comparison_table(reports: dict[str, dict[str, Any]], title: str = "") -> str:
-    return format_comparison(reports, title)
 
