@@ -45,6 +45,9 @@ Exits are ordered by when their hooks fire (a module's forward hook fires when i
 inputs is ready. A hooked module that runs twice in one forward (e.g. torchvision's shared ReLU in a
 bottleneck) is an error. Once no sample is left, the backbone stops (the deeper layers never run).
 
+The state of one ``early_exit`` call (row map, alive mask, answers so far) and its hook callbacks live
+in :mod:`slvit_fast.early_exit_run`; this module keeps the network and the hooks.
+
 Other entry points: ``net(x)`` (every exit on every sample + final output), :meth:`branch_features`
 (the inputs of every exit, for caching features in exit training; :meth:`exit_forward` runs exit i on
 one of them), :meth:`feature_shapes` / :meth:`validate` (shapes only, under ``FakeTensorMode``).
@@ -56,22 +59,17 @@ must be in eval mode (BatchNorm with batch statistics would couple the samples).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from .early_exit_run import as_inputs as _as_inputs, batch_of as _batch_of, batchnorm_modules, run_early_exit
 from .exit_result import EarlyExitResult
 from .hook_scope import hold, watching
-from .policies import Policy
 from .shape_probe import probe, shape_of, unknown_path
 
 __all__ = ["MultiExitNetwork", "EarlyExitResult"]
-
-
-class _AllExited(Exception):
-    """Raised from a hook to stop the backbone once no sample is left."""
 
 
 def _version_of(obj: Any) -> int | None:
@@ -83,28 +81,6 @@ def _version_of(obj: Any) -> int | None:
 
 def _sanitize(path: str) -> str:
     return path.replace(".", "__").replace("#", "--") or "root"
-
-
-def _as_inputs(x: Any) -> tuple:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-def _batch_of(inputs: tuple) -> int:
-    for t in inputs:
-        if isinstance(t, Tensor) and t.dim() > 0:
-            return int(t.shape[0])
-    raise TypeError("MultiExitNetwork: the backbone input must contain a tensor with a batch dimension")
-
-
-def _compact(obj: Any, keep: Tensor, n: int) -> Any:
-    """Rows ``keep`` of every tensor in ``obj`` whose leading dimension is the current batch ``n``."""
-    if isinstance(obj, Tensor):
-        return obj.index_select(0, keep) if obj.dim() > 0 and obj.shape[0] == n else obj
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_compact(o, keep, n) for o in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_compact(o, keep, n) for o in obj)
-    return obj
 
 
 def _post_order(root: nn.Module) -> dict[str, int]:
@@ -202,9 +178,20 @@ class MultiExitNetwork(nn.Module):
             for p in self.backbone.parameters():
                 p.requires_grad_(False)
             self.backbone.eval()
+        # per-call work done once here (it cost ~1.3 ms per call on ResNet152, walking ~500 modules):
+        # the watched paths, which exits read each of them, and the BatchNorm modules early_exit checks
+        # (those present now: a BatchNorm swapped into the backbone later is not checked)
+        paths = set(self.ready_at) | set(self.exit_modules) | {p for p in self.extra_paths if p}
+        self._watched_paths: tuple[str, ...] = tuple(sorted(paths | set(self.compaction_points)))
         # one dispatching hook per watched module, for good: calls never add or remove hooks, so calls
         # from several threads cannot see each other's (see slvit_fast.hook_scope)
         hold(self._hooked_modules().values())
+        self._needed_by: dict[str, list[int]] = {}
+        for i, (p, e) in enumerate(zip(self.exit_modules, self.extra_paths)):
+            for q in (p, e):
+                if q:
+                    self._needed_by.setdefault(q, []).append(i)
+        self._batchnorms = batchnorm_modules(self.backbone)
         self._cost_cache: dict[tuple, tuple[list[float], float]] = {}  # input sizes -> FLOPs (EarlyExitResult)
 
     # -- construction helpers --------------------------------------------------------------------
@@ -312,10 +299,9 @@ class MultiExitNetwork(nn.Module):
         return self._call_exit(i, feat, extra)
 
     def _hooked_modules(self) -> dict[str, nn.Module]:
-        modules = dict(self.backbone.named_modules())
-        paths = set(self.ready_at) | set(self.exit_modules) | {p for p in self.extra_paths if p}
-        paths |= set(self.compaction_points)
-        return {p: modules[p] for p in paths}
+        """``{path: module}`` of every watched module, looked up now (a submodule replaced after
+        construction is watched too: ``watching`` puts the dispatching hook on it)."""
+        return {p: self.backbone.get_submodule(p) for p in self._watched_paths}
 
     def _run(self, inputs: tuple, on_ready, on_output=None) -> Any:
         """Run the backbone with hooks. ``on_ready(i, feat, extra)`` is called when exit i's inputs exist;
@@ -325,11 +311,7 @@ class MultiExitNetwork(nn.Module):
         calls: dict[str, int] = {}
         done = [False] * self.num_exits
         next_exit = [0]
-        needed_by = {}
-        for i, (p, e) in enumerate(zip(self.exit_modules, self.extra_paths)):
-            for q in (p, e):
-                if q:
-                    needed_by.setdefault(q, []).append(i)
+        needed_by = self._needed_by
 
         def hook(path):
             def fn(output):
@@ -469,97 +451,7 @@ class MultiExitNetwork(nn.Module):
         fed from a backbone module - ``{exit path: tensor (B, ...)}``, or a tensor when exactly one exit
         takes an extra input.
         """
-        if not isinstance(policy, Policy):
-            raise TypeError(f"policy must be a slvit_fast.policies.Policy, got {type(policy).__name__}")
-        policy.check(self.num_exits)
-        for m in self.backbone.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-                raise RuntimeError("early_exit needs the backbone in eval mode (BatchNorm in training mode "
-                                   "mixes samples); call net.eval()")
-        inputs = _as_inputs(x)
-        B = _batch_of(inputs)
-        costs = functools.partial(self._flop_costs, tuple(tuple(t.shape[1:]) for t in inputs if isinstance(t, Tensor)))
-        if B == 0:  # the same empty answer as policies.apply on empty outputs
-            final = self._empty_outputs(inputs, extra)[-1]
-            zeros = [0] * (self.num_exits + 1)
-            return EarlyExitResult(final, torch.empty(0, dtype=torch.long, device=final.device), zeros, list(zeros),
-                                   cost_source=costs)
-        user_extra = self._user_extras(extra, B)
-        device = next((t.device for t in inputs if isinstance(t, Tensor)), torch.device("cpu"))
-        state = policy.start(B, self.num_exits, device)
-        st = _EEState(B, device)
-        compaction_of = {}
-        for i, c in enumerate(self.compaction_points):
-            compaction_of.setdefault(c, []).append(i)
-
-        def on_ready(i, feat, extra_t):
-            if extra_t is None and i in user_extra:
-                extra_t = user_extra[i][st.rows]
-            feat, extra_t = st.fresh(self.exit_modules[i], feat), st.fresh(self.extra_paths[i], extra_t)
-            idx = st.alive.nonzero().squeeze(1)
-            if idx.numel() == 0:
-                raise _AllExited
-            if policy.anytime and i > 0 and policy.expired(state):
-                st.finish_previous(i)
-                raise _AllExited
-            all_alive = idx.numel() == st.alive.numel()
-            f = feat if all_alive else feat.index_select(0, idx)
-            e = extra_t if (extra_t is None or all_alive) else extra_t.index_select(0, idx)
-            out = self._call_exit(i, f, e)
-            st.evaluated[i] = idx.numel()
-            orig = st.rows.index_select(0, idx)
-            if policy.anytime:
-                if i > 0 and policy.expired(state):
-                    st.finish_previous(i)
-                    raise _AllExited
-                st.prev = (orig, out, i)
-                return
-            decide = policy.decide(state, i, out, orig)
-            if not isinstance(decide, Tensor) or decide.dtype != torch.bool or decide.shape != (idx.numel(),):
-                raise TypeError(f"{type(policy).__name__}.decide must return a bool tensor of shape "
-                                f"({idx.numel()},), got {shape_of(decide)} {getattr(decide, 'dtype', '')}")
-            st.record(i, orig[decide], out[decide])
-            st.alive[idx[decide]] = False
-            if not st.alive.any():
-                raise _AllExited
-
-        def on_output(path, output):
-            st.snap[path] = st.rows  # rows of this module's (uncompacted) output, for late readers
-            if path not in compaction_of or st.alive.all():
-                return None
-            keep = st.alive.nonzero().squeeze(1)
-            n = st.rows.numel()
-            st.rows = st.rows.index_select(0, keep)
-            st.alive = st.alive.index_select(0, keep)
-            return _compact(output, keep, n)
-
-        try:
-            final = self._run(inputs, on_ready, on_output)
-        except _AllExited:
-            final = None
-        except RuntimeError as e:
-            if st.rows.numel() == B or "batch compaction" in str(e):
-                raise
-            raise RuntimeError(
-                f"{e}\n(slvit_fast: the backbone failed after batch compaction dropped rows at "
-                f"{sorted(set(self.compaction_points))}; if this is a shape mismatch, a tensor computed before "
-                "a compaction point is used after it - pass compact_at={exit path: later module path})"
-            ) from e
-        if final is not None:
-            if not isinstance(final, Tensor) or final.shape[0] != st.rows.numel():
-                raise RuntimeError(
-                    f"after batch compaction the backbone returned {shape_of(final)} for {st.rows.numel()} "
-                    "remaining samples: a compaction point is not safe for this backbone; pass compact_at="
-                )
-            idx = st.alive.nonzero().squeeze(1)
-            st.evaluated[self.num_exits] = idx.numel()
-            if policy.anytime and st.prev is not None and policy.expired(state):
-                st.finish_previous(self.num_exits)
-            elif idx.numel():
-                st.record(self.num_exits, st.rows.index_select(0, idx), final.index_select(0, idx))
-        result = st.result(self.num_exits)
-        result.cost_source = costs
-        return result
+        return run_early_exit(self, x, policy, extra)
 
     def _flop_costs(self, sizes: tuple) -> tuple[list[float], float]:
         """FLOPs per sample answered at each exit (accounting's ``cost_flops``) and of the plain backbone,
@@ -589,54 +481,3 @@ class MultiExitNetwork(nn.Module):
                 raise ValueError(f"extra for {path!r} has batch {t.shape[0]}, the input has {B}")
             out[self.exit_paths.index(path)] = t
         return out
-
-
-class _EEState:
-    """Book-keeping of one early_exit call."""
-
-    def __init__(self, B: int, device: torch.device):
-        self.B = B
-        self.device = device
-        self.rows = torch.arange(B, device=device)  # original index of each row in the running batch
-        self.alive = torch.ones(B, dtype=torch.bool, device=device)
-        self.outputs: Tensor | None = None
-        self.exit_index = torch.full((B,), -1, dtype=torch.long, device=device)
-        self.evaluated: dict[int, int] = {}
-        self.prev: tuple[Tensor, Tensor, int] | None = None  # anytime: last finished exit's answers
-        self.snap: dict[str, Tensor] = {}
-
-    def fresh(self, path: str | None, t: Any) -> Any:
-        """A captured output whose rows predate a compaction, restricted to the current rows."""
-        snap = self.snap.get(path) if path else None
-        if t is None or snap is None or snap.numel() == self.rows.numel():
-            return t
-        return _compact(t, torch.searchsorted(snap, self.rows), snap.numel())
-
-    def record(self, i: int, orig: Tensor, out: Tensor) -> None:
-        if orig.numel() == 0:
-            return
-        if self.outputs is None:
-            self.outputs = torch.full((self.B, *out.shape[1:]), float("nan"), dtype=out.dtype, device=out.device)
-        elif tuple(out.shape[1:]) != tuple(self.outputs.shape[1:]):
-            raise RuntimeError(
-                f"exit {i} returns outputs of shape {tuple(out.shape[1:])} per sample, earlier exits "
-                f"{tuple(self.outputs.shape[1:])}: every exit and the final output need the same output size"
-            )
-        self.outputs[orig] = out.to(self.outputs.dtype)
-        self.exit_index[orig] = i
-
-    def finish_previous(self, i: int) -> None:
-        """Anytime: the deadline passed before exit ``i`` finished; alive samples take the last answer."""
-        assert self.prev is not None
-        orig, out, j = self.prev
-        alive_orig = set(self.rows[self.alive].tolist())
-        mask = torch.tensor([o in alive_orig for o in orig.tolist()], dtype=torch.bool, device=orig.device)
-        self.record(j, orig[mask], out[mask])
-        self.alive[:] = False
-
-    def result(self, num_exits: int) -> EarlyExitResult:
-        if (self.exit_index < 0).any():
-            raise RuntimeError("internal error: some samples got no answer")
-        counts = torch.bincount(self.exit_index, minlength=num_exits + 1).tolist()
-        evaluated = [self.evaluated.get(i, 0) for i in range(num_exits + 1)]
-        return EarlyExitResult(self.outputs, self.exit_index, counts, evaluated)
