@@ -12,8 +12,15 @@ Other kernel families (e.g. CUDA C++) join the report by registering a row provi
     gpu_report.register_provider("cuda", lambda archs: [ {...row...}, ... ])
 
 A row is a dict with keys ``family, kernel, config, dtype, arch, registers, shared_bytes, local_bytes,
-stack_bytes, spill_bytes (= stack + local), presets, ok, error``. ``slvit-fast gpu-report [--json]``
-(:mod:`slvit_fast.gpu_report_cli`) prints all rows.
+stack_bytes, spill_bytes (= stack + local), presets, ok, error``, plus (when the provider knows them)
+``threads_per_block``, ``tensor_core_instructions`` (count of tensor-core opcodes - HMMA, HGMMA, IMMA, ...
+- in ``cuobjdump -sass`` of the cubin, :func:`slvit_fast.native.parse_sass_tensor_core`) and
+``matmul_stage`` (the kernel has a GEMM stage). :func:`report_rows` adds the theoretical occupancy
+(``blocks_per_sm``, ``warps_per_sm``, ``occupancy``, ``occupancy_limiter``; :mod:`slvit_fast.occupancy`)
+and fails (``ok=False``) every row that must run its GEMMs on tensor cores but has no tensor-core
+instruction: fp16 / bf16 / TF32 kernels with a matmul stage (``tensor_core_required``; fp32 at
+"highest" and IEEE are exempt). ``slvit-fast gpu-report [--json]`` (:mod:`slvit_fast.gpu_report_cli`)
+prints all rows and exits non-zero on any failed row.
 
 Triton kernels cannot be compiled while ``TRITON_INTERPRET=1`` (the kernels are then interpreter
 objects); :func:`report_rows` then runs the Triton part in a subprocess without that variable.
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,7 +38,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .native import cuobjdump, parse_res_usage
+from .native import cuobjdump, parse_res_usage, parse_sass_tensor_core
+from .occupancy import occupancy
 
 DEFAULT_ARCHS = (80, 90)
 # "float32": fp32 models at torch's default matmul precision "highest" (3xTF32 dots on the GPU);
@@ -38,6 +47,13 @@ DEFAULT_ARCHS = (80, 90)
 # the interpreter - not used on GPUs because it spills; then the half types.
 DEFAULT_DTYPES = ("float32", "float32-tf32", "float16", "bfloat16")
 DTYPE_VARIANTS = ("float32", "float32-tf32", "float32-ieee", "float16", "bfloat16")
+# Rows whose GEMM stages must be on tensor cores. float32 ("highest": 3xTF32 dots on Triton, exact SIMT in
+# the CUDA C++ kernels) and float32-ieee (FMA dots) may legitimately have none.
+TENSOR_CORE_DTYPES = ("float16", "bfloat16", "float32-tf32")
+# Triton kernels with GEMM stages (tl.dot): all of them. A kernel listed here whose IR has no tt.dot
+# still must show tensor-core instructions in half precision (a GEMM rewritten as FMA loops is a failure).
+TRITON_MATMUL_KERNELS = frozenset({"patch_embed_fwd_kernel", "attention_fwd_kernel", "mlp_head_fwd_kernel",
+                                   "patch_embed_bwd_kernel", "attention_bwd_kernel", "mlp_head_bwd_kernel"})
 _PROVIDERS: dict[str, Callable[[tuple[int, ...]], list[dict[str, Any]]]] = {}
 
 
@@ -81,6 +97,7 @@ def compile_launch(launch: Any, arch: int) -> dict[str, Any]:
         f.write(cubin)
         f.flush()
         text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     rows = parse_res_usage(text)
     if not rows:
         raise RuntimeError(f"cannot parse cuobjdump -res-usage output: {text[:500]!r}")
@@ -88,6 +105,17 @@ def compile_launch(launch: Any, arch: int) -> dict[str, Any]:
     # spills live in the stack frame (cuobjdump's LOCAL is per-kernel local arrays): count both
     usage["spill_bytes"] = usage["stack_bytes"] + usage["local_bytes"]
     usage["shared_bytes"] = max(usage["shared_bytes"], int(getattr(compiled.metadata, "shared", 0) or 0))
+    tc = parse_sass_tensor_core(sass)
+    if not tc or not tc[0]["instructions"]:
+        raise RuntimeError(f"cannot parse cuobjdump -sass output: {sass[:500]!r}")
+    usage["tensor_core_instructions"] = sum(r["tensor_core_instructions"] for r in tc)
+    ops: dict[str, int] = {}
+    for r in tc:
+        for op, n in r["tensor_core_ops"].items():
+            ops[op] = ops.get(op, 0) + n
+    usage["tensor_core_ops"] = ops
+    usage["dot_ops"] = len(re.findall(r"\btt\.dot\b", compiled.asm.get("ttir", "")))
+    usage["threads_per_block"] = 32 * int(getattr(compiled.metadata, "num_warps", launch.num_warps))
     return usage
 
 
@@ -175,6 +203,7 @@ def triton_rows(archs: Iterable[int] = DEFAULT_ARCHS, dtypes: Iterable[str] = DE
                                ok=True, error="")
                     try:
                         row.update(compile_launch(launch, arch))
+                        row["matmul_stage"] = row["dot_ops"] > 0 or row["kernel"] in TRITON_MATMUL_KERNELS
                     except Exception as exc:  # report, don't stop: one bad config must not hide the others
                         row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:2000])
                     seen[key] = row
@@ -206,25 +235,64 @@ def report_rows(archs: Iterable[int] = DEFAULT_ARCHS, dtypes: Iterable[str] = DE
         rows = triton_rows(archs, dtypes, presets)
     for family, provider in _PROVIDERS.items():
         rows += provider(archs)
+    for row in rows:
+        annotate(row)
     return rows
 
 
+def annotate(row: dict[str, Any]) -> dict[str, Any]:
+    """Add theoretical occupancy (if the provider did not) and apply the tensor-core rule to one row."""
+    if not row.get("ok") or row.get("registers") is None:
+        return row
+    if "blocks_per_sm" not in row and row.get("threads_per_block"):
+        # Triton raises a kernel's dynamic shared memory limit itself when it needs more than 48 KB
+        occ = occupancy(row["arch"], row["threads_per_block"], row["registers"], row.get("shared_bytes", 0),
+                        smem_optin=row["family"] == "triton")
+        row.update(blocks_per_sm=occ["blocks_per_sm"], warps_per_sm=occ["warps_per_sm"],
+                   occupancy=occ["occupancy"], occupancy_limiter=occ["limiter"])
+    required = row.get("tensor_core_required")
+    if required is None:
+        required = bool(row.get("matmul_stage")) and row["dtype"] in TENSOR_CORE_DTYPES
+        row["tensor_core_required"] = required
+    count = row.get("tensor_core_instructions")
+    if required and not count:
+        row["ok"] = False
+        why = ("0 tensor-core instructions (HMMA/HGMMA/...) in its SASS" if count == 0
+               else "its SASS was not inspected (no tensor-core count)")
+        row["error"] = (f"{row['dtype']} kernel with a matmul stage has {why}: its GEMMs would run on the "
+                        f"FMA units")
+    elif "blocks_per_sm" in row and row["blocks_per_sm"] == 0:
+        row["ok"] = False
+        row["error"] = "theoretical occupancy is 0 blocks per SM: this kernel cannot launch with its resources"
+    return row
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'family':<7} {'kernel':<24} {'dtype':<13} {'arch':<6} {'regs':>4} {'shared':>7} {'spill':>6}  "
-             f"{'ok':<3} presets"]
+    """One line per row: resources, tensor-core instruction count (``tc``; ``-`` when not required and
+    none), blocks / warps per SM and the binding limit; failed rows say why."""
+    lines = [f"{'family':<7} {'kernel':<24} {'dtype':<13} {'arch':<6} {'regs':>4} {'shared':>7} {'spill':>6} "
+             f"{'tc':>5} {'blk/SM':>6} {'warps':>5} {'limit':<8} {'ok':<3} presets"]
     for r in rows:
         presets = ",".join(r.get("presets", []))
         if len(presets) > 60:
             presets = presets[:57] + "..."
-        if r.get("ok"):
-            lines.append(f"{r['family']:<7} {r['kernel']:<24} {r['dtype']:<13} {r['arch']:<6} {r['registers']:>4} "
-                         f"{r['shared_bytes']:>7} {r['spill_bytes']:>6}  yes {presets}")
-        else:
-            lines.append(f"{r['family']:<7} {r['kernel']:<24} {r['dtype']:<13} {r['arch']:<6} FAILED: "
-                         f"{r['error'][:200]}")
+        head = f"{r['family']:<7} {r['kernel']:<24} {r['dtype']:<13} {r['arch']:<6}"
+        if r.get("registers") is None:  # did not compile
+            lines.append(f"{head} FAILED: {r.get('error', '')[:200]}")
+            continue
+        tc = r.get("tensor_core_instructions")
+        tc_text = "?" if tc is None else str(tc)
+        limiter = {"registers": "regs", "shared_memory": "smem"}.get(r.get("occupancy_limiter"),
+                                                                     r.get("occupancy_limiter") or "-")
+        line = (f"{head} {r['registers']:>4} {r['shared_bytes']:>7} {r['spill_bytes']:>6} {tc_text:>5} "
+                f"{r.get('blocks_per_sm', '-'):>6} {r.get('warps_per_sm', '-'):>5} {limiter:<8} ")
+        lines.append(line + (f"yes {presets}" if r.get("ok") else f"NO  FAILED: {r.get('error', '')[:200]}"))
     ok = [r for r in rows if r.get("ok")]
-    spills = sum(r["spill_bytes"] for r in ok)
-    spilling = sum(1 for r in ok if r["spill_bytes"])
-    lines.append(f"{len(ok)}/{len(rows)} kernel configurations compiled; {spilling} of them spill "
-                 f"(stack+local bytes, total {spills})")
+    compiled = [r for r in rows if r.get("registers") is not None]
+    spills = sum(r["spill_bytes"] for r in compiled)
+    spilling = sum(1 for r in compiled if r["spill_bytes"])
+    no_tc = sum(1 for r in compiled if r.get("tensor_core_required") and not r.get("tensor_core_instructions"))
+    lines.append(f"{len(compiled)}/{len(rows)} kernel configurations compiled; {spilling} of them spill "
+                 f"(stack+local bytes, total {spills}); {no_tc} half/TF32 GEMM kernels without tensor-core "
+                 f"instructions; {len(ok)}/{len(rows)} rows ok")
     return "\n".join(lines)

@@ -22,6 +22,10 @@ def test_gpu_report_lists_triton_and_cuda_kernels_without_spills():
     assert {("triton", "sm_80"), ("triton", "sm_90"), ("cuda", "sm_80"), ("cuda", "sm_90")} <= families
     assert all(r["ok"] and r["spill_bytes"] == 0 for r in data["kernels"]), [
         (r["family"], r["kernel"], r["arch"], r["spill_bytes"]) for r in data["kernels"] if r["spill_bytes"]]
+    # bf16 kernels with GEMM stages run them on tensor cores; occupancy is filled for every row
+    assert all(r["tensor_core_required"] and r["tensor_core_instructions"] > 0 for r in data["kernels"]), [
+        (r["family"], r["kernel"], r["arch"]) for r in data["kernels"] if not r["tensor_core_instructions"]]
+    assert all(r["blocks_per_sm"] >= 1 and 0 < r["occupancy"] <= 1 and r["occupancy_limiter"] for r in data["kernels"])
     (b1, b64) = data["roofline"]
     assert b1["fused_launches"] == 3 and b1["eager_launches"] > b1["fused_launches"]
     assert b64["fused_bytes"] < b64["eager_bytes"]

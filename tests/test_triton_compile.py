@@ -134,3 +134,25 @@ def test_aot_compile_every_preset_sm80_sm90_no_spills():
     spills = [(r["kernel"], r["config"], r["dtype"], r["arch"], r["spill_bytes"]) for r in rows
               if r["spill_bytes"] > allowed(r)]
     assert not spills, spills
+    # every kernel has dot stages; in bf16 they must be tensor-core instructions in the SASS
+    assert all(r["matmul_stage"] and r["dot_ops"] > 0 for r in rows)
+    no_tc = [(r["kernel"], r["config"], r["arch"]) for r in rows
+             if r["dtype"] == "bfloat16" and not r["tensor_core_instructions"] > 0]
+    assert not no_tc, no_tc
+    assert all(r["blocks_per_sm"] >= 1 and r["warps_per_sm"] == r["blocks_per_sm"] * r["num_warps"] for r in rows)
+
+
+@pytest.mark.slow
+def test_aot_fp16_kernels_use_tensor_cores():
+    """fp16 (one preset, every kernel, sm_80 and sm_90): each dot stage compiles to HMMA (sm_80) /
+    HMMA or HGMMA (sm_90); a row without tensor-core instructions would be failed by gpu_report."""
+    from slvit_fast import gpu_report, native
+
+    if native.cuobjdump() is None:
+        pytest.skip("cuobjdump not available")
+    rows = gpu_report.report_rows(archs=(80, 90), dtypes=("float16",), presets=("resnet152-b1",))
+    assert len(rows) == 12 and all(r["ok"] for r in rows), [r["error"] for r in rows if not r["ok"]]
+    for r in rows:
+        assert r["dot_ops"] > 0 and r["tensor_core_required"], r
+        assert r["tensor_core_instructions"] > 0, (r["kernel"], r["arch"], r["tensor_core_ops"])
+        assert set(r["tensor_core_ops"]) <= {"HMMA", "HGMMA"}, r["tensor_core_ops"]
