@@ -92,32 +92,36 @@ def assert_paired_close(name: str, ours: torch.Tensor, ref_lowp: torch.Tensor, r
 
 
 def _run(module: SLViTExit, x: torch.Tensor, extra, grad_out: torch.Tensor, backward: bool):
+    """Forward (+ backward) of ``module``; output and gradients are returned on the CPU for comparison."""
     x = x.detach().clone().requires_grad_(backward)
     extra = None if extra is None else extra.detach().clone().requires_grad_(backward)
     out = module(x, extra)
     grads = {}
     if backward:
         module.zero_grad(set_to_none=True)
-        out.backward(grad_out.to(out.dtype))
+        out.backward(grad_out.to(device=out.device, dtype=out.dtype))
         grads["input x"] = x.grad
         if extra is not None:
             grads["input extra"] = extra.grad
         grads.update({n: p.grad for n, p in module.named_parameters()})
-    return out.detach(), grads
+    return out.detach().cpu(), {n: None if g is None else g.cpu() for n, g in grads.items()}
 
 
 def check_against_reference(backend: str, config: SLViTConfig, batch: int, dtype: torch.dtype = torch.float32,
                             *, backward: bool = True, seed: int = 0, channels_last: bool = False,
-                            x: torch.Tensor | None = None, tol: Tolerance | None = None) -> torch.Tensor:
+                            x: torch.Tensor | None = None, tol: Tolerance | None = None,
+                            device: str | torch.device = "cpu") -> torch.Tensor:
     """Compare ``backend`` with the torch reference, forward and (optionally) every gradient.
 
-    Returns the backend's output (for extra assertions by the caller).
+    ``device``: where ``backend`` and the same-dtype torch reference run (e.g. ``"cuda"``; their errors
+    are paired on that device, so TF32 matmuls on a GPU are paired with TF32 reference matmuls); the
+    float64 reference always runs on the CPU. Returns the backend's output, on the CPU.
     """
     tol = tol or TOLERANCES[dtype]
     base = randomize_(SLViTExit(config, backend="torch").double(), seed).eval()
     ref64 = base
-    ref_lowp = copy.deepcopy(base).to(dtype)
-    ours = copy.deepcopy(base).to(dtype)
+    ref_lowp = copy.deepcopy(base).to(device=device, dtype=dtype)
+    ours = copy.deepcopy(base).to(device=device, dtype=dtype)
     ours.backend = backend
     g = torch.Generator().manual_seed(seed + 1)
     H, W = config.feature_size
@@ -128,15 +132,15 @@ def check_against_reference(backend: str, config: SLViTConfig, batch: int, dtype
         extra = torch.randn(batch, config.extra_tokens, config.extra_dim, generator=g, dtype=torch.float64)
     grad_out = torch.randn(batch, config.num_outputs, generator=g, dtype=torch.float64)
 
-    def inputs(dt):
-        xi = x.to(dt)
+    def inputs(dt, dev="cpu"):
+        xi = x.to(device=dev, dtype=dt)
         if channels_last:
             xi = xi.contiguous(memory_format=torch.channels_last)
-        return xi, None if extra is None else extra.to(dt)
+        return xi, None if extra is None else extra.to(device=dev, dtype=dt)
 
     out64, grads64 = _run(ref64, *inputs(torch.float64), grad_out, backward)
-    out_low, grads_low = _run(ref_lowp, *inputs(dtype), grad_out, backward)
-    out, grads = _run(ours, *inputs(dtype), grad_out, backward)
+    out_low, grads_low = _run(ref_lowp, *inputs(dtype, device), grad_out, backward)
+    out, grads = _run(ours, *inputs(dtype, device), grad_out, backward)
     assert out.dtype == dtype, f"output dtype {out.dtype}, expected {dtype}"
     assert_paired_close("output", out, out_low, out64, tol)
     for name in grads64:
@@ -158,12 +162,14 @@ requires_half = pytest.mark.skipif(not half_dtype_available(torch.float16), reas
 
 
 # -- scenarios shared by the backend test files ----------------------------------------------------------
-def check_nan_isolated(backend: str, *, batch: int = 3, nan_at: tuple = (1, 0, 3, 4)) -> None:
+def check_nan_isolated(backend: str, *, batch: int = 3, nan_at: tuple = (1, 0, 3, 4),
+                       device: str | torch.device = "cpu") -> None:
     """A NaN in one sample's features makes that sample's logits NaN and leaves the others equal to the
     reference: no kernel may mix samples (batch-shared workspaces, a head shared across the batch).
-    Checked with autograd recording (training path) and without (inference path)."""
+    Checked with autograd recording (training path) and without (inference path). ``backend`` runs on
+    ``device``, the reference on the CPU."""
     c = awkward_config("N25-h1")
-    m = randomize_(SLViTExit(c, backend=backend)).eval()
+    m = randomize_(SLViTExit(c, backend=backend)).eval().to(device)
     ref = randomize_(SLViTExit(c, backend="torch")).eval()
     x = torch.randn(batch, c.in_channels, *c.feature_size, generator=torch.Generator().manual_seed(3))
     x[nan_at] = float("nan")
@@ -171,7 +177,7 @@ def check_nan_isolated(backend: str, *, batch: int = 3, nan_at: tuple = (1, 0, 3
     others = [i for i in range(batch) if i != bad]
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
-            out, expected = m(x).detach(), ref(x).detach()
+            out, expected = m(x.to(device)).detach().cpu(), ref(x).detach()
         assert torch.isnan(out[bad]).all(), f"grad={grad}: the NaN sample's logits are not all NaN"
         assert torch.isfinite(out[others]).all(), f"grad={grad}: a NaN leaked into another sample"
         torch.testing.assert_close(out[others], expected[others], rtol=1e-5, atol=1e-5)
