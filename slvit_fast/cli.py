@@ -348,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtypes", default="", help="Triton dtypes, comma list (default: float32,float32-tf32,float16,bfloat16)")
     p.add_argument("--presets", default="", help="comma list (default: every preset)")
     p.set_defaults(func=_cmd_gpu_report)
+    from .selftest.cli import add_parser as add_selftest_parser  # light: the runner is imported on use
+
+    add_selftest_parser(sub)
     return parser
 
 
