@@ -74,6 +74,8 @@ struct Cfg {
   bool residual;
   int64_t act;  // 0 gelu, 1 relu
   int64_t layers;
+  // dropout (training; cfg[13..16] when present): keep thresholds as fractions of 2^32 and the seed
+  int64_t thr_drop = 0, thr_attn = 0, thr_head = 0, seed = 0;
   // derived
   int64_t B, C, H, W, gh, gw, Np, T, P, A;
 };
@@ -83,8 +85,15 @@ static constexpr int64_t kPerLayer = 16;  // params per encoder layer
 static constexpr int64_t kSavedPerLayer = 13;
 
 static Cfg make_cfg(const Tensor& x, const c10::optional<Tensor>& extra, at::IntArrayRef cfg) {
-  TORCH_CHECK(cfg.size() == kCfgLen, "slvit_fast: cfg must have ", kCfgLen, " ints, got ", cfg.size());
+  TORCH_CHECK(cfg.size() == kCfgLen || cfg.size() == kCfgLen + 4, "slvit_fast: cfg must have ", kCfgLen,
+              " ints (or ", kCfgLen + 4, " with dropout), got ", cfg.size());
   Cfg c;
+  if (cfg.size() == kCfgLen + 4) {
+    c.thr_drop = cfg[13]; c.thr_attn = cfg[14]; c.thr_head = cfg[15]; c.seed = cfg[16];
+    for (int64_t t : {c.thr_drop, c.thr_attn, c.thr_head})
+      TORCH_CHECK(t >= 0 && t <= (int64_t(1) << 32), "slvit_fast: dropout threshold ", t,
+                  " out of range [0, 2^32] (rate * 2^32)");
+  }
   c.ph = cfg[0]; c.pw = cfg[1]; c.d = cfg[2]; c.heads = cfg[3]; c.kd = cfg[4]; c.mlp = cfg[5];
   c.hidden = cfg[6]; c.outputs = cfg[7]; c.E = cfg[8]; c.De = cfg[9]; c.residual = cfg[10] != 0;
   c.act = cfg[11]; c.layers = cfg[12];
@@ -511,9 +520,54 @@ static int64_t inference_floats(const Cfg& c, int64_t B) {
 
 // Forward of the ATen/BLAS path for the samples of x. Inference (save=false) takes its
 // intermediates from ws (inference_floats(c, c.B) floats); training returns them as saved tensors.
+// ---- dropout: counter-based masks ------------------------------------------------------------------
+// Element i of dropout site `site` is kept iff hash(seed, site, i) >= thr (thr = rate * 2^32), where i
+// is the element's index in the whole batch's tensor, so the mask does not depend on chunking or
+// threads, and the backward regenerates exactly the forward's mask. Kept elements are scaled by
+// 1 / (1 - rate) (as F.dropout). Sites: 0 embedding output (B, T, d); 1 head hidden (B, hidden); per
+// layer l: 2 + 3l attention probabilities (B, h, T, T), 3 + 3l MLP hidden (B*T, mlp), 4 + 3l MLP
+// output (B*T, d). hash = lowbias32(i_lo ^ key), key = lowbias32(i_hi ^ lowbias32(seed_lo ^
+// lowbias32(seed_hi ^ (site * 0x9E3779B9)))) (lowbias32: C. Wellons' 32-bit integer hash).
+static inline uint32_t lowbias32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+static bool dropout_on(const Cfg& c) { return c.thr_drop > 0 || c.thr_attn > 0 || c.thr_head > 0; }
+
+// data[k] *= keep(idx0 + k) ? scale : 0 for k < n (data contiguous).
+static void dropout_apply(float* data, int64_t n, int64_t idx0, int64_t site, int64_t thr, uint64_t seed) {
+  if (thr <= 0) return;
+  const double rate = (double)thr / 4294967296.0;
+  const float scale = thr >= (int64_t(1) << 32) ? 0.f : (float)(1.0 / (1.0 - rate));
+  const uint32_t base = lowbias32((uint32_t)seed ^ lowbias32((uint32_t)(seed >> 32) ^ (uint32_t)(site * 0x9E3779B9ULL)));
+  int64_t k = 0;
+  while (k < n) {
+    const uint64_t i = (uint64_t)(idx0 + k);
+    const uint32_t key = lowbias32((uint32_t)(i >> 32) ^ base);
+    // run to the next 2^32 boundary of the index with one key
+    const int64_t run = std::min<int64_t>(n - k, (int64_t)((uint64_t(1) << 32) - (i & 0xffffffffULL)));
+    const uint32_t lo0 = (uint32_t)i;
+    const uint64_t t = (uint64_t)thr;
+    for (int64_t j = 0; j < run; ++j) {
+      const uint32_t h = lowbias32((lo0 + (uint32_t)j) ^ key);
+      data[k + j] *= ((uint64_t)h >= t) ? scale : 0.f;
+    }
+    k += run;
+  }
+}
+
+// With `sink` (training in chunks, train_forward): the saved activations of these c.B samples are
+// written into rows of the batch's saved tensors (sink, in the order this function returns them),
+// starting at sample b0, and the logits into `out_rows`; the return value is then empty.
 static std::vector<Tensor> forward_impl(const Tensor& x, const c10::optional<Tensor>& extra,
                                         const std::vector<Tensor>& p, const Cfg& c, double eps, bool save,
-                                        float* ws) {
+                                        float* ws, const std::vector<Tensor>* sink = nullptr, int64_t b0 = 0,
+                                        Tensor* out_rows = nullptr) {
   SingleThreadScope single(c.B * c.T < kSingleThreadRows);
   Tensor xf = x.to(at::kFloat);
   std::vector<Tensor> saved;
@@ -523,9 +577,16 @@ static std::vector<Tensor> forward_impl(const Tensor& x, const c10::optional<Ten
     alloc.cap = inference_floats(c, c.B);
     alloc.base = ws;
   }
+  const int64_t nsaved = 1 + kSavedPerLayer * c.layers + 3;
+  // saved tensor k for this chunk: rows of sink[k], or a fresh tensor
+  auto salloc = [&](int64_t k, at::IntArrayRef shape) -> Tensor {
+    if (!sink) return alloc(shape);
+    const int64_t per_sample = shape[0] / c.B;  // rows per sample: Np, T or 1
+    return (*sink)[k].narrow(0, b0 * per_sample, shape[0]).view(shape);
+  };
 
   // 1. patches + embedding + position (+ extra tokens)
-  Tensor pm = alloc({c.B * c.Np, c.P});
+  Tensor pm = salloc(0, {c.B * c.Np, c.P});
   int64_t pi = 0;
   const Tensor &Wp0 = p[pi++], &bp = p[pi++], &pos = p[pi++];
   Tensor Wp = Wp0;
@@ -537,7 +598,7 @@ static std::vector<Tensor> forward_impl(const Tensor& x, const c10::optional<Ten
   }
   Tensor emb = alloc({c.B * c.Np, c.d});
   at::mm_out(emb, pm, Wp.t());
-  Tensor t = alloc({BT, c.d});
+  Tensor t = salloc(1, {BT, c.d});  // the first layer's input (saved)
   {
     Tensor bias_pos = pos.add(bp).contiguous();
     const float* e = emb.data_ptr<float>();
@@ -559,6 +620,7 @@ static std::vector<Tensor> forward_impl(const Tensor& x, const c10::optional<Ten
     at::addmm_out(ex, be, extraf, We.t());
     t.view({c.B, c.T, c.d}).narrow(1, c.Np, c.E).copy_(ex.view({c.B, c.E, c.d}));
   }
+  dropout_apply(t.data_ptr<float>(), BT * c.d, b0 * c.T * c.d, 0, c.thr_drop, c.seed);
   if (save) saved.push_back(pm);
 
   const float scale = 1.0f / std::sqrt((float)c.kd);
@@ -569,38 +631,55 @@ static std::vector<Tensor> forward_impl(const Tensor& x, const c10::optional<Ten
     const Tensor &Wo = p[pi + 8], &bo = p[pi + 9], &g2 = p[pi + 10], &be2 = p[pi + 11];
     const Tensor &W1 = p[pi + 12], &b1 = p[pi + 13], &W2 = p[pi + 14], &b2 = p[pi + 15];
     pi += kPerLayer;
+    const int64_t sk = 1 + l * kSavedPerLayer;  // this layer's saved tensors: sk .. sk + 12
 
-    Tensor y1 = alloc({BT, c.d}), mean1 = alloc({BT, 1}), rstd1 = alloc({BT, 1});
+    Tensor y1 = salloc(sk + 3, {BT, c.d}), mean1 = salloc(sk + 1, {BT, 1}), rstd1 = salloc(sk + 2, {BT, 1});
     at::native_layer_norm_out(y1, mean1, rstd1, t, {c.d}, g1, be1, eps);
-    Tensor qkv = alloc({BT, 3 * c.A});
+    Tensor qkv = salloc(sk + 4, {BT, 3 * c.A});
     at::addmm_out(qkv, bqkv, y1, Wqkv.t());
     Tensor S = alloc({c.B, c.heads, c.T, c.T});
     attn_scores(qkv.data_ptr<float>(), S.data_ptr<float>(), c, scale);
-    Tensor P = alloc({c.B, c.heads, c.T, c.T});
+    Tensor P = salloc(sk + 5, {c.B, c.heads, c.T, c.T});
     at::_softmax_out(P, S, -1, false);
-    Tensor o = alloc({BT, c.A});
-    attn_pv(P.data_ptr<float>(), qkv.data_ptr<float>(), o.data_ptr<float>(), c);
-    Tensor t1 = alloc({BT, c.d});
+    Tensor o = salloc(sk + 6, {BT, c.A});
+    if (c.thr_attn > 0) {  // P V with the dropped probabilities; P itself is saved for the softmax backward
+      Tensor Pd = P.clone();
+      dropout_apply(Pd.data_ptr<float>(), Pd.numel(), b0 * c.heads * c.T * c.T, 2 + 3 * l, c.thr_attn, c.seed);
+      attn_pv(Pd.data_ptr<float>(), qkv.data_ptr<float>(), o.data_ptr<float>(), c);
+    } else {
+      attn_pv(P.data_ptr<float>(), qkv.data_ptr<float>(), o.data_ptr<float>(), c);
+    }
+    Tensor t1 = salloc(sk + 7, {BT, c.d});
     at::addmm_out(t1, bo, o, Wo.t());
     t1.add_(t);
-    Tensor y2 = alloc({BT, c.d}), mean2 = alloc({BT, 1}), rstd2 = alloc({BT, 1});
+    Tensor y2 = salloc(sk + 10, {BT, c.d}), mean2 = salloc(sk + 8, {BT, 1}), rstd2 = salloc(sk + 9, {BT, 1});
     at::native_layer_norm_out(y2, mean2, rstd2, t1, {c.d}, g2, be2, eps);
-    Tensor hpre = alloc({BT, c.mlp});
+    Tensor hpre = salloc(sk + 11, {BT, c.mlp});
     at::addmm_out(hpre, b1, y2, W1.t());
-    Tensor hact = alloc({BT, c.mlp});
+    Tensor hact = salloc(sk + 12, {BT, c.mlp});
     at::gelu_out(hact, hpre);
-    Tensor t2 = alloc({BT, c.d});
+    dropout_apply(hact.data_ptr<float>(), BT * c.mlp, b0 * c.T * c.mlp, 3 + 3 * l, c.thr_drop, c.seed);  // saved dropped
+    // the next layer's (saved) input, or the head's (saved) flat input
+    Tensor t2 = !sink ? alloc({BT, c.d})
+                : l + 1 < c.layers ? salloc(sk + kSavedPerLayer, {BT, c.d})
+                                   : salloc(nsaved - 3, {c.B, c.T * c.d}).view({BT, c.d});
     at::addmm_out(t2, b2, hact, W2.t());
+    dropout_apply(t2.data_ptr<float>(), BT * c.d, b0 * c.T * c.d, 4 + 3 * l, c.thr_drop, c.seed);
     if (c.residual) t2.add_(t1);
     if (save) saved.insert(saved.end(), {t, mean1, rstd1, y1, qkv, P, o, t1, mean2, rstd2, y2, hpre, hact});
     t = t2;
   }
   const Tensor &Wh1 = p[pi], &bh1 = p[pi + 1], &Wh2 = p[pi + 2], &bh2 = p[pi + 3];
   Tensor flat = t.view({c.B, c.T * c.d});
-  Tensor z = alloc({c.B, c.hidden});
+  Tensor z = salloc(nsaved - 2, {c.B, c.hidden});
   at::addmm_out(z, bh1, flat, Wh1.t());
-  Tensor a = alloc({c.B, c.hidden});
+  Tensor a = salloc(nsaved - 1, {c.B, c.hidden});
   if (c.act == 0) at::gelu_out(a, z); else at::relu_out(a, z);
+  dropout_apply(a.data_ptr<float>(), c.B * c.hidden, b0 * c.hidden, 1, c.thr_head, c.seed);  // saved dropped
+  if (out_rows) {
+    at::addmm_out(*out_rows, bh2, a, Wh2.t());
+    return {};
+  }
   Tensor out = at::addmm(bh2, a, Wh2.t());  // always a fresh tensor: it is returned
   std::vector<Tensor> result;
   result.push_back(out.to(x.scalar_type()));
@@ -659,38 +738,133 @@ static Tensor inference_forward(const Tensor& x, const c10::optional<Tensor>& ex
   return out;
 }
 
+// Workers and chunk size of the training path: every op of a chunk runs serially on its worker, so
+// one parallel region covers the whole forward (and one the backward) instead of one region per
+// ATen op (~60 per step, each a wake-up and a barrier: milliseconds when the cores are shared).
+// Chunks of ~512 token rows keep a chunk's activations near the core (L2) between ops.
+// SLVIT_FAST_CPU_TRAIN_CHUNK (tests): samples per chunk, and every thread used even for small problems.
+static void train_split(const Cfg& c, int64_t& nw, int64_t& cs) {
+  const char* env = std::getenv("SLVIT_FAST_CPU_TRAIN_CHUNK");
+  const int64_t forced = env && *env ? std::atoll(env) : 0;
+  const bool small = c.B * c.T < kSingleThreadRows && forced <= 0;
+  nw = (small || at::in_parallel_region()) ? 1 : std::min<int64_t>(at::get_num_threads(), c.B);
+  nw = std::max<int64_t>(nw, 1);
+  cs = forced > 0 ? forced
+                  : std::max<int64_t>(1, std::min<int64_t>((c.B + nw - 1) / nw, 512 / std::max<int64_t>(c.T, 1)));
+}
+
+// Runs f(w, b0, n) for the chunks of worker w's samples, all workers in one parallel region (with the
+// caller's grad/inference mode; BLAS single-threaded inside).
+template <class F>
+static void for_train_chunks(const Cfg& c, F f) {
+  int64_t nw, cs;
+  train_split(c, nw, cs);
+  auto worker = [&](int64_t w) {
+    const int64_t lo = c.B * w / nw, hi = c.B * (w + 1) / nw;
+    for (int64_t b0 = lo; b0 < hi; b0 += cs) f(w, b0, std::min(cs, hi - b0));
+  };
+  if (nw == 1) {
+    SingleThreadScope single(true);
+    worker(0);
+    return;
+  }
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, nw, 1, [&](int64_t lo, int64_t hi) {
+    at::ThreadLocalStateGuard tls(caller_state);
+    SequentialBlas seq;
+    for (int64_t w = lo; w < hi; ++w) worker(w);
+  });
+}
+
+static int64_t train_workers(const Cfg& c) {
+  int64_t nw, cs;
+  train_split(c, nw, cs);
+  return nw;
+}
+
+// Training forward: the saved activations are allocated for the batch once and each chunk's forward
+// writes its rows of them (forward_impl with a sink).
+static std::vector<Tensor> train_forward(const Tensor& x, const c10::optional<Tensor>& extra,
+                                         const std::vector<Tensor>& p, const Cfg& c, double eps) {
+  RECORD_FUNCTION("slvit_cpu::train_forward", std::vector<c10::IValue>());
+  const auto fopt = at::TensorOptions().dtype(at::kFloat);
+  const int64_t BT = c.B * c.T;
+  std::vector<Tensor> sink;
+  sink.push_back(at::empty({c.B * c.Np, c.P}, fopt));
+  for (int64_t l = 0; l < c.layers; ++l) {
+    for (auto shape : std::vector<std::vector<int64_t>>{
+             {BT, c.d}, {BT, 1}, {BT, 1}, {BT, c.d}, {BT, 3 * c.A}, {c.B, c.heads, c.T, c.T}, {BT, c.A}, {BT, c.d},
+             {BT, 1}, {BT, 1}, {BT, c.d}, {BT, c.mlp}, {BT, c.mlp}})
+      sink.push_back(at::empty(shape, fopt));
+  }
+  sink.push_back(at::empty({c.B, c.T * c.d}, fopt));
+  sink.push_back(at::empty({c.B, c.hidden}, fopt));
+  sink.push_back(at::empty({c.B, c.hidden}, fopt));
+  Tensor out = at::empty({c.B, c.outputs}, fopt);
+  for_train_chunks(c, [&](int64_t, int64_t b0, int64_t n) {
+    Cfg cc = c;
+    cc.B = n;
+    c10::optional<Tensor> ex;
+    if (c.E) ex = extra->narrow(0, b0, n);
+    Tensor rows = out.narrow(0, b0, n);
+    forward_impl(x.narrow(0, b0, n), ex, p, cc, eps, true, nullptr, &sink, b0, &rows);
+  });
+  std::vector<Tensor> result;
+  result.reserve(1 + sink.size());
+  result.push_back(out.to(x.scalar_type()));
+  result.insert(result.end(), sink.begin(), sink.end());
+  return result;
+}
+
 std::vector<Tensor> exit_forward(const Tensor& x, const c10::optional<Tensor>& extra, at::TensorList params,
                                  at::IntArrayRef cfg, double eps, bool save) {
   Cfg c = make_cfg(x, extra, cfg);
-  if (!save && fused_wanted()) return {fused_forward(x, extra, params, c, eps)};
+  const bool drop = dropout_on(c);
+  if (!save && !drop && fused_wanted()) return {fused_forward(x, extra, params, c, eps)};
   std::vector<Tensor> p = float_params(params, c);
-  if (!save) return {inference_forward(x, extra, p, c, eps)};
-  return forward_impl(x, extra, p, c, eps, true, nullptr);
+  if (!save && !drop) return {inference_forward(x, extra, p, c, eps)};
+  std::vector<Tensor> r = train_forward(x, extra, p, c, eps);
+  if (!save) r.resize(1);
+  return r;
 }
 
-std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const c10::optional<Tensor>& extra,
-                                  at::TensorList params, at::TensorList saved, at::IntArrayRef cfg, double eps,
-                                  bool need_dx) {
-  Cfg c = make_cfg(x, extra, cfg);
-  SingleThreadScope single(c.B * c.T < kSingleThreadRows);
-  std::vector<Tensor> p = float_params(params, c);
-  const int64_t nsaved = 1 + kSavedPerLayer * c.layers + 3;
-  TORCH_CHECK((int64_t)saved.size() == nsaved, "slvit_fast: backward needs ", nsaved,
-              " saved tensors (was the forward run with save=True?), got ", saved.size());
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == c.B && grad_out.size(1) == c.outputs,
-              "slvit_fast: grad_out must be (", c.B, ", ", c.outputs, "), got ", grad_out.sizes());
-  const auto fopt = at::TensorOptions().dtype(at::kFloat);
-  Tensor g = grad_out.to(at::kFloat).contiguous();
-  std::vector<Tensor> dp(p.size());
+// Gradient accumulation per worker: the first contribution is kept (owned, contiguous), later ones added.
+static void acc_add(std::vector<Tensor>& acc, int64_t i, const Tensor& g) {
+  if (!acc[i].defined())
+    // (a tensor that does not own its whole storage - a slice - is copied: outputs must not alias; is_view()
+    // is not reliable inside an op, where views get no autograd metadata)
+    acc[i] = (g.storage_offset() != 0 || !g.is_contiguous() ||
+              g.storage().nbytes() != (size_t)g.numel() * g.element_size())
+                 ? g.clone(at::MemoryFormat::Contiguous)
+                 : g;
+  else
+    acc[i].add_(g);
+}
 
+// Weights the backward of every chunk uses, built once per call.
+struct BwdWeights {
+  std::vector<Tensor> Wqkv;  // per layer: cat(Wq, Wk, Wv)
+  Tensor Wp;                 // patch-embedding weight in the gather's column order
+  bool cl;                   // x channels-innermost: pm in (ph, pw, C) order, else (C, ph, pw)
+};
+
+// Backward of the samples of one chunk (c.B of them): s are the chunk's rows of the saved tensors,
+// parameter gradients are added to acc (this worker's), dx / dextra rows written when defined.
+static void backward_chunk(const Tensor& g, const c10::optional<Tensor>& extra, const std::vector<Tensor>& p,
+                           const std::vector<Tensor>& saved, const BwdWeights& bw, const Cfg& c, double eps,
+                           Tensor* dx_rows, Tensor* dextra_rows, std::vector<Tensor>& acc, int64_t b0) {
+  const auto fopt = at::TensorOptions().dtype(at::kFloat);
+  const int64_t nsaved = (int64_t)saved.size();
   const int64_t head0 = (int64_t)p.size() - 4;
   const Tensor &Wh1 = p[head0], &Wh2 = p[head0 + 2];
   const Tensor &flat = saved[nsaved - 3], &z = saved[nsaved - 2], &a = saved[nsaved - 1];
-  dp[head0 + 3] = g.sum(0);
-  dp[head0 + 2] = at::mm(g.t(), a);
-  Tensor dz = act_bwd(at::mm(g, Wh2), z, c.act);
-  dp[head0 + 1] = dz.sum(0);
-  dp[head0] = at::mm(dz.t(), flat);
+  acc_add(acc, head0 + 3, g.sum(0));
+  acc_add(acc, head0 + 2, at::mm(g.t(), a));  // a saved after dropout
+  Tensor da = at::mm(g, Wh2);
+  dropout_apply(da.data_ptr<float>(), c.B * c.hidden, b0 * c.hidden, 1, c.thr_head, c.seed);
+  Tensor dz = act_bwd(da, z, c.act);
+  acc_add(acc, head0 + 1, dz.sum(0));
+  acc_add(acc, head0, at::mm(dz.t(), flat));
   Tensor dt = at::mm(dz, Wh1).view({c.B * c.T, c.d});
 
   const float scale = 1.0f / std::sqrt((float)c.kd);
@@ -702,31 +876,43 @@ std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const
                  &t1 = s[7], &mean2 = s[8], &rstd2 = s[9], &y2 = s[10], &hpre = s[11], &hact = s[12];
     const Tensor &g1 = p[pi], &be1 = p[pi + 1], &Wo = p[pi + 8], &g2 = p[pi + 10], &be2 = p[pi + 11];
     const Tensor &W1 = p[pi + 12], &W2 = p[pi + 14];
-    Tensor Wqkv = at::cat({p[pi + 2], p[pi + 4], p[pi + 6]}, 0);
+    const Tensor& Wqkv = bw.Wqkv[l];
 
-    // MLP block
-    dp[pi + 15] = dt.sum(0);
-    dp[pi + 14] = at::mm(dt.t(), hact);
-    Tensor dh = at::gelu_backward(at::mm(dt, W2), hpre);
-    dp[pi + 13] = dh.sum(0);
-    dp[pi + 12] = at::mm(dh.t(), y2);
+    // MLP block (dm: gradient of the fc2 output before its dropout; the residual path is not dropped)
+    Tensor dm = dt;
+    if (c.thr_drop > 0) {
+      dm = dt.clone();
+      dropout_apply(dm.data_ptr<float>(), dm.numel(), b0 * c.T * c.d, 4 + 3 * l, c.thr_drop, c.seed);
+    }
+    acc_add(acc, pi + 15, dm.sum(0));
+    acc_add(acc, pi + 14, at::mm(dm.t(), hact));
+    Tensor dhd = at::mm(dm, W2);
+    dropout_apply(dhd.data_ptr<float>(), dhd.numel(), b0 * c.T * c.mlp, 3 + 3 * l, c.thr_drop, c.seed);
+    Tensor dh = at::gelu_backward(dhd, hpre);
+    acc_add(acc, pi + 13, dh.sum(0));
+    acc_add(acc, pi + 12, at::mm(dh.t(), y2));
     Tensor dy2 = at::mm(dh, W1);
     auto l2 = at::native_layer_norm_backward(dy2, t1, {c.d}, mean2, rstd2, g2, be2, {true, true, true});
-    dp[pi + 10] = std::get<1>(l2);
-    dp[pi + 11] = std::get<2>(l2);
+    acc_add(acc, pi + 10, std::get<1>(l2));
+    acc_add(acc, pi + 11, std::get<2>(l2));
     Tensor dt1 = std::get<0>(l2);
     if (c.residual) dt1.add_(dt);
 
     // attention block
-    dp[pi + 9] = dt1.sum(0);
-    dp[pi + 8] = at::mm(dt1.t(), o);
+    acc_add(acc, pi + 9, dt1.sum(0));
+    acc_add(acc, pi + 8, at::mm(dt1.t(), o));
     Tensor dO = at::mm(dt1, Wo);  // (B*T, A)
     Tensor dqkv = at::empty({c.B * c.T, 3 * c.A}, fopt);
     Tensor dP = at::empty({c.B, c.heads, c.T, c.T}, fopt);
     {
       RECORD_FUNCTION("slvit_cpu::attn_backward", std::vector<c10::IValue>());
       const int64_t T = c.T, A3 = 3 * c.A;
-      const float *Pp = P.data_ptr<float>(), *qp = qkv.data_ptr<float>(), *dOp = dO.data_ptr<float>();
+      Tensor Pd = P;  // the probabilities P V used (after dropout)
+      if (c.thr_attn > 0) {
+        Pd = P.clone();
+        dropout_apply(Pd.data_ptr<float>(), Pd.numel(), b0 * c.heads * T * T, 2 + 3 * l, c.thr_attn, c.seed);
+      }
+      const float *Pp = Pd.data_ptr<float>(), *qp = qkv.data_ptr<float>(), *dOp = dO.data_ptr<float>();
       float *dqp = dqkv.data_ptr<float>(), *dPp = dP.data_ptr<float>();
       at::parallel_for(0, c.B * c.heads, head_grain(T, c.kd), [&](int64_t lo, int64_t hi) {
         SequentialBlas seq;
@@ -740,6 +926,7 @@ std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const
           gemm_rm(false, true, T, T, c.kd, 1.f, dOb, c.A, v, A3, 0.f, dPp + bh * T * T, T);
         }
       });
+      dropout_apply(dPp, dP.numel(), b0 * c.heads * T * T, 2 + 3 * l, c.thr_attn, c.seed);
       Tensor dS = at::_softmax_backward_data(dP, P, -1, at::kFloat);
       const float* dSp = dS.data_ptr<float>();
       at::parallel_for(0, c.B * c.heads, head_grain(T, c.kd), [&](int64_t lo, int64_t hi) {
@@ -758,53 +945,96 @@ std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const
     Tensor dWqkv = at::mm(dqkv.t(), y1);
     Tensor dbqkv = dqkv.sum(0);
     for (int j = 0; j < 3; ++j) {
-      dp[pi + 2 + 2 * j] = dWqkv.narrow(0, j * c.A, c.A).clone();  // outputs must not alias each other
-      dp[pi + 3 + 2 * j] = dbqkv.narrow(0, j * c.A, c.A).clone();
+      acc_add(acc, pi + 2 + 2 * j, dWqkv.narrow(0, j * c.A, c.A));
+      acc_add(acc, pi + 3 + 2 * j, dbqkv.narrow(0, j * c.A, c.A));
     }
     Tensor dy1 = at::mm(dqkv, Wqkv);
     auto l1 = at::native_layer_norm_backward(dy1, t_in, {c.d}, mean1, rstd1, g1, be1, {true, true, true});
-    dp[pi] = std::get<1>(l1);
-    dp[pi + 1] = std::get<2>(l1);
+    acc_add(acc, pi, std::get<1>(l1));
+    acc_add(acc, pi + 1, std::get<2>(l1));
     dt = std::get<0>(l1).add_(dt1);
   }
 
-  // embedding
+  // embedding (dt: gradient of the embedding's output after its dropout)
+  dropout_apply(dt.data_ptr<float>(), c.B * c.T * c.d, b0 * c.T * c.d, 0, c.thr_drop, c.seed);
   Tensor dt3 = dt.view({c.B, c.T, c.d});
   Tensor dtp = dt3.narrow(1, 0, c.Np).contiguous().view({c.B * c.Np, c.d});
   const Tensor& pm = saved[0];
-  dp[2] = dtp.view({c.B, c.Np, c.d}).sum(0);
-  dp[1] = dtp.sum(0);
-  // pm was gathered in (ph, pw, C) order for channels-innermost x, else in (C, ph, pw) order
-  const bool cl = channels_inner(x);
-  Tensor dW = at::mm(dtp.t(), pm);
-  dp[0] = cl ? dW : dW.view({c.d, c.C, c.ph, c.pw}).permute({0, 2, 3, 1}).contiguous().view({c.d, c.P});
-  Tensor dx;
-  if (need_dx) {
-    Tensor Wp = cl ? p[0] : p[0].view({c.d, c.ph, c.pw, c.C}).permute({0, 3, 1, 2}).contiguous().view({c.d, c.P});
-    Tensor dpm = at::mm(dtp, Wp);
-    dx = at::empty_like(x, fopt);
-    if (cl)
-      patch_permute<true>(dx.data_ptr<float>(), dx.strides().data(), dpm.data_ptr<float>(), c);
+  acc_add(acc, 2, dtp.view({c.B, c.Np, c.d}).sum(0));
+  acc_add(acc, 1, dtp.sum(0));
+  acc_add(acc, 0, at::mm(dtp.t(), pm));  // in pm's column order; permuted once after the reduction
+  if (dx_rows) {
+    Tensor dpm = at::mm(dtp, bw.Wp);
+    if (bw.cl)
+      patch_permute<true>(dx_rows->data_ptr<float>(), dx_rows->strides().data(), dpm.data_ptr<float>(), c);
     else
-      patch_permute_cij<true>(dx.data_ptr<float>(), dx.strides().data(), dpm.data_ptr<float>(), c);
-    dx = dx.to(x.scalar_type());
-  } else {
-    dx = at::empty({0}, x.options());  // x needs no gradient: skip the largest GEMM of the backward
+      patch_permute_cij<true>(dx_rows->data_ptr<float>(), dx_rows->strides().data(), dpm.data_ptr<float>(), c);
   }
-  Tensor dextra;
   if (c.E) {
     Tensor dte = dt3.narrow(1, c.Np, c.E).contiguous().view({c.B * c.E, c.d});
     Tensor extraf = extra->to(at::kFloat).contiguous().view({c.B * c.E, c.De});
-    dp[3] = at::mm(dte.t(), extraf);
-    dp[4] = dte.sum(0);
-    dextra = at::mm(dte, p[3]).view({c.B, c.E, c.De}).to(extra->scalar_type());
-  } else {
-    dextra = at::empty({0}, x.options());
+    acc_add(acc, 3, at::mm(dte.t(), extraf));
+    acc_add(acc, 4, dte.sum(0));
+    dextra_rows->copy_(at::mm(dte, p[3]).view({c.B, c.E, c.De}));
   }
+}
+
+std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const c10::optional<Tensor>& extra,
+                                  at::TensorList params, at::TensorList saved, at::IntArrayRef cfg, double eps,
+                                  bool need_dx) {
+  RECORD_FUNCTION("slvit_cpu::train_backward", std::vector<c10::IValue>());
+  Cfg c = make_cfg(x, extra, cfg);
+  std::vector<Tensor> p = float_params(params, c);
+  const int64_t nsaved = 1 + kSavedPerLayer * c.layers + 3;
+  TORCH_CHECK((int64_t)saved.size() == nsaved, "slvit_fast: backward needs ", nsaved,
+              " saved tensors (was the forward run with save=True?), got ", saved.size());
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == c.B && grad_out.size(1) == c.outputs,
+              "slvit_fast: grad_out must be (", c.B, ", ", c.outputs, "), got ", grad_out.sizes());
+  const auto fopt = at::TensorOptions().dtype(at::kFloat);
+  Tensor g = grad_out.to(at::kFloat).contiguous();
+
+  BwdWeights bw;
+  const int64_t layer0 = 3 + (c.E ? 2 : 0);
+  for (int64_t l = 0; l < c.layers; ++l) {
+    const int64_t pi = layer0 + l * kPerLayer;
+    bw.Wqkv.push_back(at::cat({p[pi + 2], p[pi + 4], p[pi + 6]}, 0));
+  }
+  bw.cl = channels_inner(x);
+  bw.Wp = bw.cl ? p[0] : p[0].view({c.d, c.ph, c.pw, c.C}).permute({0, 3, 1, 2}).contiguous().view({c.d, c.P});
+  Tensor dx = need_dx ? at::empty_like(x, fopt) : Tensor();
+  Tensor dextra = c.E ? at::empty({c.B, c.E, c.De}, fopt) : Tensor();
+
+  std::vector<std::vector<Tensor>> acc(train_workers(c), std::vector<Tensor>(p.size()));
+  for_train_chunks(c, [&](int64_t w, int64_t b0, int64_t n) {
+    Cfg cc = c;
+    cc.B = n;
+    std::vector<Tensor> s;
+    s.reserve(saved.size());
+    for (const Tensor& t : saved) {
+      const int64_t per_sample = t.size(0) / c.B;
+      s.push_back(t.narrow(0, b0 * per_sample, n * per_sample));
+    }
+    c10::optional<Tensor> ex;
+    if (c.E) ex = extra->narrow(0, b0, n);
+    Tensor dxr = need_dx ? dx.narrow(0, b0, n) : Tensor();
+    Tensor der = c.E ? dextra.narrow(0, b0, n) : Tensor();
+    backward_chunk(g.narrow(0, b0, n), ex, p, s, bw, cc, eps, need_dx ? &dxr : nullptr, c.E ? &der : nullptr, acc[w],
+                   b0);
+  });
+  // one reduction of the workers' parameter gradients
+  std::vector<Tensor> dp(p.size());
+  for (size_t i = 0; i < p.size(); ++i) {
+    for (auto& a : acc) {
+      if (!a[i].defined()) continue;
+      if (!dp[i].defined()) dp[i] = a[i]; else dp[i].add_(a[i]);
+    }
+  }
+  if (!bw.cl) dp[0] = dp[0].view({c.d, c.C, c.ph, c.pw}).permute({0, 2, 3, 1}).contiguous().view({c.d, c.P});
+
   std::vector<Tensor> result;
   result.reserve(2 + dp.size());
-  result.push_back(dx);
-  result.push_back(dextra);
+  result.push_back(need_dx ? dx.to(x.scalar_type()) : at::empty({0}, x.options()));
+  result.push_back(c.E ? dextra.to(extra->scalar_type()) : at::empty({0}, x.options()));
   for (size_t i = 0; i < dp.size(); ++i) result.push_back(dp[i].to(params[i].scalar_type()).contiguous());
   return result;
 }

@@ -1,0 +1,87 @@
+"""The training path of backend "cpu" (forward with saved activations + backward, csrc/cpu/slvit_cpu.cpp).
+
+The batch is cut into per-worker chunks run inside one parallel region per pass, the saved activations
+written straight into the batch's tensors and every parameter gradient accumulated per worker and
+reduced once. These tests check forward and every gradient against the reference for the shared matrix
+of shapes under every work split: one thread / two threads, the default chunking and forced small
+chunks (``SLVIT_FAST_CPU_TRAIN_CHUNK``: several chunks per worker, uneven last chunks, workers with one
+sample), plus NaN isolation and split-independence of the gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_cases import AWKWARD_CONFIGS, awkward_config, check_against_reference, check_nan_isolated, randomize_
+from slvit_fast import SLViTConfig, SLViTExit
+from slvit_fast.backends import cpu_backend
+from slvit_fast.exit_presets import PRESETS
+
+reason = cpu_backend.BACKEND.unavailable_reason(torch.empty(1, 1, 1, 1))
+pytestmark = pytest.mark.skipif(reason is not None, reason=f"cpu backend not built: {reason}")
+
+SPLITS = [(1, None), (2, None), (2, 1), (2, 3)]  # (threads, samples per chunk; None = default)
+
+
+@pytest.fixture(params=SPLITS, ids=[f"{t}threads-chunk{c or 'auto'}" for t, c in SPLITS])
+def split(request, monkeypatch):
+    threads, chunk = request.param
+    if chunk is not None:
+        monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_CHUNK", str(chunk))
+    n = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    yield request.param
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", list(AWKWARD_CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_awkward_configs(name, batch, split):
+    check_against_reference("cpu", awkward_config(name), batch)
+
+
+@pytest.mark.parametrize("heads", [1, 24])
+def test_heads(heads, split):
+    check_against_reference("cpu", awkward_config("N25-h1", num_heads=heads, key_dim=8), 3)
+
+
+def test_batch_64_two_layers_channels_last(split):
+    check_against_reference("cpu", awkward_config("N49-nores-relu", num_layers=2), 64, channels_last=True)
+
+
+@pytest.mark.parametrize("preset", ["resnet152-b1", "audiocsrnet-av1"])
+def test_presets(preset, split):
+    check_against_reference("cpu", SLViTConfig(**PRESETS[preset].slvit_kwargs()), 3)
+
+
+def test_nan_stays_in_its_sample(split):
+    check_nan_isolated("cpu", batch=7, nan_at=(4, 0, 3, 4))
+
+
+def test_gradients_do_not_depend_on_the_split(monkeypatch):
+    """Chunking changes only the order of the per-worker gradient sums (float32 rounding)."""
+    c = awkward_config("grid16x9-h24-extra")
+    m = randomize_(SLViTExit(c, backend="cpu"))
+    x = torch.randn(9, c.in_channels, *c.feature_size)
+    extra = torch.randn(9, c.extra_tokens, c.extra_dim)
+
+    def grads():
+        m.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        m(xi, extra).square().sum().backward()
+        return [xi.grad] + [p.grad for p in m.parameters()]
+
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        monkeypatch.delenv("SLVIT_FAST_CPU_TRAIN_CHUNK", raising=False)
+        base = grads()
+        torch.set_num_threads(2)
+        for chunk in ("1", "4"):
+            monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_CHUNK", chunk)
+            for a, b in zip(grads(), base):
+                # (some gradients are round-off around an exact 0, e.g. the key bias under softmax)
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item() + 1e-6)
+    finally:
+        torch.set_num_threads(n)
