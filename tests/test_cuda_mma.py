@@ -75,3 +75,28 @@ def test_tf32_only_when_allowed():
     assert err_exact < 1e-5 * scale, err_exact
     assert 1e-5 * scale < err_tf32 < 2e-3 * scale, (err_tf32, scale)
     assert torch.equal(tf32, medium)
+
+
+@requires_half
+def test_head_sixteen_samples_per_block_bf16():
+    """The head runs 16 samples per block on tensor cores: batch 18 = one full and one partial block."""
+    check_against_reference("cuda-emu", awkward_config("N25-h1", feature_size=(4, 4)), 18, torch.bfloat16,
+                            backward=False)
+
+
+@requires_half
+def test_nan_stays_in_its_sample_in_the_shared_head_block():
+    """Samples share a head block (GEMM rows): a NaN sample must not leak into its 15 neighbours."""
+    c = awkward_config("N25-h1", feature_size=(4, 4))
+    m = randomize_(SLViTExit(c, backend="cuda-emu")).eval().to(torch.bfloat16)
+    ref = randomize_(SLViTExit(c, backend="torch")).eval().double()
+    x = torch.randn(17, c.in_channels, *c.feature_size, generator=torch.Generator().manual_seed(2))
+    x[3, 1, 0, 0] = float("nan")
+    with torch.no_grad():
+        out = m(x.to(torch.bfloat16)).double()
+        expected = ref(x.double())
+    others = [i for i in range(17) if i != 3]
+    assert torch.isnan(out[3]).all()
+    assert torch.isfinite(out[others]).all()
+    scale = expected[others].abs().max()
+    assert (out[others] - expected[others]).abs().max() < 3e-2 * scale

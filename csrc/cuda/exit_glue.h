@@ -119,7 +119,6 @@ std::vector<Tensor> run_backward(const Tensor& grad_out, const Tensor& x, const 
   slvit::BackwardArgs ba{};
   ba.f = make_args(x, extra, params, cfg, eps, keep, who);
   const slvit::ExitArgs& a = ba.f;
-  TORCH_CHECK(a.L == 1, who, ": the CUDA backward kernel supports num_layers == 1");
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == a.B && grad_out.size(1) == a.O, who,
               ": grad_out must be (", a.B, ", ", a.O, "), got ", grad_out.sizes());
   Tensor g = grad_out.to(x.scalar_type()).contiguous();
@@ -131,7 +130,7 @@ std::vector<Tensor> run_backward(const Tensor& grad_out, const Tensor& x, const 
   }
   Tensor grads = at::zeros({total}, x.options().dtype(at::kFloat));
   ba.grads = grads.data_ptr<float>();
-  const int64_t per = slvit::backward_workspace_floats_per_sample(a.T, a.d, a.A, a.M, a.heads, a.Hh);
+  const int64_t per = slvit::backward_workspace_floats_per_sample(a.T, a.d, a.A, a.M, a.heads, a.Hh, a.L);
   Tensor ws = make_buffer(a.B * per);
   ba.f.ws = ws.data_ptr<float>();
   ba.f.ws_stride = per;

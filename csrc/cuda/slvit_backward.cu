@@ -1,8 +1,10 @@
-// SL-ViT exit backward as one CUDA kernel (one block per sample; num_layers == 1).
+// SL-ViT exit backward as one CUDA kernel (one block per sample; num_layers 1..kMaxLayers).
 //
-// The block recomputes its sample's forward activations into the float32 workspace (the forward
-// kernels keep nothing), then back-propagates: head -> MLP block -> LN2 -> attention block -> LN1 ->
-// patch / extra embedding. Activation gradients stay in the block's workspace; every parameter
+// The block recomputes its sample's forward into the float32 workspace (the forward kernels keep
+// nothing), keeping only each layer's input tokens (a checkpoint per layer) and the internals of the
+// last layer, then back-propagates: head -> for each layer from the last: (recompute the layer's
+// internals from its checkpoint unless they are already there) MLP block -> LN2 -> attention block ->
+// LN1 -> patch / extra embedding. Activation gradients stay in the block's workspace; every parameter
 // gradient is first reduced over the sample's tokens inside the block, then added to a float32
 // accumulator with one atomicAdd per parameter element and sample. dx is written directly (each
 // feature-map element belongs to exactly one patch slot, so no atomics are needed).
@@ -53,18 +55,17 @@ __device__ void ln_bwd(const float* x, const float* stats, const float* dy, floa
 }
 
 template <class S>
-__global__ void __launch_bounds__(kThreads) slvit_backward_kernel(BackwardArgs ba) {
+__global__ void __launch_bounds__(kThreads, 1) slvit_backward_kernel(BackwardArgs ba) {
   const ExitArgs& a = ba.f;
   const int b = blockIdx.x;
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const int lane = tid % 32, warp = tid / 32, nwarps = nthreads / 32;
   const int T = a.T, d = a.d, A = a.A, A3 = 3 * a.A, M = a.M, H = a.heads, kd = a.kd, Hh = a.Hh;
   const int Td = T * d;
-  const LayerPtrs& lp = a.layers[0];
   const bool tc = tensor_cores<S>(a);  // the recompute uses the forward's GEMMs (tensor cores included)
-  // workspace
+  // workspace (layout: backward_workspace_floats_per_sample)
   float* w = a.ws + (int64_t)b * a.ws_stride;
-  float* tin = w; w += Td;
+  float* tins = w; w += (int64_t)(a.L + 1) * Td;  // layer l's input tokens at tins + l*Td; final tokens last
   float* y1 = w; w += Td;
   float* st1 = w; w += 2 * T;
   float* qkv = w; w += (int64_t)T * A3;
@@ -74,7 +75,6 @@ __global__ void __launch_bounds__(kThreads) slvit_backward_kernel(BackwardArgs b
   float* y2 = w; w += Td;
   float* st2 = w; w += 2 * T;
   float* hpre = w; w += (int64_t)T * M;
-  float* t2 = w; w += Td;
   float* z = w; w += Hh;
   float* za = w; w += Hh;
   float* dz = w; w += Hh;
@@ -84,6 +84,7 @@ __global__ void __launch_bounds__(kThreads) slvit_backward_kernel(BackwardArgs b
   float* dO = w; w += (int64_t)T * A;
   float* dS = w; w += (int64_t)H * T * T;
   float* dqkv = w;
+  float* const t2 = tins + (int64_t)a.L * Td;  // the encoder's output (the head's input)
   // gradient accumulators, in op parameter order
   const int base = 3 + (a.E ? 2 : 0);
   float* G = ba.grads;
@@ -93,30 +94,45 @@ __global__ void __launch_bounds__(kThreads) slvit_backward_kernel(BackwardArgs b
   const S* ex = a.E ? static_cast<const S*>(a.extra) + (int64_t)b * a.E * a.De : nullptr;
 
   // ================= forward recompute (the forward kernels' own stages, slvit_device.cuh) =========
-  embed_tokens<S>(a, b, tin);
+  // One encoder layer's forward from its input tokens tin to tout, keeping what its backward needs (LN
+  // stats, Q/K/V, probabilities P, attention output, t1, y2, MLP pre-activation) in the layer buffers.
+  // Called from one place (inlined once: the kernel's registers stay those of a single layer).
+  auto layer_forward = [&](const LayerPtrs& lp, const float* tin, float* tout) {
+    layer_norm_rows(tin, y1, static_cast<const S*>(lp.g1), static_cast<const S*>(lp.b1), T, d, a.eps, st1);
+    __syncthreads();
+    qkv_projection<S>(lp, y1, qkv, T, d, A, tc);
+    __syncthreads();
+    attention_rows(qkv, o, P, true, T, A, H, kd, a.scale);  // keeps the probabilities P for the backward
+    __syncthreads();
+    out_projection<S>(lp, o, tin, t1, T, d, A, tc);
+    __syncthreads();
+    layer_norm_rows(t1, y2, static_cast<const S*>(lp.g2), static_cast<const S*>(lp.b2), T, d, a.eps, st2);
+    __syncthreads();
+    mlp_fc1<S>(lp, y2, hpre, T, d, M, Identity(), tc);  // pre-activation: GELU's derivative needs it
+    __syncthreads();
+    mlp_fc2<S>(lp, hpre, t1, tout, T, d, M, a.residual, Gelu(), tc);
+    __syncthreads();
+  };
+  embed_tokens<S>(a, b, tins);
   __syncthreads();
-  layer_norm_rows(tin, y1, static_cast<const S*>(lp.g1), static_cast<const S*>(lp.b1), T, d, a.eps, st1);
-  __syncthreads();
-  qkv_projection<S>(lp, y1, qkv, T, d, A, tc);
-  __syncthreads();
-  attention_rows(qkv, o, P, true, T, A, H, kd, a.scale);  // keeps the probabilities P for the backward
-  __syncthreads();
-  out_projection<S>(lp, o, tin, t1, T, d, A, tc);
-  __syncthreads();
-  layer_norm_rows(t1, y2, static_cast<const S*>(lp.g2), static_cast<const S*>(lp.b2), T, d, a.eps, st2);
-  __syncthreads();
-  mlp_fc1<S>(lp, y2, hpre, T, d, M, Identity(), tc);  // pre-activation: GELU's derivative needs it
-  __syncthreads();
-  mlp_fc2<S>(lp, hpre, t1, t2, T, d, M, a.residual, Gelu(), tc);
-  __syncthreads();
-  head_hidden<S>(a, t2, za, z);
+  // Steps i = 0 .. 2L-2 visit layers 0, 1, .., L-1, L-2, .., 0: step i runs layer l's forward from its
+  // checkpoint (the first L steps are the initial pass; later ones recompute the layer whose backward
+  // follows), and from step L-1 on the backward of layer l, after the head's at step L-1.
+  for (int i = 0; i < 2 * a.L - 1; ++i) {
+  const int l = i < a.L ? i : 2 * a.L - 2 - i;
+  const LayerPtrs& lp = a.layers[l];
+  const float* tin = tins + (int64_t)l * Td;
+  layer_forward(lp, tin, tins + (int64_t)(l + 1) * Td);
+  if (i < a.L - 1) continue;
+  if (i == a.L - 1) {
+  head_hidden<S>(a, t2, Td, 1, za, tc, z);
   __syncthreads();
 
   // ================= backward =================
   const S* wh1 = static_cast<const S*>(a.wh1);
   const S* wh2 = static_cast<const S*>(a.wh2);
   const S* go = static_cast<const S*>(ba.gout) + (int64_t)b * a.O;
-  const int ih = base + 16;  // head parameters
+  const int ih = base + 16 * a.L;  // head parameters
   // head fc2: dWh2[o, j] += g[o] a[j]; dbh2[o] += g[o]; dz[j] = act'(z_j) sum_o g[o] Wh2[o, j]
   for (int idx = tid; idx < a.O * Hh; idx += nthreads) {
     const int oi = idx / Hh, j = idx % Hh;
@@ -139,8 +155,10 @@ __global__ void __launch_bounds__(kThreads) slvit_backward_kernel(BackwardArgs b
     dt[k] = acc;
   }
   __syncthreads();
+  }  // head
+  // dt: gradient w.r.t. layer l's output tokens; after layer l's backward, w.r.t. its input
   // MLP fc2: dh = gelu'(hpre) * (dt W2); dW2[e, m] += sum_t dt[t, e] gelu(hpre[t, m]); db2m[e] += sum_t dt
-  const int il = base;  // layer parameters
+  const int il = base + 16 * l;  // layer parameters
   {
     const S* w2 = static_cast<const S*>(lp.w2);
     for (int idx = tid; idx < T * M; idx += nthreads) {
@@ -275,6 +293,7 @@ __global__ void __launch_bounds__(kThreads) slvit_backward_kernel(BackwardArgs b
   // LN1: dtin = dt1 + LN1'(dy1)
   ln_bwd(tin, st1, dy, dt, static_cast<const S*>(lp.g1), g(il), g(il + 1), T, d);
   __syncthreads();
+  }  // steps
   // embedding: dpos[n, e] += dt; dbp[e] += sum_n dt; dWp[e, k] += sum_n dt[n, e] patch[n, k]
   for (int idx = tid; idx < a.Np * d; idx += nthreads) atomicAdd(g(2) + idx, dt[idx]);
   for (int e = tid; e < d; e += nthreads) {
@@ -329,7 +348,6 @@ __global__ void __launch_bounds__(kThreads) slvit_backward_kernel(BackwardArgs b
 
 const char* launch_exit_backward(const BackwardArgs& ba, void* stream) {
   if (const char* err = check_exit_args(ba.f)) return err;
-  if (ba.f.L != 1) return "the CUDA backward kernel supports num_layers == 1";
   slvit_stream_t s = reinterpret_cast<slvit_stream_t>(stream);
   switch (ba.f.dtype) {
     case DType::F32: SLVIT_LAUNCH(slvit_backward_kernel<float>, dim3(ba.f.B), dim3(kThreads), 0, s, ba); break;

@@ -37,7 +37,7 @@ namespace slvit {
 // Whether the GEMM stages run on tensor cores: always for fp16/bf16 (m16n8k16, fp32 accumulate);
 // for float32 only when TF32 is allowed (a.tf32), otherwise exact SIMT FFMA.
 template <class S>
-__device__ __forceinline__ bool tensor_cores(const ExitArgs& a) {
+__host__ __device__ __forceinline__ bool tensor_cores(const ExitArgs& a) {
   return !std::is_same<S, float>::value || a.tf32 != 0;
 }
 
@@ -295,23 +295,37 @@ __device__ void mlp_fc2(const LayerPtrs& lp, const float* h, const float* res, f
   }
 }
 
-// Head fc1 on the flattened final tokens (T*d floats), a warp per hidden unit:
-// hidden[j] = act(bh1[j] + flat . Wh1[j, :]) (GELU or ReLU per a.act); with `pre`, the
-// pre-activation is stored too (the backward needs it for the activation's derivative).
+// Head fc1 on the flattened final tokens of `rows` samples (row r at flat + r * lds, T*d floats):
+// hidden[r * Hh + j] = act(bh1[j] + flat_r . Wh1[j, :]) (GELU or ReLU per a.act); with `pre`, the
+// pre-activation is stored too (the backward needs it for the activation's derivative). On tensor
+// cores the samples are the GEMM rows (the forward's head kernel runs 16 samples per block, so Wh1 is
+// read once per 16 samples; the backward's recompute runs its one sample through the same MMA
+// arithmetic); otherwise a warp per hidden unit and sample.
 template <class S>
-__device__ void head_hidden(const ExitArgs& a, const float* flat, float* hidden, float* pre = nullptr) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-  const int K = a.T * a.d;
+__device__ void head_hidden(const ExitArgs& a, const float* flat, int64_t lds, int rows, float* hidden, bool tc,
+                            float* pre = nullptr) {
+  const int K = a.T * a.d, Hh = a.Hh;
   const S* wh1 = static_cast<const S*>(a.wh1);
   const S* bh1 = static_cast<const S*>(a.bh1);
-  for (int j = warp; j < a.Hh; j += nwarps) {
+  if (tc) {
+    block_gemm_tc<S>(rows, Hh, K, [&](int r, int k) { return flat[r * lds + k]; }, wh1, K, [&](int r, int j, float acc) {
+      const float z = acc + ld(bh1 + j);
+      hidden[r * Hh + j] = a.act == 0 ? gelu(z) : fmaxf(z, 0.f);
+      if (pre) pre[r * Hh + j] = z;
+    });
+    return;
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  for (int rj = warp; rj < rows * Hh; rj += nwarps) {
+    const int r = rj / Hh, j = rj % Hh;
     const S* w = wh1 + (int64_t)j * K;
+    const float* f = flat + r * lds;
     float acc = 0.f;
-    for (int k = lane; k < K; k += 32) acc += flat[k] * ld(w + k);
+    for (int k = lane; k < K; k += 32) acc += f[k] * ld(w + k);
     acc = warp_sum(acc) + ld(bh1 + j);
     if (lane == 0) {
-      hidden[j] = a.act == 0 ? gelu(acc) : fmaxf(acc, 0.f);
-      if (pre) pre[j] = acc;
+      hidden[rj] = a.act == 0 ? gelu(acc) : fmaxf(acc, 0.f);
+      if (pre) pre[rj] = acc;
     }
   }
 }

@@ -17,6 +17,15 @@
 
 namespace slvit {
 
+constexpr int kHeadRows = 16;  // samples per head block on tensor cores (the MMA's M)
+
+// Samples per head block: kHeadRows on tensor cores when their hidden rows fit in 48 KB of shared
+// memory (head_hidden <= 768), else one (SIMT).
+template <class S>
+__host__ __device__ __forceinline__ int head_rows(const ExitArgs& a) {
+  return tensor_cores<S>(a) && sizeof(float) * kHeadRows * a.Hh <= 48 * 1024 ? kHeadRows : 1;
+}
+
 template <class S>
 __global__ void __launch_bounds__(kThreads) slvit_encoder_kernel(ExitArgs a) {
   SLVIT_DYNAMIC_SMEM(float, scores);  // nwarps * T floats: one score row per warp
@@ -59,17 +68,27 @@ __global__ void __launch_bounds__(kThreads) slvit_encoder_kernel(ExitArgs a) {
   }
 }
 
+// Head: hidden = act(flat Wh1^T + bh1), logits = hidden Wh2^T + bh2, for kHeadRows samples per block
+// on tensor cores (samples are the GEMM rows: Wh1, the largest weight, is read once per kHeadRows
+// samples), one sample per block otherwise.
 template <class S>
 __global__ void __launch_bounds__(kThreads) slvit_head_kernel(ExitArgs a) {
-  SLVIT_DYNAMIC_SMEM(float, hidden);  // Hh floats
-  const int b = blockIdx.x;
+  SLVIT_DYNAMIC_SMEM(float, hidden);  // rows x Hh floats
+  const int per_block = head_rows<S>(a);
+  const bool tc = per_block > 1;
+  const int b0 = blockIdx.x * per_block, rows = per_block < a.B - b0 ? per_block : a.B - b0;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-  // final tokens, (T*d) token-major
-  head_hidden<S>(a, a.ws + (int64_t)b * a.ws_stride, hidden);
+  // final tokens, (T*d) token-major per sample
+  head_hidden<S>(a, a.ws + (int64_t)b0 * a.ws_stride, a.ws_stride, rows, hidden, tc);
   __syncthreads();
   const S* wh2 = static_cast<const S*>(a.wh2);
   const S* bh2 = static_cast<const S*>(a.bh2);
-  S* out = static_cast<S*>(a.out) + (int64_t)b * a.O;
+  S* out = static_cast<S*>(a.out) + (int64_t)b0 * a.O;
+  if (tc) {
+    block_gemm_tc<S>(rows, a.O, a.Hh, [&](int r, int k) { return hidden[r * a.Hh + k]; }, wh2, a.Hh,
+                     [&](int r, int oi, float acc) { st(out + (int64_t)r * a.O + oi, acc + ld(bh2 + oi)); });
+    return;
+  }
   for (int oi = warp; oi < a.O; oi += nwarps) {
     const S* w = wh2 + (int64_t)oi * a.Hh;
     float acc = 0.f;
@@ -81,13 +100,13 @@ __global__ void __launch_bounds__(kThreads) slvit_head_kernel(ExitArgs a) {
 
 // ---- launch functions ----------------------------------------------------------------------------
 static size_t encoder_smem(const ExitArgs& a) { return sizeof(float) * (kThreads / 32) * a.T; }
-static size_t head_smem(const ExitArgs& a) { return sizeof(float) * a.Hh; }
+static size_t head_smem(const ExitArgs& a, int rows) { return sizeof(float) * rows * a.Hh; }
 
 const char* check_exit_args(const ExitArgs& a) {
   if (a.L < 1 || a.L > kMaxLayers) return "num_layers must be between 1 and 4 for the CUDA kernels";
   if (a.B < 1 || a.B > 2147483647) return "batch size out of range";
   if (encoder_smem(a) > 48 * 1024) return "too many tokens for the CUDA encoder kernel (T > 1536)";
-  if (head_smem(a) > 48 * 1024) return "head_hidden too large for the CUDA head kernel (> 12288)";
+  if (head_smem(a, 1) > 48 * 1024) return "head_hidden too large for the CUDA head kernel (> 12288)";
   if ((int64_t)a.T * 3 * a.A >= (int64_t)1 << 31 || (int64_t)a.T * a.M >= (int64_t)1 << 31)
     return "activation sizes exceed 32-bit indexing";
   return nullptr;
@@ -98,7 +117,8 @@ template <class S>
 static const char* launch_typed(const ExitArgs& a, slvit_stream_t stream) {
   SLVIT_LAUNCH(slvit_encoder_kernel<S>, dim3(a.B), dim3(kThreads), encoder_smem(a), stream, a);
   if (const char* err = SLVIT_CHECK_LAUNCH()) return err;
-  SLVIT_LAUNCH(slvit_head_kernel<S>, dim3(a.B), dim3(kThreads), head_smem(a), stream, a);
+  const int rows = head_rows<S>(a);
+  SLVIT_LAUNCH(slvit_head_kernel<S>, dim3((a.B + rows - 1) / rows), dim3(kThreads), head_smem(a, rows), stream, a);
   return SLVIT_CHECK_LAUNCH();
 }
 

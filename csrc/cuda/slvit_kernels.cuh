@@ -54,13 +54,13 @@ const char* launch_exit_forward(const ExitArgs& a, void* stream);
 const char* launch_selftest_reverse(const float* in, float* out, int n, int threads, bool with_sync, void* stream);
 const char* launch_selftest_warpsum(const float* in, float* out, int n, void* stream);
 
-// ---- backward (one encoder layer) ---------------------------------------------------------------------
-constexpr int kMaxParams = 3 + 2 + 16 + 4;
+// ---- backward ----------------------------------------------------------------------------------------
+constexpr int kMaxParams = 3 + 2 + 16 * kMaxLayers + 4;
 
 // Gradients of the exit w.r.t. x, extra and every parameter, one block per sample (recomputes the
 // forward activations of its sample into the workspace, then back-propagates). Parameter gradients
 // are float32 accumulators (zero-initialised by the caller, summed over samples with atomicAdd),
-// at grads + goff[i] for the i-th parameter in op order. Supports num_layers == 1.
+// at grads + goff[i] for the i-th parameter in op order. num_layers 1..kMaxLayers.
 struct BackwardArgs {
   ExitArgs f;        // forward arguments; f.ws / f.ws_stride describe the *backward* workspace
   const void* gout;  // (B, O) contiguous, dtype f.dtype
@@ -72,8 +72,11 @@ struct BackwardArgs {
   void* dextra;  // (B, E, De) contiguous, dtype f.dtype (when E > 0)
 };
 
-inline int64_t backward_workspace_floats_per_sample(int T, int d, int A, int M, int heads, int Hh) {
-  return (int64_t)T * (8 * d + 4 + 2 * 3 * A + 2 * A + 2 * M) + 2 * (int64_t)heads * T * T + 3 * (int64_t)Hh;
+// (L + 1) token checkpoints, one layer's internals (y1, st1, qkv, P, o, t1, y2, st2, hpre), head (z, za,
+// dz) and the gradient scratch (dt, dy, dh, dO, dS, dqkv), see slvit_backward.cu.
+inline int64_t backward_workspace_floats_per_sample(int T, int d, int A, int M, int heads, int Hh, int L) {
+  return (int64_t)T * ((L + 1) * d + 3 * d + 4 + 3 * A + A + M) + (int64_t)heads * T * T + 3 * (int64_t)Hh +
+         (int64_t)T * (2 * d + 3 * A + A + M) + (int64_t)heads * T * T;
 }
 const char* launch_exit_backward(const BackwardArgs& a, void* stream);
 constexpr int kBackwardLaunches = 1;

@@ -9,7 +9,7 @@ The ops themselves are defined in C++ (``TORCH_LIBRARY_FRAGMENT(slvit_fast, ...)
 - ``slvit_fast::emu_exit_forward`` / ``slvit_fast::cuda_exit_forward(x, extra, params, cfg, eps)
   -> Tensor``: the CUDA kernels (two launches), under the SIMT emulator or on a GPU.
 - ``slvit_fast::emu_exit_backward`` / ``slvit_fast::cuda_exit_backward(grad_out, x, extra, params, cfg,
-  eps, need_dx) -> Tensor[]``: the backward kernel (one launch; num_layers == 1), same outputs as
+  eps, need_dx) -> Tensor[]``: the backward kernel (one launch; num_layers 1..4), same outputs as
   ``cpu_exit_backward``.
 
 This module registers the Python parts (``register_fake``, ``register_autograd``) once the extension
@@ -132,8 +132,7 @@ def _register_cpu() -> None:
 
 def _register_fwd_only(prefix: str) -> None:
     """Fake + autograd for ``{prefix}_exit_forward`` (emu / cuda): forward in two kernel launches;
-    backward in one launch of the backward kernel (``{prefix}_exit_backward``, num_layers == 1), or the
-    reference math recomputed in torch for deeper exits."""
+    backward in one launch of the backward kernel (``{prefix}_exit_backward``, num_layers 1..4)."""
     name = f"slvit_fast::{prefix}_exit_forward"
     bwd_name = f"slvit_fast::{prefix}_exit_backward"
 
@@ -158,24 +157,12 @@ def _register_fwd_only(prefix: str) -> None:
     def backward(ctx, g):
         tensors = ctx.saved_tensors
         x, extra, params = tensors[0], tensors[1], list(tensors[2:])
-        if int(ctx.cfg[_CFG_INDEX["num_layers"]]) == 1:
-            need_dx = bool(ctx.needs_input_grad[0])
-            from ..profiling import record_launches
+        need_dx = bool(ctx.needs_input_grad[0])
+        from ..profiling import record_launches
 
-            record_launches("slvit_fast.cuda.exit_backward", 1)
-            res = bwd_op(g, x, extra, params, ctx.cfg, ctx.eps, need_dx)
-            return (res[0] if need_dx else None), (res[1] if extra is not None else None), list(res[2:]), None, None
-        with torch.enable_grad():
-            xs = x.detach().requires_grad_(True)
-            es = extra.detach().requires_grad_(True) if extra is not None else None
-            ps = [p.detach().requires_grad_(True) for p in params]
-            out = reference_exit_from_list(xs, es, ps, ctx.cfg, ctx.eps)
-            inputs = [xs] + ([es] if es is not None else []) + ps
-            grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
-        dx = grads[0]
-        dextra = grads[1] if es is not None else None
-        dps = list(grads[2:] if es is not None else grads[1:])
-        return dx, dextra, dps, None, None
+        record_launches("slvit_fast.cuda.exit_backward", 1)
+        res = bwd_op(g, x, extra, params, ctx.cfg, ctx.eps, need_dx)
+        return (res[0] if need_dx else None), (res[1] if extra is not None else None), list(res[2:]), None, None
 
     torch.library.register_autograd(name, backward, setup_context=setup_context)
 
