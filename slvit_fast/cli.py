@@ -172,6 +172,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         backbones=_csv(args.backbones), e2e_batches=_ints(args.e2e_batches),
         throughput_backbone=args.throughput_backbone or None, throughput_batch=args.throughput_batch,
         throughput_input=args.throughput_input, repeats=args.repeats, json_path=args.json, plot_path=args.plot,
+        anchors=() if args.no_slow_anchors else None,
     )
     print(format_report(report))
     return 0
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=15, help="timed rounds per comparison (median reported)")
     p.add_argument("--json", help="write all results as JSON here")
     p.add_argument("--plot", help="write a PNG plot of the speedups here")
+    p.add_argument("--no-slow-anchors", action="store_true",
+                   help="skip the torch.compile max-autotune and ONNX Runtime columns (about the old run time)")
     p.set_defaults(func=_cmd_bench)
     p = sub.add_parser("train", help="train exits on your data (--data: ImageFolder dir or .npz) and write a run "
                        "directory; without --data, the synthetic example", description=TRAIN_HELP,
