@@ -1,11 +1,42 @@
+import fnmatch
 import os
 
-# No GPU on the machines this suite runs on: Triton kernels run in the interpreter. It must be set
-# before any Triton kernel module is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Where the kernel tests run, from SLVIT_FAST_TEST_DEVICE (scripts/test.sh passes it through):
+#   unset / "cpu"  the default: no GPU on the machines this suite runs on, so Triton kernels run in the
+#                  interpreter (TRITON_INTERPRET=1, set before any Triton kernel module is imported) and
+#                  the CUDA kernel sources through the SIMT emulator (cuda-emu).
+#   "cuda"         a GPU run: tests/test_gpu_kernels.py runs the kernel matrix on CUDA tensors with the
+#                  compiled Triton kernels and _C_cuda, plus the device-agnostic tests; the files that
+#                  check kernels on the CPU (interpreter, emulator, CPU backend) are not collected.
+_DEVICE_RAW = os.environ.get("SLVIT_FAST_TEST_DEVICE", "")
+TEST_DEVICE = _DEVICE_RAW.strip().lower() or "cpu"
+if TEST_DEVICE == "cuda":
+    _INTERPRET_SET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Test files that check kernels on the CPU (Triton interpreter, SIMT emulator, fused CPU backend): not
+# collected when SLVIT_FAST_TEST_DEVICE=cuda (their GPU counterpart is tests/test_gpu_kernels.py).
+CPU_KERNEL_TEST_FILES = ("test_triton_backend.py", "test_cuda_emu.py", "test_cuda_mma.py", "test_emu_*.py",
+                         "test_cpu_*.py")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    if TEST_DEVICE not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"SLVIT_FAST_TEST_DEVICE={_DEVICE_RAW!r}: expected 'cpu' (the default) or 'cuda'")
+    if TEST_DEVICE == "cuda" and _INTERPRET_SET:
+        raise pytest.UsageError(f"SLVIT_FAST_TEST_DEVICE=cuda runs the compiled Triton kernels, but "
+                                f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']!r} would run the interpreter: "
+                                f"unset it")
+
+
+def pytest_ignore_collect(collection_path, config):
+    if TEST_DEVICE == "cuda" and any(fnmatch.fnmatch(collection_path.name, p) for p in CPU_KERNEL_TEST_FILES):
+        return True
+    return None
 
 
 @pytest.fixture(scope="module")
