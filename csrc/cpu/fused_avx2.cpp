@@ -662,6 +662,34 @@ void write_flat(const Problem& p, const Plan& pl, const float* tT, int64_t b0, i
 
 }  // namespace
 
+void gelu_forward(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, gelu_ps(_mm256_loadu_ps(x + i)));
+  if (i < n) {
+    const __m256i m = tail_mask((int)(n - i));
+    _mm256_maskstore_ps(y + i, m, gelu_ps(_mm256_maskload_ps(x + i, m)));
+  }
+}
+
+// gelu'(x) = Phi(x) + x phi(x) = 0.5 (1 + erf(x / sqrt2)) + x exp(-x^2 / 2) / sqrt(2 pi)
+inline __m256 gelu_grad_ps(__m256 g, __m256 x) {
+  const __m256 cdf = _mm256_fmadd_ps(_mm256_set1_ps(0.5f), erf_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f))),
+                                     _mm256_set1_ps(0.5f));
+  const __m256 pdf = _mm256_mul_ps(_mm256_set1_ps(0.39894228040143268f),
+                                   exp_ps(_mm256_mul_ps(_mm256_set1_ps(-0.5f), _mm256_mul_ps(x, x))));
+  return _mm256_mul_ps(g, _mm256_fmadd_ps(x, pdf, cdf));
+}
+
+void gelu_backward(const float* g, const float* x, float* dx, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dx + i, gelu_grad_ps(_mm256_loadu_ps(g + i), _mm256_loadu_ps(x + i)));
+  if (i < n) {
+    const __m256i m = tail_mask((int)(n - i));
+    _mm256_maskstore_ps(dx + i, m, gelu_grad_ps(_mm256_maskload_ps(g + i, m), _mm256_maskload_ps(x + i, m)));
+  }
+}
+
 bool cpu_supported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

@@ -46,6 +46,11 @@ struct Barrier {
 // True when this CPU has AVX2 and FMA (checked at run time; the file is compiled for them).
 bool cpu_supported();
 
+// Elementwise exact-erf GELU and its backward (dx = g * gelu'(x)) for the training path, n floats;
+// the same rational erf as the fused forward (|error| < 1e-7). Serial (callers split the work).
+void gelu_forward(const float* x, float* y, int64_t n);
+void gelu_backward(const float* g, const float* x, float* dx, int64_t n);
+
 // Floats of workspace run() needs for `nw` workers.
 int64_t workspace_floats(const Problem& p, int nw);
 

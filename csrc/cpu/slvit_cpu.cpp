@@ -224,6 +224,14 @@ static void patch_permute_cij(float* x, const int64_t* xs, float* pm, const Cfg&
         for (int64_t i = 0; i < c.ph; ++i) {
           float* src = x + b * sb + ch * sc + (gy * c.ph + i) * sh;
           float* dst = rowbase + (ch * c.ph + i) * c.pw;
+          if (sw == 1 && c.pw == 4) {  // the paper's 4-pixel patch rows: one 16-byte move each
+            for (int64_t gx = 0; gx < c.gw; ++gx) {
+              float* d = dst + gx * c.P;
+              float* s = src + gx * 4;
+              if (kScatter) __builtin_memcpy(s, d, 16); else __builtin_memcpy(d, s, 16);
+            }
+            continue;
+          }
           for (int64_t gx = 0; gx < c.gw; ++gx) {
             float* d = dst + gx * c.P;
             float* s = src + gx * c.pw * sw;
@@ -241,8 +249,48 @@ static void patch_permute_cij(float* x, const int64_t* xs, float* pm, const Cfg&
 
 static bool channels_inner(const Tensor& x) { return x.stride(1) < x.stride(3); }
 
+// GELU and its backward on contiguous float32 tensors: the AVX2 rational-erf kernels when the CPU
+// has them (ATen's erf GELU costs several times more per element), else ATen.
+static bool avx2_elementwise() {
+#ifdef SLVIT_FUSED_AVX2
+  static const bool ok = slvit_fused::cpu_supported();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+static void gelu_into(Tensor& out, const Tensor& in) {
+#ifdef SLVIT_FUSED_AVX2
+  if (avx2_elementwise() && in.is_contiguous() && out.is_contiguous()) {
+    const float* src = in.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    at::parallel_for(0, in.numel(), 1 << 16, [&](int64_t lo, int64_t hi) {
+      slvit_fused::gelu_forward(src + lo, dst + lo, hi - lo);
+    });
+    return;
+  }
+#endif
+  at::gelu_out(out, in);
+}
+
+static Tensor gelu_grad(const Tensor& g, const Tensor& z) {
+#ifdef SLVIT_FUSED_AVX2
+  if (avx2_elementwise() && g.is_contiguous() && z.is_contiguous()) {
+    Tensor dz = at::empty_like(g);
+    const float *gp = g.data_ptr<float>(), *zp = z.data_ptr<float>();
+    float* dp = dz.data_ptr<float>();
+    at::parallel_for(0, g.numel(), 1 << 16, [&](int64_t lo, int64_t hi) {
+      slvit_fused::gelu_backward(gp + lo, zp + lo, dp + lo, hi - lo);
+    });
+    return dz;
+  }
+#endif
+  return at::gelu_backward(g, z);
+}
+
 static Tensor act_bwd(const Tensor& g, const Tensor& z, int64_t act) {
-  return act == 0 ? at::gelu_backward(g, z) : g.mul(z.gt(0).to(g.scalar_type()));
+  return act == 0 ? gelu_grad(g, z) : g.mul(z.gt(0).to(g.scalar_type()));
 }
 
 // Per (sample, head): S = scale * Q K^T  (into P, softmaxed afterwards by ATen)
@@ -657,7 +705,7 @@ static std::vector<Tensor> forward_impl(const Tensor& x, const c10::optional<Ten
     Tensor hpre = salloc(sk + 11, {BT, c.mlp});
     at::addmm_out(hpre, b1, y2, W1.t());
     Tensor hact = salloc(sk + 12, {BT, c.mlp});
-    at::gelu_out(hact, hpre);
+    gelu_into(hact, hpre);
     dropout_apply(hact.data_ptr<float>(), BT * c.mlp, b0 * c.T * c.mlp, 3 + 3 * l, c.thr_drop, c.seed);  // saved dropped
     // the next layer's (saved) input, or the head's (saved) flat input
     Tensor t2 = !sink ? alloc({BT, c.d})
@@ -674,7 +722,7 @@ static std::vector<Tensor> forward_impl(const Tensor& x, const c10::optional<Ten
   Tensor z = salloc(nsaved - 2, {c.B, c.hidden});
   at::addmm_out(z, bh1, flat, Wh1.t());
   Tensor a = salloc(nsaved - 1, {c.B, c.hidden});
-  if (c.act == 0) at::gelu_out(a, z); else at::relu_out(a, z);
+  if (c.act == 0) gelu_into(a, z); else at::relu_out(a, z);
   dropout_apply(a.data_ptr<float>(), c.B * c.hidden, b0 * c.hidden, 1, c.thr_head, c.seed);  // saved dropped
   if (out_rows) {
     at::addmm_out(*out_rows, bh2, a, Wh2.t());
@@ -888,7 +936,7 @@ static void backward_chunk(const Tensor& g, const c10::optional<Tensor>& extra, 
     acc_add(acc, pi + 14, at::mm(dm.t(), hact));
     Tensor dhd = at::mm(dm, W2);
     dropout_apply(dhd.data_ptr<float>(), dhd.numel(), b0 * c.T * c.mlp, 3 + 3 * l, c.thr_drop, c.seed);
-    Tensor dh = at::gelu_backward(dhd, hpre);
+    Tensor dh = gelu_grad(dhd, hpre);
     acc_add(acc, pi + 13, dh.sum(0));
     acc_add(acc, pi + 12, at::mm(dh.t(), y2));
     Tensor dy2 = at::mm(dh, W1);
