@@ -261,6 +261,7 @@ static bool avx2_elementwise() {
 }
 
 static void gelu_into(Tensor& out, const Tensor& in) {
+  RECORD_FUNCTION("slvit_cpu::gelu", std::vector<c10::IValue>());
 #ifdef SLVIT_FUSED_AVX2
   if (avx2_elementwise() && in.is_contiguous() && out.is_contiguous()) {
     const float* src = in.data_ptr<float>();
@@ -275,6 +276,7 @@ static void gelu_into(Tensor& out, const Tensor& in) {
 }
 
 static Tensor gelu_grad(const Tensor& g, const Tensor& z) {
+  RECORD_FUNCTION("slvit_cpu::gelu_backward", std::vector<c10::IValue>());
 #ifdef SLVIT_FUSED_AVX2
   if (avx2_elementwise() && g.is_contiguous() && z.is_contiguous()) {
     Tensor dz = at::empty_like(g);
