@@ -176,10 +176,12 @@ def parse_res_usage(text: str) -> list[dict[str, Any]]:
                          "stack_bytes": stack, "shared_bytes": shared, "local_bytes": local,
                          "constant_bytes": const, "spill_bytes": local})
             kernel = None
-        m = re.search(r"Used (\d+) registers.*?(\d+) bytes smem", line)
+        m = re.search(r"Used (\d+) registers", line)
         if m and kernel and "ptxas info" in line:
+            # ptxas prints "N bytes smem" only when the kernel has static shared memory
+            ms = re.search(r"(\d+) bytes smem", line)
             rows.append({"kernel": _demangle(kernel), "mangled": kernel, "arch": arch,
-                         "registers": int(m.group(1)), "shared_bytes": int(m.group(2))})
+                         "registers": int(m.group(1)), "shared_bytes": int(ms.group(1)) if ms else 0})
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m and kernel:
             pending = {"kernel": _demangle(kernel), "mangled": kernel, "arch": arch,
@@ -362,9 +364,9 @@ def gpu_report_rows(archs=(80, 90)) -> list[dict[str, Any]]:
     if not raw:
         source = "nvcc (csrc/cuda)"
         with tempfile.TemporaryDirectory() as tmp:
-            objects, text = _nvcc_objects(tmp, archs)
-            raw = parse_res_usage(text)
-            for obj in objects:
+            objects, _ = _nvcc_objects(tmp, archs)
+            for obj in objects:  # the same cuobjdump reports as for the built extension
+                raw += cuda_kernel_resources(obj)
                 sass += sass_tensor_core_counts(obj)
     tc = {(r["mangled"], r["arch"]): r for r in sass}
     rows = []

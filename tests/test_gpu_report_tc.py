@@ -189,3 +189,21 @@ def test_cuda_rows_carry_tensor_cores_and_occupancy():
         assert r["threads_per_block"] == native.CUDA_THREADS and 1 <= r["blocks_per_sm"] <= 8, r
         assert r["tensor_core_required"] is True
         assert r["ok"] == (r["tensor_core_instructions"] > 0), r
+
+
+def test_ptxas_resource_lines_without_shared_memory():
+    """nvcc --resource-usage prints "N bytes smem" only for kernels with static shared memory: registers
+    must still be read (0 registers would make the occupancy meaningless)."""
+    text = textwrap.dedent("""\
+        ptxas info    : Compiling entry function '_Z1fv' for 'sm_80'
+        ptxas info    : Function properties for _Z1fv
+            0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+        ptxas info    : Used 32 registers, used 0 barriers, 376 bytes cmem[0]
+        ptxas info    : Compiling entry function '_Z1gv' for 'sm_90'
+        ptxas info    : Function properties for _Z1gv
+            8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+        ptxas info    : Used 14 registers, used 1 barriers, 4096 bytes smem, 376 bytes cmem[0]
+        """)
+    rows = {r["mangled"]: r for r in native.parse_res_usage(text)}
+    assert (rows["_Z1fv"]["arch"], rows["_Z1fv"]["registers"], rows["_Z1fv"]["shared_bytes"]) == ("sm_80", 32, 0)
+    assert (rows["_Z1gv"]["registers"], rows["_Z1gv"]["shared_bytes"], rows["_Z1gv"]["spill_bytes"]) == (14, 4096, 8)
