@@ -102,7 +102,10 @@ __global__ void __launch_bounds__(kThreads, 1) slvit_backward_kernel(BackwardArg
     __syncthreads();
     qkv_projection<S>(lp, y1, qkv, T, d, A, tc);
     __syncthreads();
-    attention_rows(qkv, o, P, true, T, A, H, kd, a.scale);  // keeps the probabilities P for the backward
+    if (tc)  // keeps the probabilities P for the backward
+      attention_tc<S>(qkv, o, P, true, T, A, H, kd, a.scale);
+    else
+      attention_rows(qkv, o, P, true, T, A, H, kd, a.scale);
     __syncthreads();
     out_projection<S>(lp, o, tin, t1, T, d, A, tc);
     __syncthreads();

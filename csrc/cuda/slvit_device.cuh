@@ -238,6 +238,45 @@ __device__ inline void attention_rows(const float* qkv, float* o, float* rows, b
 }
 
 
+// The same attention on tensor cores, one head at a time over the whole block: scores = scale Q_h K_h^T
+// (T x T, MMA) into `scores`, full-row softmax (a warp per row, normalised in place), o_h = P V_h (MMA,
+// P rounded to S like the reference's half-precision softmax output). With keep_probs (the backward)
+// head h's probabilities stay at scores + h*T*T; otherwise `scores` is one T x T scratch.
+template <class S>
+__device__ void attention_tc(const float* qkv, float* o, float* scores, bool keep_probs, int T, int A, int heads,
+                             int kd, float scale) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  const int A3 = 3 * A;
+  for (int h = 0; h < heads; ++h) {
+    float* sh = scores + (keep_probs ? (int64_t)h * T * T : 0);
+    block_gemm_tc_f<S>(
+        T, T, kd, [&](int i, int c) { return qkv[(int64_t)i * A3 + h * kd + c]; },
+        [&](int j, int c) { return qkv[(int64_t)j * A3 + A + h * kd + c]; },
+        [&](int i, int j, float acc) { sh[(int64_t)i * T + j] = acc * scale; });
+    __syncthreads();
+    for (int i = warp; i < T; i += nwarps) {
+      float* srow = sh + (int64_t)i * T;
+      float mx = -INFINITY;
+      for (int j = lane; j < T; j += 32) mx = fmaxf(mx, srow[j]);
+      mx = warp_max(mx);
+      float sum = 0.f;
+      for (int j = lane; j < T; j += 32) {
+        const float e = expf(srow[j] - mx);
+        srow[j] = e;
+        sum += e;
+      }
+      const float inv = 1.0f / warp_sum(sum);
+      for (int j = lane; j < T; j += 32) srow[j] *= inv;
+    }
+    __syncthreads();
+    block_gemm_tc_f<S>(
+        T, kd, T, [&](int i, int j) { return sh[(int64_t)i * T + j]; },
+        [&](int c, int j) { return qkv[(int64_t)j * A3 + 2 * A + h * kd + c]; },
+        [&](int i, int c, float acc) { o[(int64_t)i * A + h * kd + c] = acc; });
+    __syncthreads();  // the scratch is the next head's
+  }
+}
+
 // Attention output projection + residual: out[t, e] = res[t, e] + (bo[e] + o[t, :] . Wo[e, :]);
 // out may be res (in place: each element reads only its own residual).
 template <class S>

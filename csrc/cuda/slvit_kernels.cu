@@ -2,8 +2,9 @@
 //
 //   slvit_encoder_kernel  one block per sample: implicit-GEMM patch embedding straight from the
 //                         strided feature map (+ position, + extra tokens), then for each encoder
-//                         layer LN -> Q/K/V (h heads x key_dim) -> full-row softmax attention (a warp
-//                         per (head, query row), scores in shared memory, warp-shuffle max/sum) ->
+//                         layer LN -> Q/K/V (h heads x key_dim) -> full-row softmax attention (SIMT: a
+//                         warp per (head, query row), scores in shared memory, warp-shuffle max/sum;
+//                         tensor cores: per head QK^T and PV as block GEMMs, scores in the workspace) ->
 //                         output projection + residual -> LN -> fc1 + exact GELU -> fc2 (+ residual).
 //                         Stages are separated by __syncthreads; per-sample activations live in a
 //                         float32 workspace (L2-resident at these sizes: T <= 160, d <= 64).
@@ -51,7 +52,10 @@ __global__ void __launch_bounds__(kThreads) slvit_encoder_kernel(ExitArgs a) {
     qkv_projection<S>(lp, y, qkv, T, d, A, tc);
     __syncthreads();
     // 4. attention: a warp per (head, query row), full-row softmax, score rows in shared memory
-    attention_rows(qkv, o, scores, false, T, A, a.heads, a.kd, a.scale);
+    if (tc)
+      attention_tc<S>(qkv, o, hb + (int64_t)T * M, false, T, A, a.heads, a.kd, a.scale);
+    else
+      attention_rows(qkv, o, scores, false, T, A, a.heads, a.kd, a.scale);
     __syncthreads();
     // 5. output projection + residual (in place)
     out_projection<S>(lp, o, tok, tok, T, d, A, tc);

@@ -38,8 +38,10 @@ struct ExitArgs {
   void* out;
 };
 
+// tokens, LN output, Q/K/V, attention output, MLP hidden (T rows each) and one head's T x T scores
+// (the tensor-core attention's scratch).
 inline int64_t workspace_floats_per_sample(int T, int d, int A, int M) {
-  return (int64_t)T * (2 * d + 4 * A + M);
+  return (int64_t)T * (2 * d + 4 * A + M) + (int64_t)T * T;
 }
 
 // Checks the sizes the kernels support; returns nullptr if fine, else a message.

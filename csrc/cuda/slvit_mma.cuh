@@ -150,8 +150,28 @@ __device__ __forceinline__ void load_b_frag(uint32_t b[2], const S* W, int64_t l
 
 constexpr int kNT = 2;  // n8 sub-tiles per warp tile (16 x 16 outputs per warp)
 
-template <class S, class ALoad, class Epi>
-__device__ void block_gemm_tc(int rows, int cols, int K, ALoad at, const S* W, int64_t ldw, Epi epi) {
+// B fragment from a float32 loader bt(n, k) (activations: K or V from the workspace), rounded like A.
+template <class S, class BLoad>
+__device__ __forceinline__ void load_b_frag_f(uint32_t b[2], BLoad& bt, int cols, int K, int n, int k0, int t) {
+  const bool nok = n < cols;
+  if constexpr (MmaTraits<S>::kK == 16) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int k = k0 + 2 * t + 8 * j;
+      b[j] = pack_pair<S>(nok && k < K ? bt(n, k) : 0.f, nok && k + 1 < K ? bt(n, k + 1) : 0.f);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int k = k0 + t + 4 * j;
+      b[j] = to_tf32(nok && k < K ? bt(n, k) : 0.f);
+    }
+  }
+}
+
+// The warp-tiled loop shared by both GEMM forms; bfrag(b, n, k0, t) loads a B fragment.
+template <class S, class ALoad, class BFrag, class Epi>
+__device__ void block_gemm_tc_core(int rows, int cols, int K, ALoad& at, BFrag&& bfrag, Epi& epi) {
   constexpr int kK = MmaTraits<S>::kK;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
   const int g = lane >> 2, t = lane & 3;
@@ -167,7 +187,7 @@ __device__ void block_gemm_tc(int rows, int cols, int K, ALoad at, const S* W, i
 #pragma unroll
       for (int j = 0; j < kNT; ++j) {
         uint32_t b[2];
-        load_b_frag<S>(b, W, ldw, cols, K, c0 + 8 * j + g, k0, t);
+        bfrag(b, c0 + 8 * j + g, k0, t);
         mma_tile<S>(acc[j], a, b);
       }
     }
@@ -180,6 +200,22 @@ __device__ void block_gemm_tc(int rows, int cols, int K, ALoad at, const S* W, i
         if (r < rows && c < cols) epi(r, c, acc[j][i]);
       }
   }
+}
+
+// B = W^T for a (cols, K) row-major weight of type S.
+template <class S, class ALoad, class Epi>
+__device__ void block_gemm_tc(int rows, int cols, int K, ALoad at, const S* W, int64_t ldw, Epi epi) {
+  block_gemm_tc_core<S>(rows, cols, K, at,
+                        [&](uint32_t b[2], int n, int k0, int t) { load_b_frag<S>(b, W, ldw, cols, K, n, k0, t); },
+                        epi);
+}
+
+// B[k, n] = bt(n, k) from float32 values (rounded to S / tf32 like A).
+template <class S, class ALoad, class BLoad, class Epi>
+__device__ void block_gemm_tc_f(int rows, int cols, int K, ALoad at, BLoad bt, Epi epi) {
+  block_gemm_tc_core<S>(rows, cols, K, at,
+                        [&](uint32_t b[2], int n, int k0, int t) { load_b_frag_f<S>(b, bt, cols, K, n, k0, t); },
+                        epi);
 }
 
 }  // namespace slvit
