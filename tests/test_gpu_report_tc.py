@@ -133,6 +133,7 @@ def test_annotate_adds_occupancy():
 
 def test_cli_exits_nonzero_on_a_failed_row(monkeypatch, capsys):
     rows = [gpu_report.annotate(_row("bfloat16", tc=84)), gpu_report.annotate(_row("float16", tc=0))]
+    monkeypatch.setattr(gpu_report, "_PROVIDERS", {})  # run() registers the CUDA provider: keep it local
     monkeypatch.setattr(gpu_report, "report_rows", lambda **kw: rows)
     assert gpu_report_cli.run((80,), None, ("resnet152-b1",), as_json=False) == 1
     out = capsys.readouterr().out
