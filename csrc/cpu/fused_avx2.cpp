@@ -690,6 +690,66 @@ void gelu_backward(const float* g, const float* x, float* dx, int64_t n) {
   }
 }
 
+int64_t attention_backward_floats(int64_t T, int64_t kd) {
+  const int64_t kdp = round_up(kd, 16), Tp = round_up(T, 16);
+  return 3 * T * kdp + kdp * Tp + T * Tp + T * T + 64;
+}
+
+void attention_backward_head(const float* q, const float* k, const float* v, int64_t ld_qkv, const float* P,
+                             const float* mask, const float* dO, int64_t ld_do, float* dq, float* dk, float* dv,
+                             int64_t ld_d, int64_t T, int64_t kd, float scale, float* scratch) {
+  const int64_t kdp = round_up(kd, 16), Tp = round_up(T, 16);
+  // local, zero-padded copies: every B operand is read up to a 16-column boundary
+  float* Ql = scratch;
+  float* Kl = Ql + T * kdp;
+  float* dOl = Kl + T * kdp;
+  float* VT = dOl + T * kdp;  // kd x Tp: V transposed
+  float* dP = VT + kdp * Tp;  // T x Tp
+  float* Pd = dP + T * Tp;    // T x T: P * mask (only with a mask)
+  for (int64_t i = 0; i < T; ++i) {
+    for (int64_t c = 0; c < kdp; ++c) {
+      const bool in = c < kd;
+      Ql[i * kdp + c] = in ? q[i * ld_qkv + c] : 0.f;
+      Kl[i * kdp + c] = in ? k[i * ld_qkv + c] : 0.f;
+      dOl[i * kdp + c] = in ? dO[i * ld_do + c] : 0.f;
+    }
+  }
+  for (int64_t c = 0; c < kd; ++c)
+    for (int64_t j = 0; j < Tp; ++j) VT[c * Tp + j] = j < T ? v[j * ld_qkv + c] : 0.f;
+  const float* Pdrop = P;
+  if (mask) {
+    for (int64_t e = 0; e < T * T; ++e) Pd[e] = P[e] * mask[e];
+    Pdrop = Pd;
+  }
+  Epi plain;
+  // dV[j][c] = sum_i Pdrop[i][j] dO[i][c]
+  gemm(0, T, kd, T, Pdrop, 1, T, dOl, kdp, dv, ld_d, plain);
+  // dP[i][j] = sum_c dO[i][c] V[j][c]
+  gemm(0, T, T, kd, dOl, kdp, 1, VT, Tp, dP, Tp, plain);
+  // dS = P * (dP*mask - rowsum(P * dP*mask)), in place in dP
+  for (int64_t i = 0; i < T; ++i) {
+    float* d = dP + i * Tp;
+    const float* p = P + i * T;
+    if (mask)
+      for (int64_t j = 0; j < T; ++j) d[j] *= mask[i * T + j];
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= T; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(p + j), _mm256_loadu_ps(d + j), acc);
+    float dot_ = hsum(acc);
+    for (; j < T; ++j) dot_ += p[j] * d[j];
+    const __m256 dv8 = _mm256_set1_ps(dot_);
+    j = 0;
+    for (; j + 8 <= T; j += 8)
+      _mm256_storeu_ps(d + j, _mm256_mul_ps(_mm256_loadu_ps(p + j), _mm256_sub_ps(_mm256_loadu_ps(d + j), dv8)));
+    for (; j < T; ++j) d[j] = p[j] * (d[j] - dot_);
+  }
+  Epi sc;
+  sc.alpha = scale;
+  // dQ[i][c] = s sum_j dS[i][j] K[j][c];  dK[j][c] = s sum_i dS[i][j] Q[i][c]
+  gemm(0, T, kd, T, dP, Tp, 1, Kl, kdp, dq, ld_d, sc);
+  gemm(0, T, kd, T, dP, 1, Tp, Ql, kdp, dk, ld_d, sc);
+}
+
 bool cpu_supported() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

@@ -51,6 +51,17 @@ bool cpu_supported();
 void gelu_forward(const float* x, float* y, int64_t n);
 void gelu_backward(const float* g, const float* x, float* dx, int64_t n);
 
+// Backward of one (sample, head) of attention for the training path, token-major operands:
+// q/k/v rows are tokens (ld_qkv apart, the head's kd columns at the given pointers), P the saved
+// softmax (T x T, rows = queries), dO the output gradient (ld_do). `mask` (T x T, 0 or 1/(1-rate)) is
+// the attention dropout, or nullptr. Writes dQ, dK, dV (kd columns each, ld_d apart):
+//   dV = (P*mask)^T dO;  dS = P * (dP - rowsum(P * dP)), dP = (dO V^T) * mask;  dQ = s dS K;  dK = s dS^T Q.
+// `scratch`: attention_backward_floats(T, kd) floats.
+int64_t attention_backward_floats(int64_t T, int64_t kd);
+void attention_backward_head(const float* q, const float* k, const float* v, int64_t ld_qkv, const float* P,
+                             const float* mask, const float* dO, int64_t ld_do, float* dq, float* dk, float* dv,
+                             int64_t ld_d, int64_t T, int64_t kd, float scale, float* scratch);
+
 // Floats of workspace run() needs for `nw` workers.
 int64_t workspace_floats(const Problem& p, int nw);
 

@@ -953,8 +953,37 @@ static void backward_chunk(const Tensor& g, const c10::optional<Tensor>& extra, 
     acc_add(acc, pi + 8, at::mm(dt1.t(), o));
     Tensor dO = at::mm(dt1, Wo);  // (B*T, A)
     Tensor dqkv = at::empty({c.B * c.T, 3 * c.A}, fopt);
-    Tensor dP = at::empty({c.B, c.heads, c.T, c.T}, fopt);
+#ifdef SLVIT_FUSED_AVX2
+    if (avx2_elementwise()) {
+      // AVX2: each (sample, head) in one kernel call (dV, dP, softmax backward, dQ, dK; no T x T
+      // tensors besides the saved P), instead of four BLAS calls and an ATen softmax backward
+      RECORD_FUNCTION("slvit_cpu::attn_backward", std::vector<c10::IValue>());
+      const int64_t T = c.T, A3 = 3 * c.A;
+      Tensor mask;
+      if (c.thr_attn > 0) {
+        mask = at::empty({c.B, c.heads, T, T}, fopt);
+        std::fill_n(mask.data_ptr<float>(), mask.numel(), 1.f);
+        dropout_apply(mask.data_ptr<float>(), mask.numel(), b0 * c.heads * T * T, 2 + 3 * l, c.thr_attn, c.seed);
+      }
+      const float *Pp = P.data_ptr<float>(), *qp = qkv.data_ptr<float>(), *dOp = dO.data_ptr<float>();
+      const float* mp = mask.defined() ? mask.data_ptr<float>() : nullptr;
+      float* dqp = dqkv.data_ptr<float>();
+      const int64_t nscr = slvit_fused::attention_backward_floats(T, c.kd);
+      at::parallel_for(0, c.B * c.heads, head_grain(T, c.kd), [&](int64_t lo, int64_t hi) {
+        std::vector<float> scr(nscr);
+        for (int64_t bh = lo; bh < hi; ++bh) {
+          const int64_t b = bh / c.heads, h = bh % c.heads;
+          const float* q = qp + b * T * A3 + h * c.kd;
+          float* dq = dqp + b * T * A3 + h * c.kd;
+          slvit_fused::attention_backward_head(q, q + c.A, q + 2 * c.A, A3, Pp + bh * T * T,
+                                               mp ? mp + bh * T * T : nullptr, dOp + b * T * c.A + h * c.kd, c.A,
+                                               dq, dq + c.A, dq + 2 * c.A, A3, T, c.kd, scale, scr.data());
+        }
+      });
+    } else
+#endif
     {
+      Tensor dP = at::empty({c.B, c.heads, c.T, c.T}, fopt);
       RECORD_FUNCTION("slvit_cpu::attn_backward", std::vector<c10::IValue>());
       const int64_t T = c.T, A3 = 3 * c.A;
       Tensor Pd = P;  // the probabilities P V used (after dropout)
