@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-repeats", type=int, default=3)
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("gpu-report", help="compile every Triton and CUDA kernel for sm_80/sm_90 (no GPU needed): "
-                       "registers, shared memory, spill bytes; plus an H100 roofline vs eager PyTorch")
+                       "registers, shared memory, spill bytes, tensor-core instructions, occupancy; plus an H100 roofline "
+                       "vs eager PyTorch and CUDA graphs")
     p.add_argument("--json", action="store_true")
     p.add_argument("--archs", default="80,90")
     p.add_argument("--dtypes", default="", help="Triton dtypes, comma list (default: float32,float32-tf32,float16,bfloat16)")
