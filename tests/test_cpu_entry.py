@@ -147,6 +147,19 @@ def test_declines_when_the_op_path_must_run():
         assert _C_cpu.exit_infer(mh, x.half(), None) is None  # fp16 parameters: the op path upcasts
 
 
+def test_jit_trace_records_the_op():
+    """A trace taken through the entry point would bake the first output in as a constant."""
+    import warnings
+
+    c = awkward_config("N25-h1")
+    m, ref = pair(c)
+    x, x2 = torch.randn(2, c.in_channels, *c.feature_size), torch.randn(2, c.in_channels, *c.feature_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(m, x, check_trace=False)
+        torch.testing.assert_close(traced(x2), ref(x2), rtol=1e-5, atol=1e-5)
+
+
 def test_grad_mode_declines_and_training_still_works():
     c = awkward_config("N25-h1")
     m, ref = pair(c)

@@ -12,7 +12,7 @@
 //     other dtypes are remade). Returns None - the caller takes the op path - whenever the fast path
 //     is not exactly right: autograd needs a graph, dropout is active, the input is not a plain
 //     float32 CPU tensor, a dispatch / torch-function mode or tensor subclass is active (fake tensors,
-//     FlopCounterMode, functorch), the fused kernels are off, or the parameters fail validation (the op
+//     FlopCounterMode, functorch), torch.jit.trace is recording, the fused kernels are off, or the parameters fail validation (the op
 //     path then raises its usual error).
 //   entry_stats() -> (fast calls, validations, declined calls)
 //   _fused_debug(legacy_phases, profile) -> Tensor   (tests and profiling; see cpu_entry.h)
@@ -22,6 +22,7 @@
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <cstdint>
 #include <memory>
@@ -234,7 +235,9 @@ PyObject* exit_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyObject *module = args[0], *xo = args[1], *eo = args[2];
   if (!init_once()) return nullptr;
   if (!THPVariable_CheckExact(xo) || (eo != Py_None && !THPVariable_CheckExact(eo))) return decline();
-  if (c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled()) return decline();
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled() ||
+      torch::jit::tracer::isTracing())  // a trace must record the op
+    return decline();
   const Tensor& x = THPVariable_Unpack(xo);
   c10::optional<Tensor> extra;
   if (eo != Py_None) extra = THPVariable_Unpack(eo);
