@@ -51,12 +51,29 @@ def test_four_layers_channels_last():
                             torch.float32, channels_last=True)
 
 
-def test_multi_layer_backward_is_one_kernel_launch():
-    """No torch recompute for deeper exits any more: one backward launch, whatever num_layers."""
+def test_multi_layer_backward_is_the_kernel():
+    """No torch recompute for deeper exits any more: the two backward launches, whatever num_layers."""
     c = awkward_config("N25-h1", num_layers=3)
     m = randomize_(SLViTExit(c, backend="cuda-emu"))
     out = m(torch.randn(1, c.in_channels, *c.feature_size))
     with count_kernel_launches() as launches:
         out.sum().backward()
-    assert launches.count == 1 and "slvit_fast.cuda.exit_backward" in launches.by_kernel
+    assert launches.count == 2 and "slvit_fast.cuda.exit_backward" in launches.by_kernel
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("max_blocks", ["1", "2"])
+def test_blocks_with_several_samples_sum_their_partials(monkeypatch, max_blocks):
+    """Fewer backward blocks than samples (each block sums several samples into its partial slot, the
+    reduction sums the slots): same gradients as one sample per block."""
+    monkeypatch.setenv("SLVIT_FAST_CUDA_BACKWARD_MAX_BLOCKS", max_blocks)
+    check_against_reference("cuda-emu", awkward_config("N25-h1", feature_size=(6, 6), num_layers=2), 5,
+                            torch.float32)
+
+
+def test_bad_max_blocks_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("SLVIT_FAST_CUDA_BACKWARD_MAX_BLOCKS", "0")
+    c = awkward_config("N25-h1", feature_size=(4, 4))
+    m = randomize_(SLViTExit(c, backend="cuda-emu"))
+    with pytest.raises(RuntimeError, match="SLVIT_FAST_CUDA_BACKWARD_MAX_BLOCKS"):
+        m(torch.randn(2, c.in_channels, *c.feature_size)).sum().backward()

@@ -14,7 +14,9 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include <string>
 #include <vector>
@@ -128,10 +130,25 @@ std::vector<Tensor> run_backward(const Tensor& grad_out, const Tensor& x, const 
     ba.goff[i] = total;
     total += (params[i].numel() + 15) / 16 * 16;
   }
-  Tensor grads = at::zeros({total}, x.options().dtype(at::kFloat));
+  // per-block partial gradients (no atomics), summed once by the reduction kernel into grads
+  // SLVIT_FAST_CUDA_BACKWARD_MAX_BLOCKS (optional) caps the blocks further: tuning, and tests of blocks
+  // that handle several samples each.
+  int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(a.B, slvit::kPartialBudgetFloats / total));
+  if (const char* cap = std::getenv("SLVIT_FAST_CUDA_BACKWARD_MAX_BLOCKS")) {
+    char* end = nullptr;
+    const long long v = std::strtoll(cap, &end, 10);
+    TORCH_CHECK(end != cap && *end == '\0' && v >= 1, who,
+                ": SLVIT_FAST_CUDA_BACKWARD_MAX_BLOCKS must be a positive integer, got '", cap, "'");
+    blocks = std::min<int64_t>(blocks, v);
+  }
+  Tensor partials = at::zeros({blocks * total}, x.options().dtype(at::kFloat));
+  Tensor grads = make_buffer(total);
   ba.grads = grads.data_ptr<float>();
+  ba.partials = partials.data_ptr<float>();
+  ba.ptotal = total;
+  ba.blocks = (int)blocks;
   const int64_t per = slvit::backward_workspace_floats_per_sample(a.T, a.d, a.A, a.M, a.heads, a.Hh, a.L);
-  Tensor ws = make_buffer(a.B * per);
+  Tensor ws = make_buffer(blocks * per);
   ba.f.ws = ws.data_ptr<float>();
   ba.f.ws_stride = per;
   Tensor dx = need_dx ? at::empty_like(x) : at::empty({0}, x.options());

@@ -1,18 +1,24 @@
-// SL-ViT exit backward as one CUDA kernel (one block per sample; num_layers 1..kMaxLayers).
+// SL-ViT exit backward: one CUDA kernel (a block per group of samples; num_layers 1..kMaxLayers) + one
+// gradient reduction kernel.
 //
 // The block recomputes its sample's forward into the float32 workspace (the forward kernels keep
 // nothing), keeping only each layer's input tokens (a checkpoint per layer) and the internals of the
 // last layer, then back-propagates: head -> for each layer from the last: (recompute the layer's
 // internals from its checkpoint unless they are already there) MLP block -> LN2 -> attention block ->
-// LN1 -> patch / extra embedding. Activation gradients stay in the block's workspace; every parameter
-// gradient is first reduced over the sample's tokens inside the block, then added to a float32
-// accumulator with one atomicAdd per parameter element and sample. dx is written directly (each
-// feature-map element belongs to exactly one patch slot, so no atomics are needed).
+// LN1 -> patch / extra embedding. Activation gradients stay in the block's workspace. Parameter gradients
+// without atomics: a block handles samples blockIdx.x, blockIdx.x + gridDim.x, ..., reduces each
+// gradient over its samples' tokens and adds it to its own float32 partial slot (every element of a
+// slot has one owning thread per loop, so plain adds are race-free); slvit_grad_reduce_kernel then sums
+// the slots once, in a fixed order (deterministic gradients). dx is written directly (each
+// feature-map element belongs to exactly one patch slot).
 // Compiled by nvcc, or as host C++ under csrc/emu/simt_emu.h (SLVIT_EMULATE).
 
 #include "slvit_device.cuh"
 
 namespace slvit {
+
+// Adds to the block's own partial-gradient slot (no other block writes it; see the header comment).
+__device__ __forceinline__ void acc_add(float* p, float v) { *p += v; }
 
 __device__ __forceinline__ float gelu_grad(float x) {
   const float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
@@ -49,22 +55,22 @@ __device__ void ln_bwd(const float* x, const float* stats, const float* dy, floa
       sg += dy[(int64_t)r * d + e] * xhat;
       sb += dy[(int64_t)r * d + e];
     }
-    atomicAdd(dg + e, sg);
-    atomicAdd(db + e, sb);
+    acc_add(dg + e, sg);
+    acc_add(db + e, sb);
   }
 }
 
 template <class S>
 __global__ void __launch_bounds__(kThreads, 1) slvit_backward_kernel(BackwardArgs ba) {
   const ExitArgs& a = ba.f;
-  const int b = blockIdx.x;
+  for (int b = blockIdx.x; b < a.B; b += gridDim.x) {  // this block's samples
   const int tid = threadIdx.x, nthreads = blockDim.x;
   const int lane = tid % 32, warp = tid / 32, nwarps = nthreads / 32;
   const int T = a.T, d = a.d, A = a.A, A3 = 3 * a.A, M = a.M, H = a.heads, kd = a.kd, Hh = a.Hh;
   const int Td = T * d;
   const bool tc = tensor_cores<S>(a);  // the recompute uses the forward's GEMMs (tensor cores included)
   // workspace (layout: backward_workspace_floats_per_sample)
-  float* w = a.ws + (int64_t)b * a.ws_stride;
+  float* w = a.ws + (int64_t)blockIdx.x * a.ws_stride;  // one workspace per block
   float* tins = w; w += (int64_t)(a.L + 1) * Td;  // layer l's input tokens at tins + l*Td; final tokens last
   float* y1 = w; w += Td;
   float* st1 = w; w += 2 * T;
@@ -87,7 +93,7 @@ __global__ void __launch_bounds__(kThreads, 1) slvit_backward_kernel(BackwardArg
   float* const t2 = tins + (int64_t)a.L * Td;  // the encoder's output (the head's input)
   // gradient accumulators, in op parameter order
   const int base = 3 + (a.E ? 2 : 0);
-  float* G = ba.grads;
+  float* G = ba.partials + (int64_t)blockIdx.x * ba.ptotal;  // this block's partial slot
   auto g = [&](int i) { return G + ba.goff[i]; };
   const int P_dim = a.ph * a.pw * a.C;
   const S* x = static_cast<const S*>(a.x) + (int64_t)b * a.sx_b;
@@ -139,19 +145,19 @@ __global__ void __launch_bounds__(kThreads, 1) slvit_backward_kernel(BackwardArg
   // head fc2: dWh2[o, j] += g[o] a[j]; dbh2[o] += g[o]; dz[j] = act'(z_j) sum_o g[o] Wh2[o, j]
   for (int idx = tid; idx < a.O * Hh; idx += nthreads) {
     const int oi = idx / Hh, j = idx % Hh;
-    atomicAdd(g(ih + 2) + idx, ld(go + oi) * za[j]);
+    acc_add(g(ih + 2) + idx, ld(go + oi) * za[j]);
   }
-  for (int oi = tid; oi < a.O; oi += nthreads) atomicAdd(g(ih + 3) + oi, ld(go + oi));
+  for (int oi = tid; oi < a.O; oi += nthreads) acc_add(g(ih + 3) + oi, ld(go + oi));
   for (int j = tid; j < Hh; j += nthreads) {
     float acc = 0.f;
     for (int oi = 0; oi < a.O; ++oi) acc += ld(go + oi) * ld(wh2 + (int64_t)oi * Hh + j);
     const float der = a.act == 0 ? gelu_grad(z[j]) : (z[j] > 0.f ? 1.f : 0.f);
     dz[j] = acc * der;
-    atomicAdd(g(ih + 1) + j, dz[j]);
+    acc_add(g(ih + 1) + j, dz[j]);
   }
   __syncthreads();
   // head fc1: dWh1[j, k] += dz[j] flat[k]; dflat[k] = sum_j dz[j] Wh1[j, k]
-  for (int idx = tid; idx < Hh * Td; idx += nthreads) atomicAdd(g(ih) + idx, dz[idx / Td] * t2[idx % Td]);
+  for (int idx = tid; idx < Hh * Td; idx += nthreads) acc_add(g(ih) + idx, dz[idx / Td] * t2[idx % Td]);
   for (int k = tid; k < Td; k += nthreads) {
     float acc = 0.f;
     for (int j = 0; j < Hh; ++j) acc += dz[j] * ld(wh1 + (int64_t)j * Td + k);
@@ -174,12 +180,12 @@ __global__ void __launch_bounds__(kThreads, 1) slvit_backward_kernel(BackwardArg
       const int e = idx / M, m = idx % M;
       float acc = 0.f;
       for (int t = 0; t < T; ++t) acc += dt[t * d + e] * gelu(hpre[(int64_t)t * M + m]);
-      atomicAdd(g(il + 14) + idx, acc);
+      acc_add(g(il + 14) + idx, acc);
     }
     for (int e = tid; e < d; e += nthreads) {
       float acc = 0.f;
       for (int t = 0; t < T; ++t) acc += dt[t * d + e];
-      atomicAdd(g(il + 15) + e, acc);
+      acc_add(g(il + 15) + e, acc);
     }
   }
   __syncthreads();
@@ -196,12 +202,12 @@ __global__ void __launch_bounds__(kThreads, 1) slvit_backward_kernel(BackwardArg
       const int m = idx / d, e = idx % d;
       float acc = 0.f;
       for (int t = 0; t < T; ++t) acc += dh[(int64_t)t * M + m] * y2[t * d + e];
-      atomicAdd(g(il + 12) + idx, acc);
+      acc_add(g(il + 12) + idx, acc);
     }
     for (int m = tid; m < M; m += nthreads) {
       float acc = 0.f;
       for (int t = 0; t < T; ++t) acc += dh[(int64_t)t * M + m];
-      atomicAdd(g(il + 13) + m, acc);
+      acc_add(g(il + 13) + m, acc);
     }
   }
   if (!a.residual) {  // without the MLP residual, t1 receives gradient only through LN2
@@ -225,12 +231,12 @@ __global__ void __launch_bounds__(kThreads, 1) slvit_backward_kernel(BackwardArg
       const int e = idx / A, c = idx % A;
       float acc = 0.f;
       for (int t = 0; t < T; ++t) acc += dt[t * d + e] * o[(int64_t)t * A + c];
-      atomicAdd(g(il + 8) + idx, acc);
+      acc_add(g(il + 8) + idx, acc);
     }
     for (int e = tid; e < d; e += nthreads) {
       float acc = 0.f;
       for (int t = 0; t < T; ++t) acc += dt[t * d + e];
-      atomicAdd(g(il + 9) + e, acc);
+      acc_add(g(il + 9) + e, acc);
     }
   }
   __syncthreads();
@@ -284,13 +290,13 @@ __global__ void __launch_bounds__(kThreads, 1) slvit_backward_kernel(BackwardArg
     const int col = idx / d, e = idx % d, which = col / A, r = col % A;
     float acc = 0.f;
     for (int t = 0; t < T; ++t) acc += dqkv[(int64_t)t * A3 + col] * y1[t * d + e];
-    atomicAdd(g(il + 2 + 2 * which) + (int64_t)r * d + e, acc);
+    acc_add(g(il + 2 + 2 * which) + (int64_t)r * d + e, acc);
   }
   for (int col = tid; col < A3; col += nthreads) {
     const int which = col / A, r = col % A;
     float acc = 0.f;
     for (int t = 0; t < T; ++t) acc += dqkv[(int64_t)t * A3 + col];
-    atomicAdd(g(il + 3 + 2 * which) + r, acc);
+    acc_add(g(il + 3 + 2 * which) + r, acc);
   }
   __syncthreads();
   // LN1: dtin = dt1 + LN1'(dy1)
@@ -298,11 +304,11 @@ __global__ void __launch_bounds__(kThreads, 1) slvit_backward_kernel(BackwardArg
   __syncthreads();
   }  // steps
   // embedding: dpos[n, e] += dt; dbp[e] += sum_n dt; dWp[e, k] += sum_n dt[n, e] patch[n, k]
-  for (int idx = tid; idx < a.Np * d; idx += nthreads) atomicAdd(g(2) + idx, dt[idx]);
+  for (int idx = tid; idx < a.Np * d; idx += nthreads) acc_add(g(2) + idx, dt[idx]);
   for (int e = tid; e < d; e += nthreads) {
     float acc = 0.f;
     for (int n = 0; n < a.Np; ++n) acc += dt[n * d + e];
-    atomicAdd(g(1) + e, acc);
+    acc_add(g(1) + e, acc);
   }
   for (int idx = tid; idx < d * P_dim; idx += nthreads) {
     const int e = idx / P_dim, k = idx % P_dim;
@@ -313,7 +319,7 @@ __global__ void __launch_bounds__(kThreads, 1) slvit_backward_kernel(BackwardArg
       acc += dt[n * d + e] *
              ld(x + (int64_t)c * a.sx_c + (int64_t)(gy * a.ph + i) * a.sx_h + (int64_t)(gx * a.pw + j) * a.sx_w);
     }
-    atomicAdd(g(0) + idx, acc);
+    acc_add(g(0) + idx, acc);
   }
   if (ba.need_dx) {
     S* dx = static_cast<S*>(ba.dx) + (int64_t)b * ba.sdx_b;
@@ -339,26 +345,43 @@ __global__ void __launch_bounds__(kThreads, 1) slvit_backward_kernel(BackwardArg
       const int e = idx / a.De, c = idx % a.De;
       float acc = 0.f;
       for (int k = 0; k < a.E; ++k) acc += dt[(a.Np + k) * d + e] * ld(ex + k * a.De + c);
-      atomicAdd(g(3) + idx, acc);
+      acc_add(g(3) + idx, acc);
     }
     for (int e = tid; e < d; e += nthreads) {
       float acc = 0.f;
       for (int k = 0; k < a.E; ++k) acc += dt[(a.Np + k) * d + e];
-      atomicAdd(g(4) + e, acc);
+      acc_add(g(4) + e, acc);
     }
+  }
+  __syncthreads();  // the workspace is the next sample's
+  }  // samples
+}
+
+// grads[i] = sum over blocks of partials[blk * ptotal + i] (fixed order: deterministic).
+__global__ void __launch_bounds__(kThreads) slvit_grad_reduce_kernel(const float* partials, int64_t ptotal,
+                                                                     int nblocks, float* grads) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < ptotal; i += (int64_t)gridDim.x * blockDim.x) {
+    float acc = 0.f;
+    for (int k = 0; k < nblocks; ++k) acc += partials[(int64_t)k * ptotal + i];
+    grads[i] = acc;
   }
 }
 
 const char* launch_exit_backward(const BackwardArgs& ba, void* stream) {
   if (const char* err = check_exit_args(ba.f)) return err;
+  if (ba.blocks < 1 || ba.blocks > ba.f.B) return "backward: blocks must be between 1 and the batch size";
   slvit_stream_t s = reinterpret_cast<slvit_stream_t>(stream);
   switch (ba.f.dtype) {
-    case DType::F32: SLVIT_LAUNCH(slvit_backward_kernel<float>, dim3(ba.f.B), dim3(kThreads), 0, s, ba); break;
-    case DType::F16: SLVIT_LAUNCH(slvit_backward_kernel<__half>, dim3(ba.f.B), dim3(kThreads), 0, s, ba); break;
+    case DType::F32: SLVIT_LAUNCH(slvit_backward_kernel<float>, dim3(ba.blocks), dim3(kThreads), 0, s, ba); break;
+    case DType::F16: SLVIT_LAUNCH(slvit_backward_kernel<__half>, dim3(ba.blocks), dim3(kThreads), 0, s, ba); break;
     case DType::BF16:
-      SLVIT_LAUNCH(slvit_backward_kernel<__nv_bfloat16>, dim3(ba.f.B), dim3(kThreads), 0, s, ba);
+      SLVIT_LAUNCH(slvit_backward_kernel<__nv_bfloat16>, dim3(ba.blocks), dim3(kThreads), 0, s, ba);
       break;
   }
+  if (const char* err = SLVIT_CHECK_LAUNCH()) return err;
+  const int64_t rblocks = (ba.ptotal + kThreads - 1) / kThreads;
+  SLVIT_LAUNCH(slvit_grad_reduce_kernel, dim3((unsigned)(rblocks < 4096 ? rblocks : 4096)), dim3(kThreads), 0, s,
+               (const float*)ba.partials, ba.ptotal, ba.blocks, ba.grads);
   return SLVIT_CHECK_LAUNCH();
 }
 

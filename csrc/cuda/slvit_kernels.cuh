@@ -59,20 +59,28 @@ const char* launch_selftest_warpsum(const float* in, float* out, int n, void* st
 // ---- backward ----------------------------------------------------------------------------------------
 constexpr int kMaxParams = 3 + 2 + 16 * kMaxLayers + 4;
 
-// Gradients of the exit w.r.t. x, extra and every parameter, one block per sample (recomputes the
-// forward activations of its sample into the workspace, then back-propagates). Parameter gradients
-// are float32 accumulators (zero-initialised by the caller, summed over samples with atomicAdd),
-// at grads + goff[i] for the i-th parameter in op order. num_layers 1..kMaxLayers.
+// Gradients of the exit w.r.t. x, extra and every parameter. `blocks` blocks (1..B), block k handles
+// samples k, k + blocks, ... (recomputing each sample's forward activations into its workspace, then
+// back-propagating) and accumulates parameter gradients in its own float32 slot
+// partials[k * ptotal + goff[i] ...] (zero-initialised by the caller; no atomics); a second kernel sums
+// the slots once into grads (ptotal floats, fully written), the i-th parameter at grads + goff[i].
+// num_layers 1..kMaxLayers.
 struct BackwardArgs {
-  ExitArgs f;        // forward arguments; f.ws / f.ws_stride describe the *backward* workspace
+  ExitArgs f;        // forward arguments; f.ws / f.ws_stride describe the *backward* workspace (one per block)
   const void* gout;  // (B, O) contiguous, dtype f.dtype
   float* grads;
+  float* partials;  // blocks * ptotal floats, zeroed
+  int64_t ptotal;
+  int blocks;
   int64_t goff[kMaxParams];
   void* dx;  // same dtype as x, strides sdx_*; written only when need_dx
   int64_t sdx_b, sdx_c, sdx_h, sdx_w;
   int need_dx;
   void* dextra;  // (B, E, De) contiguous, dtype f.dtype (when E > 0)
 };
+
+// Partial-gradient memory the caller may spend (floats): blocks = min(B, max(1, budget / ptotal)).
+constexpr int64_t kPartialBudgetFloats = (int64_t)1 << 26;  // 256 MB
 
 // (L + 1) token checkpoints, one layer's internals (y1, st1, qkv, P, o, t1, y2, st2, hpre), head (z, za,
 // dz) and the gradient scratch (dt, dy, dh, dO, dS, dqkv), see slvit_backward.cu.
@@ -81,7 +89,7 @@ inline int64_t backward_workspace_floats_per_sample(int T, int d, int A, int M, 
          (int64_t)T * (2 * d + 3 * A + A + M) + (int64_t)heads * T * T;
 }
 const char* launch_exit_backward(const BackwardArgs& a, void* stream);
-constexpr int kBackwardLaunches = 1;
+constexpr int kBackwardLaunches = 2;  // backward kernel + gradient reduction
 
 // Number of kernel launches made by launch_exit_forward (for slvit_fast.profiling).
 constexpr int kForwardLaunches = 2;

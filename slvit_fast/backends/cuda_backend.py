@@ -1,9 +1,9 @@
 """Backend "cuda": the CUDA C++ kernels of csrc/cuda/ (extension ``slvit_fast._C_cuda``).
 
 Forward: two kernel launches (encoder block per sample, then the flatten head), fp32/fp16/bf16 with
-float32 accumulation. Backward: one launch of the backward kernel for 1..4 encoder layers (it
-recomputes the forward per sample from per-layer token checkpoints, reduces parameter gradients per
-block, one atomicAdd per element and sample). The same kernel source
+float32 accumulation. Backward: two launches for 1..4 encoder layers: the backward kernel (it
+recomputes the forward per sample from per-layer token checkpoints; each block sums its samples'
+parameter gradients in its own partial slot, no atomics) and one reduction of the slots. The same kernel source
 is tested on CPU through the "cuda-emu" backend (no GPU here), which is this class on another op.
 """
 

@@ -9,7 +9,7 @@ The ops themselves are defined in C++ (``TORCH_LIBRARY_FRAGMENT(slvit_fast, ...)
 - ``slvit_fast::emu_exit_forward`` / ``slvit_fast::cuda_exit_forward(x, extra, params, cfg, eps)
   -> Tensor``: the CUDA kernels (two launches), under the SIMT emulator or on a GPU.
 - ``slvit_fast::emu_exit_backward`` / ``slvit_fast::cuda_exit_backward(grad_out, x, extra, params, cfg,
-  eps, need_dx) -> Tensor[]``: the backward kernel (one launch; num_layers 1..4), same outputs as
+  eps, need_dx) -> Tensor[]``: the backward kernels (two launches; num_layers 1..4), same outputs as
   ``cpu_exit_backward``.
 
 This module registers the Python parts (``register_fake``, ``register_autograd``) once the extension
@@ -132,7 +132,7 @@ def _register_cpu() -> None:
 
 def _register_fwd_only(prefix: str) -> None:
     """Fake + autograd for ``{prefix}_exit_forward`` (emu / cuda): forward in two kernel launches;
-    backward in one launch of the backward kernel (``{prefix}_exit_backward``, num_layers 1..4)."""
+    backward in two launches (``{prefix}_exit_backward``: backward kernel + gradient reduction, num_layers 1..4)."""
     name = f"slvit_fast::{prefix}_exit_forward"
     bwd_name = f"slvit_fast::{prefix}_exit_backward"
 
@@ -160,7 +160,7 @@ def _register_fwd_only(prefix: str) -> None:
         need_dx = bool(ctx.needs_input_grad[0])
         from ..profiling import record_launches
 
-        record_launches("slvit_fast.cuda.exit_backward", 1)
+        record_launches("slvit_fast.cuda.exit_backward", 2)  # backward kernel + gradient reduction
         res = bwd_op(g, x, extra, params, ctx.cfg, ctx.eps, need_dx)
         return (res[0] if need_dx else None), (res[1] if extra is not None else None), list(res[2:]), None, None
 
