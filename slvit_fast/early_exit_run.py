@@ -53,10 +53,23 @@ class AllExited(Exception):
     """Raised from a hook to stop the backbone once no sample is left."""
 
 
+def select_rows(t: Tensor, keep: Tensor) -> Tensor:
+    """``t.index_select(0, keep)`` in ``t``'s memory format. ``index_select`` returns NCHW-contiguous rows;
+    from a channels_last backbone (the faster CPU layout) that would send every later conv through a
+    layout conversion, so channels_last maps are selected as the NHWC arrays they are (one copy, same bits)."""
+    if t.dim() in (4, 5) and not t.is_contiguous():
+        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        if t.is_contiguous(memory_format=fmt):
+            last = (0, *range(2, t.dim()), 1)   # N, spatial..., C: contiguous
+            back = (0, t.dim() - 1, *range(1, t.dim() - 1))
+            return t.permute(last).index_select(0, keep).permute(back)
+    return t.index_select(0, keep)
+
+
 def compact(obj: Any, keep: Tensor, n: int) -> Any:
     """Rows ``keep`` of every tensor in ``obj`` whose leading dimension is the current batch ``n``."""
     if isinstance(obj, Tensor):
-        return obj.index_select(0, keep) if obj.dim() > 0 and obj.shape[0] == n else obj
+        return select_rows(obj, keep) if obj.dim() > 0 and obj.shape[0] == n else obj
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return type(obj)(*(compact(o, keep, n) for o in obj))
     if isinstance(obj, (tuple, list)):

@@ -71,3 +71,22 @@ def test_batchnorm_in_training_mode_still_refused():
     net.backbone[1].train()              # the check uses the BatchNorm list made at construction
     with pytest.raises(RuntimeError, match="eval mode"):
         net.early_exit(x, policy)
+
+
+def test_compaction_keeps_a_channels_last_backbone_channels_last():
+    """Rows leave a channels_last map as channels_last rows (index_select alone returns NCHW, which would
+    put a layout conversion in front of every later conv); answers equal the brute-force policy."""
+    net = small_net().to(memory_format=torch.channels_last)
+    x, outs, policy = x_and_policy(net)
+    x = x.contiguous(memory_format=torch.channels_last)
+    layouts = []
+    h = net.backbone[3].register_forward_pre_hook(
+        lambda _m, a: layouts.append((a[0].shape[0], a[0].is_contiguous(memory_format=torch.channels_last))))
+    try:
+        r = net.early_exit(x, policy)
+    finally:
+        h.remove()
+    assert layouts == [(5, True)]        # compacted at module "2" (exit 0), still channels_last
+    expected = P.apply(policy, outs)
+    assert r.counts == expected.counts
+    torch.testing.assert_close(r.outputs, expected.outputs, rtol=1e-5, atol=1e-5)
