@@ -690,6 +690,64 @@ void gelu_backward(const float* g, const float* x, float* dx, int64_t n) {
   }
 }
 
+int64_t attention_forward_floats(int64_t T, int64_t kd) {
+  const int64_t kdp = round_up(kd, 16), Tp = round_up(T, 16);
+  return kdp * Tp + T * Tp + T * kdp + T * T + 64;
+}
+
+void attention_forward_head(const float* q, const float* k, const float* v, int64_t ld_qkv, float* P,
+                            const float* mask, float* o, int64_t ld_o, int64_t T, int64_t kd, float scale,
+                            float* scratch) {
+  const int64_t kdp = round_up(kd, 16), Tp = round_up(T, 16);
+  float* KT = scratch;      // kd x Tp: K transposed, zero-padded columns
+  float* S = KT + kdp * Tp;  // T x Tp scores
+  float* Vl = S + T * Tp;    // T x kdp: V, zero-padded columns
+  float* Pd = Vl + T * kdp;  // T x T: P * mask
+  for (int64_t c = 0; c < kd; ++c)
+    for (int64_t j = 0; j < Tp; ++j) KT[c * Tp + j] = j < T ? k[j * ld_qkv + c] : 0.f;
+  for (int64_t j = 0; j < T; ++j)
+    for (int64_t c = 0; c < kdp; ++c) Vl[j * kdp + c] = c < kd ? v[j * ld_qkv + c] : 0.f;
+  Epi sc;
+  sc.alpha = scale;
+  gemm(0, T, T, kd, q, ld_qkv, 1, KT, Tp, S, Tp, sc);  // S[i][j] = s sum_c Q[i][c] K[j][c]
+  const int tail = (int)(T % 8);
+  const int64_t full = T - tail;
+  const __m256i tm = tail_mask(tail);
+  for (int64_t i = 0; i < T; ++i) {
+    const float* srow = S + i * Tp;
+    float* prow = P + i * T;
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < full; j += 8) mx = _mm256_max_ps(_mm256_loadu_ps(srow + j), mx);
+    if (tail) mx = _mm256_max_ps(_mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_maskload_ps(srow + full, tm),
+                                                  _mm256_castsi256_ps(tm)), mx);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const __m256 rmax = _mm256_set1_ps(_mm_cvtss_f32(m4));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < full; j += 8) {
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(srow + j), rmax));
+      _mm256_storeu_ps(prow + j, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    if (tail) {
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_maskload_ps(srow + full, tm), rmax));
+      _mm256_maskstore_ps(prow + full, tm, e);
+      sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(tm)));
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / hsum(sum));
+    for (int64_t j = 0; j < full; j += 8) _mm256_storeu_ps(prow + j, _mm256_mul_ps(_mm256_loadu_ps(prow + j), inv));
+    if (tail) _mm256_maskstore_ps(prow + full, tm, _mm256_mul_ps(_mm256_maskload_ps(prow + full, tm), inv));
+  }
+  const float* Pdrop = P;
+  if (mask) {
+    for (int64_t e = 0; e < T * T; ++e) Pd[e] = P[e] * mask[e];
+    Pdrop = Pd;
+  }
+  Epi plain;
+  gemm(0, T, kd, T, Pdrop, T, 1, Vl, kdp, o, ld_o, plain);  // O[i][c] = sum_j Pd[i][j] V[j][c]
+}
+
 int64_t attention_backward_floats(int64_t T, int64_t kd) {
   const int64_t kdp = round_up(kd, 16), Tp = round_up(T, 16);
   return 3 * T * kdp + kdp * Tp + T * Tp + T * T + 64;

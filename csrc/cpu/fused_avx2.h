@@ -51,6 +51,14 @@ bool cpu_supported();
 void gelu_forward(const float* x, float* y, int64_t n);
 void gelu_backward(const float* g, const float* x, float* dx, int64_t n);
 
+// Forward of one (sample, head) of attention for the training path (same operand layout as the
+// backward below): P = softmax(s Q K^T) row-wise into P (T x T, saved), O = (P*mask) V into o
+// (kd columns, ld_o apart). `scratch`: attention_forward_floats(T, kd) floats.
+int64_t attention_forward_floats(int64_t T, int64_t kd);
+void attention_forward_head(const float* q, const float* k, const float* v, int64_t ld_qkv, float* P,
+                            const float* mask, float* o, int64_t ld_o, int64_t T, int64_t kd, float scale,
+                            float* scratch);
+
 // Backward of one (sample, head) of attention for the training path, token-major operands:
 // q/k/v rows are tokens (ld_qkv apart, the head's kd columns at the given pointers), P the saved
 // softmax (T x T, rows = queries), dO the output gradient (ld_do). `mask` (T x T, 0 or 1/(1-rate)) is

@@ -687,17 +687,45 @@ static std::vector<Tensor> forward_impl(const Tensor& x, const c10::optional<Ten
     at::native_layer_norm_out(y1, mean1, rstd1, t, {c.d}, g1, be1, eps);
     Tensor qkv = salloc(sk + 4, {BT, 3 * c.A});
     at::addmm_out(qkv, bqkv, y1, Wqkv.t());
+    Tensor P = salloc(sk + 5, {c.B, c.heads, c.T, c.T});
+    Tensor o = salloc(sk + 6, {BT, c.A});
+#ifdef SLVIT_FUSED_AVX2
+    if (avx2_elementwise()) {
+      // AVX2: scores, softmax (P saved) and P V of each (sample, head) in one kernel call
+      RECORD_FUNCTION("slvit_cpu::attn_forward", std::vector<c10::IValue>());
+      const int64_t T = c.T, A3 = 3 * c.A;
+      Tensor mask;
+      if (c.thr_attn > 0) {
+        mask = at::empty({c.B, c.heads, T, T}, at::TensorOptions().dtype(at::kFloat));
+        std::fill_n(mask.data_ptr<float>(), mask.numel(), 1.f);
+        dropout_apply(mask.data_ptr<float>(), mask.numel(), b0 * c.heads * T * T, 2 + 3 * l, c.thr_attn, c.seed);
+      }
+      const float* qp = qkv.data_ptr<float>();
+      const float* mp = mask.defined() ? mask.data_ptr<float>() : nullptr;
+      float *Pp = P.data_ptr<float>(), *op = o.data_ptr<float>();
+      const int64_t nscr = slvit_fused::attention_forward_floats(T, c.kd);
+      at::parallel_for(0, c.B * c.heads, head_grain(T, c.kd), [&](int64_t lo, int64_t hi) {
+        std::vector<float> scr(nscr);
+        for (int64_t bh = lo; bh < hi; ++bh) {
+          const int64_t b = bh / c.heads, h = bh % c.heads;
+          const float* q = qp + b * T * A3 + h * c.kd;
+          slvit_fused::attention_forward_head(q, q + c.A, q + 2 * c.A, A3, Pp + bh * T * T, mp ? mp + bh * T * T : nullptr,
+                                              op + b * T * c.A + h * c.kd, c.A, T, c.kd, scale, scr.data());
+        }
+      });
+    } else
+#endif
+    {
     Tensor S = alloc({c.B, c.heads, c.T, c.T});
     attn_scores(qkv.data_ptr<float>(), S.data_ptr<float>(), c, scale);
-    Tensor P = salloc(sk + 5, {c.B, c.heads, c.T, c.T});
     at::_softmax_out(P, S, -1, false);
-    Tensor o = salloc(sk + 6, {BT, c.A});
     if (c.thr_attn > 0) {  // P V with the dropped probabilities; P itself is saved for the softmax backward
       Tensor Pd = P.clone();
       dropout_apply(Pd.data_ptr<float>(), Pd.numel(), b0 * c.heads * c.T * c.T, 2 + 3 * l, c.thr_attn, c.seed);
       attn_pv(Pd.data_ptr<float>(), qkv.data_ptr<float>(), o.data_ptr<float>(), c);
     } else {
       attn_pv(P.data_ptr<float>(), qkv.data_ptr<float>(), o.data_ptr<float>(), c);
+    }
     }
     Tensor t1 = salloc(sk + 7, {BT, c.d});
     at::addmm_out(t1, bo, o, Wo.t());
