@@ -1,7 +1,8 @@
 // Fused CPU implementation of the SL-ViT exit (forward and backward), registered as torch ops
 //   slvit_fast::cpu_exit_forward(x, extra, params, cfg, eps, save) -> Tensor[]  [out, saved...]
-//   slvit_fast::cpu_exit_backward(grad_out, x, extra, params, saved, cfg, eps) -> Tensor[]
-// Fake (meta) implementations and autograd live in Python (slvit_fast/ops/cpp_ops.py).
+//   slvit_fast::cpu_exit_backward(grad_out, x, extra, params, saved, cfg, eps, need_dx) -> Tensor[]
+// Fake (meta) implementations and autograd live in Python (slvit_fast/ops/cpp_ops.py); the batch-1
+// entry point that skips the op (module_cpu.cpp: _C_cpu.exit_infer) uses entry_* below.
 //
 // Inference (save=false) on AVX2+FMA CPUs runs the fused kernels of fused_avx2.cpp (fused_forward
 // below); the rest of this file is the ATen/BLAS path: training (save=true, returns the activations
@@ -10,10 +11,16 @@
 //
 // Design (see csrc/README.md): one C++ call per forward / backward, so batch 1 pays no per-op
 // Python overhead; everything computes in float32 (fp16/bf16 inputs are upcast once, outputs cast
-// back). Weight-shared projections run as one GEMM over all B*T token rows (MKL through ATen);
-// the per-(sample, head) attention products run in at::parallel_for calling BLAS sgemm directly
-// (no dispatcher per call); patch extraction is a strided gather straight from NCHW or
-// channels_last memory; LayerNorm / GELU / softmax use ATen's vectorized CPU kernels.
+// back). Training runs each pass in ONE parallel region: every worker takes its own samples in
+// chunks of ~512 token rows and runs the chunk's ops serially (MKL single-threaded GEMMs over the
+// chunk's rows, the saved activations written straight into the batch's tensors), parameter
+// gradients are accumulated per worker and reduced once (for_train_chunks, train_forward,
+// backward_chunk). On AVX2+FMA CPUs attention forward and backward run one (sample, head) per kernel
+// call (fused_avx2.cpp: micro-GEMMs, row softmax and its backward, dropout mask inside) and GELU uses
+// the fused kernels' rational erf; otherwise per-(sample, head) BLAS sgemm calls and ATen's
+// softmax / GELU. Dropout (cfg[13..16]: keep thresholds and a seed) uses counter-based masks that
+// the backward regenerates (dropout_apply). Patch extraction is a strided gather straight from NCHW
+// or channels_last memory.
 
 // Per-operator headers instead of <ATen/ATen.h>: this file compiles in a fraction of the time.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
