@@ -5,7 +5,8 @@ written straight into the batch's tensors and every parameter gradient accumulat
 reduced once. These tests check forward and every gradient against the reference for the shared matrix
 of shapes under every work split: one thread / two threads, the default chunking and forced small
 chunks (``SLVIT_FAST_CPU_TRAIN_CHUNK``: several chunks per worker, uneven last chunks, workers with one
-sample), plus NaN isolation and split-independence of the gradients.
+sample), with the opt-in AVX2 attention kernels and with no AVX2 training kernels
+(``SLVIT_FAST_CPU_TRAIN_KERNELS``), plus NaN isolation and split-independence of the gradients.
 """
 
 from __future__ import annotations
@@ -21,14 +22,18 @@ from slvit_fast.exit_presets import PRESETS
 reason = cpu_backend.BACKEND.unavailable_reason(torch.empty(1, 1, 1, 1))
 pytestmark = pytest.mark.skipif(reason is not None, reason=f"cpu backend not built: {reason}")
 
-SPLITS = [(1, None), (2, None), (2, 1), (2, 3)]  # (threads, samples per chunk; None = default)
+# (threads, samples per chunk (None = default), AVX2 kernels (None = default))
+SPLITS = [(1, None, None), (2, None, None), (2, 1, None), (2, 3, None), (1, None, "gelu,attn"), (2, 3, "gelu,attn"),
+          (2, None, "none")]
 
 
-@pytest.fixture(params=SPLITS, ids=[f"{t}threads-chunk{c or 'auto'}" for t, c in SPLITS])
+@pytest.fixture(params=SPLITS, ids=[f"{t}threads-chunk{c or 'auto'}-kernels{k or 'default'}" for t, c, k in SPLITS])
 def split(request, monkeypatch):
-    threads, chunk = request.param
+    threads, chunk, kernels = request.param
     if chunk is not None:
         monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_CHUNK", str(chunk))
+    if kernels is not None:  # which AVX2 training kernels run (csrc/cpu/slvit_cpu.cpp, train_kernel)
+        monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_KERNELS", kernels)
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     yield request.param

@@ -112,14 +112,16 @@ def close(name, ours, ref32, ref64):
     assert_paired_close(name, ours, ref32, ref64, TOLERANCES[torch.float32])
 
 
-SPLITS = [(1, None), (2, None), (2, 2)]
+SPLITS = [(1, None, None), (2, None, None), (2, 2, None), (2, 2, "gelu,attn"), (1, None, "none")]
 
 
-@pytest.fixture(params=SPLITS, ids=[f"{t}threads-chunk{c or 'auto'}" for t, c in SPLITS])
+@pytest.fixture(params=SPLITS, ids=[f"{t}threads-chunk{c or 'auto'}-kernels{k or 'default'}" for t, c, k in SPLITS])
 def split(request, monkeypatch):
-    threads, chunk = request.param
+    threads, chunk, kernels = request.param
     if chunk is not None:
         monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_CHUNK", str(chunk))
+    if kernels is not None:  # which AVX2 training kernels run (csrc/cpu/slvit_cpu.cpp, train_kernel)
+        monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_KERNELS", kernels)
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     yield request.param

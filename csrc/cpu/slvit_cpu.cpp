@@ -16,9 +16,9 @@
 // chunk's rows, the saved activations written straight into the batch's tensors), parameter
 // gradients are accumulated per worker and reduced once (for_train_chunks, train_forward,
 // backward_chunk). On AVX2+FMA CPUs attention forward and backward run one (sample, head) per kernel
-// call (fused_avx2.cpp: micro-GEMMs, row softmax and its backward, dropout mask inside) and GELU uses
-// the fused kernels' rational erf; otherwise per-(sample, head) BLAS sgemm calls and ATen's
-// softmax / GELU. Dropout (cfg[13..16]: keep thresholds and a seed) uses counter-based masks that
+// call when SLVIT_FAST_CPU_TRAIN_KERNELS includes "attn" (fused_avx2.cpp: micro-GEMMs, row softmax and
+// its backward, dropout mask inside; opt-in, see train_kernel), else per-(sample, head) BLAS sgemm
+// calls and ATen's softmax; GELU uses the fused kernels' rational erf on AVX2 CPUs. Dropout (cfg[13..16]: keep thresholds and a seed) uses counter-based masks that
 // the backward regenerates (dropout_apply). Patch extraction is a strided gather straight from NCHW
 // or channels_last memory.
 
@@ -258,6 +258,18 @@ static bool channels_inner(const Tensor& x) { return x.stride(1) < x.stride(3); 
 
 // GELU and its backward on contiguous float32 tensors: the AVX2 rational-erf kernels when the CPU
 // has them (ATen's erf GELU costs several times more per element), else ATen.
+// Which of the training path's AVX2 kernels run: SLVIT_FAST_CPU_TRAIN_KERNELS, a comma list of "gelu",
+// "attn"; unset = "gelu". The per-(sample, head) AVX2 attention kernels (attention_forward_head /
+// attention_backward_head) are correct (tested with the variable set) but measured ~5-10% slower per
+// training step than the per-head MKL sgemm calls + ATen softmax at T = 49 (one thread, one process,
+// interleaved), so they are opt-in until they are faster (they spend their time in the local operand
+// copies and in 16-column tiles that are mostly padding at T = 49).
+static bool train_kernel(const char* name, bool dflt) {
+  const char* env = std::getenv("SLVIT_FAST_CPU_TRAIN_KERNELS");
+  if (!env) return dflt;
+  return std::strstr(env, name) != nullptr;
+}
+
 static bool avx2_elementwise() {
 #ifdef SLVIT_FUSED_AVX2
   static const bool ok = slvit_fused::cpu_supported();
@@ -270,7 +282,7 @@ static bool avx2_elementwise() {
 static void gelu_into(Tensor& out, const Tensor& in) {
   RECORD_FUNCTION("slvit_cpu::gelu", std::vector<c10::IValue>());
 #ifdef SLVIT_FUSED_AVX2
-  if (avx2_elementwise() && in.is_contiguous() && out.is_contiguous()) {
+  if (avx2_elementwise() && train_kernel("gelu", true) && in.is_contiguous() && out.is_contiguous()) {
     const float* src = in.data_ptr<float>();
     float* dst = out.data_ptr<float>();
     at::parallel_for(0, in.numel(), 1 << 16, [&](int64_t lo, int64_t hi) {
@@ -285,7 +297,7 @@ static void gelu_into(Tensor& out, const Tensor& in) {
 static Tensor gelu_grad(const Tensor& g, const Tensor& z) {
   RECORD_FUNCTION("slvit_cpu::gelu_backward", std::vector<c10::IValue>());
 #ifdef SLVIT_FUSED_AVX2
-  if (avx2_elementwise() && g.is_contiguous() && z.is_contiguous()) {
+  if (avx2_elementwise() && train_kernel("gelu", true) && g.is_contiguous() && z.is_contiguous()) {
     Tensor dz = at::empty_like(g);
     const float *gp = g.data_ptr<float>(), *zp = z.data_ptr<float>();
     float* dp = dz.data_ptr<float>();
@@ -697,7 +709,7 @@ static std::vector<Tensor> forward_impl(const Tensor& x, const c10::optional<Ten
     Tensor P = salloc(sk + 5, {c.B, c.heads, c.T, c.T});
     Tensor o = salloc(sk + 6, {BT, c.A});
 #ifdef SLVIT_FUSED_AVX2
-    if (avx2_elementwise()) {
+    if (avx2_elementwise() && train_kernel("attn", false)) {
       // AVX2: scores, softmax (P saved) and P V of each (sample, head) in one kernel call
       RECORD_FUNCTION("slvit_cpu::attn_forward", std::vector<c10::IValue>());
       const int64_t T = c.T, A3 = 3 * c.A;
@@ -989,7 +1001,7 @@ static void backward_chunk(const Tensor& g, const c10::optional<Tensor>& extra, 
     Tensor dO = at::mm(dt1, Wo);  // (B*T, A)
     Tensor dqkv = at::empty({c.B * c.T, 3 * c.A}, fopt);
 #ifdef SLVIT_FUSED_AVX2
-    if (avx2_elementwise()) {
+    if (avx2_elementwise() && train_kernel("attn", false)) {
       // AVX2: each (sample, head) in one kernel call (dV, dP, softmax backward, dQ, dK; no T x T
       // tensors besides the saved P), instead of four BLAS calls and an ATen softmax backward
       RECORD_FUNCTION("slvit_cpu::attn_backward", std::vector<c10::IValue>());
