@@ -70,7 +70,9 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
 #endif
 }
 
-// d += A * B on one warp (all 32 lanes).
+// d += A * B on one warp (all 32 lanes). The three specializations below differ only in the PTX
+// instruction (shape and operand types); inline asm takes its instruction as a string literal, so they
+// are spelled out instead of sharing one body.
 template <class S>
 __device__ __forceinline__ void mma_tile(float d[4], const uint32_t a[4], const uint32_t b[2]);
 template <>
