@@ -9,7 +9,7 @@ import torch
 
 from kernel_cases import (AWKWARD_CONFIGS, TOLERANCES, awkward_config, check_against_reference, check_nan_isolated,
                           property_test, randomize_, requires_half)
-from slvit_fast import SLViTConfig, SLViTExit
+from slvit_fast import SLViTConfig, SLViTExit, reference
 from slvit_fast.backends import cpu_backend
 from slvit_fast.exit_presets import PRESETS
 from slvit_fast.ops import cpp_ops
@@ -91,12 +91,33 @@ def test_inference_needs_no_saved_activations():
         assert len(torch.ops.slvit_fast.cpu_exit_forward(x, None, ps, cfg, c.ln_eps, True)) > 1
 
 
-def test_dropout_training_falls_back_to_reference():
-    c = awkward_config("N25-h1", dropout=0.1)
+def test_dropout_training_runs_fused_and_reproducible():
+    """Training with dropout stays on the fused op (no reference fallback warning), draws its mask seed from
+    torch's generator (same seed -> same output and gradients), drops something, and keeps eval exact."""
+    import warnings
+
+    c = awkward_config("N25-h1", dropout=0.1, attention_dropout=0.1, head_dropout=0.1)
     m = randomize_(SLViTExit(c, backend="cpu")).train()
-    x = torch.randn(2, c.in_channels, *c.feature_size)
-    with pytest.warns(RuntimeWarning, match="dropout"):
-        m(x)
+    x = torch.randn(3, c.in_channels, *c.feature_size)
+
+    def run(seed):
+        m.zero_grad()
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the reference fallback warns; the fused path must not
+            out = m(x)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in m.parameters()]
+
+    a, ga = run(1)
+    b, gb = run(1)
+    c2, _ = run(2)
+    assert torch.equal(a, b) and all(torch.equal(u, v) for u, v in zip(ga, gb))
+    assert not torch.equal(a, c2)
+    ref = reference.slvit_exit(x, cpp_ops.module_params(m), c, None)  # no dropout
+    assert not torch.allclose(a, ref, atol=1e-4)
+    m.eval()
+    torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-4)
 
 
 # -- bad input: clear errors, never a crash inside a kernel ---------------------------------------------

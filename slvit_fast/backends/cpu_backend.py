@@ -12,8 +12,14 @@ keeps intermediates in a per-thread arena reused across calls (it holds the larg
 batch's intermediates, ~60 MB at batch 64 for the ResNet presets). float64 is left to the 'torch'
 backend (the fused kernels compute in float32).
 
-Dropout is not fused: an exit in training mode with a non-zero dropout rate runs the reference
-(torch) math instead, with a one-time warning (:mod:`slvit_fast.backends.common`).
+Dropout is fused (csrc/cpu/slvit_cpu.cpp): in training mode with a non-zero rate the op's ``cfg``
+carries three drop thresholds ``round(rate * 2**32)`` and a seed drawn from torch's default generator
+(so ``torch.manual_seed`` reproduces a run); an element is kept iff a counter-based hash of (seed,
+dropout site, its index in the batch tensor) clears the threshold, so the mask does not depend on the
+thread count or chunking and the backward regenerates it instead of storing it. The masks are
+statistically, not bitwise, equal to ``F.dropout``'s (tests/test_cpu_train_dropout.py re-implements
+the rule independently). The other fused backends still fall back to the reference for dropout
+(:mod:`slvit_fast.backends.common`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from torch import Tensor
 
 from .. import native, reference
 from ..ops import cpp_ops
-from .common import dropout_active, reference_fallback
+from .common import dropout_active
 
 
 def _fast_entry():
@@ -60,14 +66,21 @@ class CPUBackend:
             out = fast(module, x, extra)
             if out is not None:
                 return out
-        if dropout_active(module):
-            return reference_fallback(module, x, extra, self.name)
         params = reference.module_params(module)
         save = torch.is_grad_enabled() and (
             x.requires_grad or (extra is not None and extra.requires_grad) or any(p.requires_grad for p in params))
-        out = torch.ops.slvit_fast.cpu_exit_forward(
-            x, extra, params, cpp_ops.config_ints(module.config), module.config.ln_eps, save)
+        cfg = cpp_ops.config_ints(module.config)
+        if dropout_active(module):
+            cfg = cfg + _dropout_ints(module.config)
+        out = torch.ops.slvit_fast.cpu_exit_forward(x, extra, params, cfg, module.config.ln_eps, save)
         return out[0]
+
+
+def _dropout_ints(c) -> list[int]:
+    """The 4 extra ``cfg`` ints of the fused dropout: drop thresholds of the three dropout sites and a seed
+    (from torch's default generator, so ``torch.manual_seed`` makes the masks reproducible)."""
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    return [round(c.dropout * 2**32), round(c.attention_dropout * 2**32), round(c.head_dropout * 2**32), seed]
 
 
 BACKEND = CPUBackend()
