@@ -83,6 +83,9 @@ def onnxruntime_session(model: bytes, threads: int | None = None):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # ORT's worker threads spin-wait after each run by default; in interleaved rounds on a small machine
+    # that spinning steals the cores from whichever implementation is timed next, so it is turned off.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
