@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpu_train_splits import split_fixture
 from kernel_cases import AWKWARD_CONFIGS, awkward_config, check_against_reference, check_nan_isolated, randomize_
 from slvit_fast import SLViTConfig, SLViTExit
 from slvit_fast.backends import cpu_backend
@@ -27,17 +28,7 @@ SPLITS = [(1, None, None), (2, None, None), (2, 1, None), (2, 3, None), (1, None
           (2, None, "none")]
 
 
-@pytest.fixture(params=SPLITS, ids=[f"{t}threads-chunk{c or 'auto'}-kernels{k or 'default'}" for t, c, k in SPLITS])
-def split(request, monkeypatch):
-    threads, chunk, kernels = request.param
-    if chunk is not None:
-        monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_CHUNK", str(chunk))
-    if kernels is not None:  # which AVX2 training kernels run (csrc/cpu/slvit_cpu.cpp, train_kernel)
-        monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_KERNELS", kernels)
-    n = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    yield request.param
-    torch.set_num_threads(n)
+split = split_fixture(SPLITS)
 
 
 @pytest.mark.parametrize("name", list(AWKWARD_CONFIGS))

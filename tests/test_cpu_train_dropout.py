@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cpu_train_splits import split_fixture
 from kernel_cases import TOLERANCES, assert_paired_close, awkward_config, randomize_
 from slvit_fast import SLViTExit, reference
 from slvit_fast.backends import cpu_backend
@@ -115,17 +116,7 @@ def close(name, ours, ref32, ref64):
 SPLITS = [(1, None, None), (2, None, None), (2, 2, None), (2, 2, "gelu,attn"), (1, None, "none")]
 
 
-@pytest.fixture(params=SPLITS, ids=[f"{t}threads-chunk{c or 'auto'}-kernels{k or 'default'}" for t, c, k in SPLITS])
-def split(request, monkeypatch):
-    threads, chunk, kernels = request.param
-    if chunk is not None:
-        monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_CHUNK", str(chunk))
-    if kernels is not None:  # which AVX2 training kernels run (csrc/cpu/slvit_cpu.cpp, train_kernel)
-        monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_KERNELS", kernels)
-    n = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    yield request.param
-    torch.set_num_threads(n)
+split = split_fixture(SPLITS)
 
 
 RATES = dict(dropout=0.1, attention_dropout=0.2, head_dropout=0.3)
