@@ -221,3 +221,28 @@ def test_property_random_configs(config, batch, channels_last):
 def test_tolerance_table_is_the_shared_one():
     # guards against silently loosening: fp32 must stay within 8x the reference's own error
     assert TOLERANCES[torch.float32].factor <= 8 and math.isclose(TOLERANCES[torch.float32].floor, 2e-6)
+
+
+def test_dropout_under_compile_and_trace_is_not_frozen():
+    """With dropout on, torch.compile must not recompile per step (the per-call seed) and a jit trace must
+    not freeze one mask: both run the reference ops' dropout."""
+    import warnings
+
+    c = awkward_config("N25-h1", dropout=0.1)
+    m = randomize_(SLViTExit(c, backend="cpu")).train()
+    x = torch.randn(2, c.in_channels, *c.feature_size)
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(m, backend=count)
+    for _ in range(10):
+        f(x).sum().backward()
+    assert len(graphs) <= 3, f"{len(graphs)} graphs compiled in 10 steps (recompiling per step)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(m, (x,), check_trace=False)
+    assert not torch.equal(traced(x), traced(x))

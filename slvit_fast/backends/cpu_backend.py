@@ -71,6 +71,11 @@ class CPUBackend:
             x.requires_grad or (extra is not None and extra.requires_grad) or any(p.requires_grad for p in params))
         cfg = cpp_ops.config_ints(module.config)
         if dropout_active(module):
+            if torch.compiler.is_compiling() or torch.jit.is_tracing():
+                # The mask seed is a Python int drawn per call: a compiled graph would guard on it and
+                # recompile every step, and a trace would freeze one mask. Those run the reference ops,
+                # whose dropout the compiler and tracer handle natively.
+                return reference.slvit_exit(x, params, module.config, extra, training=True)
             cfg = cfg + _dropout_ints(module.config)
         out = torch.ops.slvit_fast.cpu_exit_forward(x, extra, params, cfg, module.config.ln_eps, save)
         return out[0]
