@@ -246,3 +246,20 @@ def test_usage_error_in_a_real_process_has_no_traceback(tmp_path):
     result = _cli("train", "--backbone", "resnet18", "--data", str(tmp_path / "nothing.npz"), "--out", "o")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip() == f"slvit-fast train: error: data path '{tmp_path / 'nothing.npz'}' does not exist"
+
+
+def test_float_images_outside_unit_range_are_flagged(tmp_path, caplog):
+    """Float images are used as given; values outside [0, 1] (e.g. 0-255 floats) get a warning naming the
+    range, since torchvision weights expect [0, 1]."""
+    import logging
+
+    path = tmp_path / "f.npz"
+    np.savez(path, x=np.full((4, 8, 8), 200.0, dtype=np.float32), y=np.array([0, 1, 0, 1]))
+    with caplog.at_level(logging.WARNING, logger="slvit_fast.workflow"):
+        D.load_images(path)
+    assert any("not [0, 1]" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    np.savez(path, x=np.full((4, 8, 8), 0.5, dtype=np.float32), y=np.array([0, 1, 0, 1]))
+    with caplog.at_level(logging.WARNING, logger="slvit_fast.workflow"):
+        D.load_images(path)
+    assert not caplog.records

@@ -19,6 +19,7 @@ statistics (:func:`channel_stats`). Splits are a seeded random permutation (:fun
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import UsageError
+
+_log = logging.getLogger("slvit_fast.workflow")
 
 __all__ = ["Images", "ArrayImages", "FolderImages", "load_images", "split_indices", "channel_stats",
            "Prepared", "prepare", "loader", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS"]
@@ -160,6 +163,12 @@ def _load_npz(path: Path) -> ArrayImages:
         raise UsageError(f"{src}: 'x' has dtype {x.dtype}; expected numbers")
     if not torch.isfinite(xt).all():
         raise UsageError(f"{src}: 'x' contains NaN or infinite values")
+    if x.dtype != np.uint8 and (float(xt.min()) < 0.0 or float(xt.max()) > 1.0):
+        # uint8 images are scaled to [0, 1]; other dtypes are taken as they are. Torchvision weights
+        # expect [0, 1] before their ImageNet normalisation, so say so rather than train on a wrong scale.
+        _log.warning("%s: 'x' (%s) has values in [%.3g, %.3g], not [0, 1]: float images are used as given "
+                     "(uint8 is divided by 255); pretrained torchvision weights expect [0, 1]",
+                     src, x.dtype, float(xt.min()), float(xt.max()))
     labels, classes = _labels(y, src)
     return ArrayImages(xt, labels, classes, src)
 
