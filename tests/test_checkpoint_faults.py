@@ -32,7 +32,7 @@ def _env(**extra):
 
 
 def _kill_at(points: list[str], tmp_path: Path) -> dict[str, list[str]]:
-    """Fork one paused run per point (one import for all), SIGKILL each at its point; files left per point."""
+    """Start one paused run per point, SIGKILL each at its point; files left per point."""
     specs = [p + ("@2" if p == "best-written" else "@1") for p in points]  # best is written after the last epoch
     proc = subprocess.Popen([sys.executable, str(WORKER), "kill", str(tmp_path), *specs], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_env())
