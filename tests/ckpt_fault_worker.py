@@ -4,10 +4,9 @@
 JSON line per folder: a digest of every exit tensor after the run, of the exported files' tensors and
 the loss history.
 
-``python ckpt_fault_worker.py kill ROOT POINT[@EPOCH] ...`` starts one training
-process per pause point (folder ROOT/POINT, SLVIT_FAST_TEST_CKPT_PAUSE=POINT@EPOCH). Each child prints
-``PID <point> <pid>``; when it reaches its point it prints ``SLVIT_FAST_CKPT_PAUSE <point>`` and waits
-for the test to SIGKILL it. The parent finally prints ``EXIT <point> <signal>`` for every child.
+``python ckpt_fault_worker.py child DIR`` (with SLVIT_FAST_TEST_CKPT_PAUSE=POINT@EPOCH) trains in DIR until
+the pause point, prints ``SLVIT_FAST_CKPT_PAUSE <point>`` and sleeps there until the test SIGKILLs it; the
+test starts one such process per point, each with its own stdout pipe.
 
 The loader shuffles (global RNG), so resuming must also restore the random number state.
 """
@@ -15,7 +14,6 @@ The loader shuffles (global RNG), so resuming must also restore the random numbe
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +22,6 @@ from safetensors.torch import load_file
 
 from training_fixtures import loader, quadrant_task, tiny_net
 from slvit_fast.training import train_exits
-from slvit_fast.training.faults import ENV
 
 EPOCHS = 3
 
@@ -46,34 +43,16 @@ def run(out_dir: str) -> dict:
             "epochs": [e["epoch"] for e in hist.epochs]}
 
 
-def kill_children(root: str, specs: list[str]) -> None:
-    # One fresh process per pause point (not os.fork of this process: a fork taken while torch's
-    # thread pools hold a lock can leave the child hung before it reaches its point).
-    children = {}
-    for spec in specs:
-        point = spec.split("@")[0]
-        env = dict(os.environ, **{ENV: spec})
-        children[point] = subprocess.Popen([sys.executable, __file__, "child", os.path.join(root, point), point],
-                                           env=env)
-    for point, proc in children.items():
-        rc = proc.wait()
-        print(f"EXIT {point} {-rc if rc < 0 else -1}", flush=True)
-
-
-def child(out_dir: str, point: str) -> None:
-    """Train until the pause point, where the test kills this process."""
-    print(f"PID {point} {os.getpid()}", flush=True)
+def child(out_dir: str) -> None:
+    """Train until the pause point (SLVIT_FAST_TEST_CKPT_PAUSE), where the test kills this process."""
     run(out_dir)
-    print(f"NOPAUSE {point}", flush=True)  # never reached the point: the test fails on this
-    sys.stdout.flush()
+    os.write(1, b"NOPAUSE\n")  # never reached the point: the test fails on this
     os._exit(3)
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "kill":
-        kill_children(sys.argv[2], sys.argv[3:])
-    elif sys.argv[1] == "child":
-        child(sys.argv[2], sys.argv[3])
+    if sys.argv[1] == "child":
+        child(sys.argv[2])
     else:
         for d in sys.argv[2:]:
             print(json.dumps(run(d)), flush=True)

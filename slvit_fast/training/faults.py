@@ -31,7 +31,8 @@ def pause_point(point: str, epoch: int) -> None:
         raise ValueError(f"{ENV}={spec!r}: unknown point {name!r}; points: {POINTS}")
     if name != point or (at and int(at) != epoch):
         return
-    sys.stdout.write(f"SLVIT_FAST_CKPT_PAUSE {point}\n")
+    # one write(2) of one short line: atomic on a pipe, so it cannot interleave with other output
     sys.stdout.flush()
+    os.write(sys.stdout.fileno(), f"SLVIT_FAST_CKPT_PAUSE {point}\n".encode())
     while True:  # until killed
         time.sleep(60)
