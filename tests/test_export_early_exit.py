@@ -71,6 +71,19 @@ def test_runner_equals_net_early_exit(net_and_inputs, tmp_path, fmt):
     full = net.early_exit(x, policy)
     assert all(c > 0 for c in full.counts), full.counts  # every exit and the tail answered someone
 
+    # an empty batch gets the same empty answer as net.early_exit; a wrong sample shape or dtype is a
+    # clear error naming both, not a runtime's message from deep inside a program
+    empty, want = runner(x[:0]), net.early_exit(x[:0], policy)
+    assert empty.outputs.shape == want.outputs.shape == (0, 10) and empty.outputs.dtype == want.outputs.dtype
+    assert empty.exit_index.shape == (0,) and empty.counts == want.counts == [0, 0, 0]
+    with pytest.raises(ValueError, match=r"input of shape \(2, 3, 32, 32\).*samples of shape \(3, 64, 64\)"):
+        runner(x[:2, :, :32, :32])
+    with pytest.raises(ValueError, match=r"input of shape \(3, 64, 64\)"):
+        runner(x[0])
+    with pytest.raises(TypeError, match="input of dtype float64.*exported for float32"):
+        runner(x[:2].double())
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
 
 @pytest.mark.parametrize("policy", [policies.MaxSoftmax([0.3, None]), policies.Entropy(0.5, normalized=True),
                                     policies.Margin([0.1, 0.2]), policies.Patience(1),

@@ -83,6 +83,27 @@ def test_npz_layouts_give_the_same_images(tmp_path):
         torch.from_numpy(nhwc[:1, :, :, 0]).float()[None], size=(5, 5), mode="bilinear", antialias=True)[0, 0])
 
 
+def test_npz_with_an_ambiguous_layout_needs_the_layout_key(tmp_path):
+    """(N, 3, 4, 3) is NCHW with W = 3 or NHWC with H = 3: guessing would scramble pixels silently."""
+    rng = np.random.default_rng(1)
+    nhwc = rng.integers(0, 256, size=(4, 3, 4, 3)).astype(np.uint8)
+    y = np.array([0, 1, 0, 1])
+    np.savez(tmp_path / "amb.npz", x=nhwc, y=y)
+    with pytest.raises(UsageError, match=r"could be \(N, C, H, W\) or \(N, H, W, C\); add an array 'layout'"):
+        D.load_images(tmp_path / "amb.npz")
+    np.savez(tmp_path / "nhwc.npz", x=nhwc, y=y, layout="NHWC")
+    torch.testing.assert_close(D.load_images(tmp_path / "nhwc.npz").x,
+                               torch.from_numpy(nhwc).permute(0, 3, 1, 2).float() / 255)
+    np.savez(tmp_path / "nchw.npz", x=nhwc, y=y, layout="NCHW")
+    torch.testing.assert_close(D.load_images(tmp_path / "nchw.npz").x, torch.from_numpy(nhwc).float() / 255)
+    np.savez(tmp_path / "bad.npz", x=nhwc, y=y, layout="HWC")
+    with pytest.raises(UsageError, match="'layout' is 'HWC'"):
+        D.load_images(tmp_path / "bad.npz")
+    np.savez(tmp_path / "five.npz", x=np.zeros((4, 5, 8, 8)), y=y, layout="NCHW")
+    with pytest.raises(UsageError, match="as NCHW has 5 channels"):
+        D.load_images(tmp_path / "five.npz")
+
+
 def test_image_folder_and_splits(image_folder):
     data = D.load_images(image_folder)
     assert data.classes == ["cat", "dog", "owl"] and len(data) == 42

@@ -107,15 +107,25 @@ def export_early_exit(net: MultiExitNetwork, policy: Policy, example_input: Tens
             stages.append(entry)
             x = outs[0]
         tail_file = save_program(tail, x, os.path.join(out_dir, "tail"), format, 1)
+        final = tail(x)  # the answer's per-sample shape and dtype, for empty batches at run time
     with open(os.path.join(out_dir, POLICY), "w") as f:
         json.dump(policy_data, f, indent=1)
     manifest = {"format": FORMAT, "program_format": format, "num_exits": net.num_exits,
                 "exit_paths": list(net.exit_paths), "stages": stages, "tail": tail_file, "policy": POLICY,
-                "input": {"sample_shape": list(example.shape[1:]), "dtype": str(example.dtype).replace("torch.", "")}}
+                "input": {"sample_shape": list(example.shape[1:]), "dtype": _dtype_name(example.dtype)},
+                "output": {"sample_shape": list(final.shape[1:]), "dtype": _dtype_name(final.dtype)}}
     path = os.path.join(out_dir, MANIFEST)
-    with open(path, "w") as f:
+    # the manifest is written last and renamed into place: a folder whose export was interrupted has no
+    # manifest (or the previous complete one), never a half-written one
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
+    os.replace(tmp, path)
     return path
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 class EarlyExitRunner:
@@ -156,10 +166,11 @@ class EarlyExitRunner:
 
     def run(self, x: Tensor) -> EarlyExitResult:
         """Early exit on the batch ``x``: segments, exits and policy stage by stage, with compaction."""
+        self._check_input(x)
         B = int(x.shape[0])
         n = self.num_exits
         if B == 0:
-            raise ValueError("EarlyExitRunner: empty batch")
+            return self._empty_result(x.device)
         book = _Book(B, x.device)
         state = self.policy.start(B, n, x.device)
         evaluated = [0] * (n + 1)
@@ -182,6 +193,32 @@ class EarlyExitRunner:
         evaluated[n] = book.rows.numel()
         book.record(n, book.rows, final)
         return book.result(n, evaluated)
+
+
+    def _check_input(self, x: Tensor) -> None:
+        """The programs are specialized to the exported sample shape and dtype: say so, not a runtime's error."""
+        want = self.manifest.get("input")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"EarlyExitRunner: expected one tensor (batch first), got {type(x).__name__}")
+        if not want:
+            return
+        shape = tuple(want["sample_shape"])
+        if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+            raise ValueError(f"EarlyExitRunner: input of shape {tuple(x.shape)}, but {self.out_dir!r} was exported "
+                             f"for samples of shape {shape} (batch dimension first: (B, {', '.join(map(str, shape))}))")
+        if _dtype_name(x.dtype) != want["dtype"]:
+            raise TypeError(f"EarlyExitRunner: input of dtype {_dtype_name(x.dtype)}, but {self.out_dir!r} was "
+                            f"exported for {want['dtype']}; convert with x.to(torch.{want['dtype']})")
+
+    def _empty_result(self, device: torch.device) -> EarlyExitResult:
+        """A (0, ...) answer for an empty batch, like ``net.early_exit(x[:0], policy)``."""
+        out = self.manifest.get("output")
+        if not out:  # written before the manifest recorded the output's shape
+            raise ValueError(f"EarlyExitRunner: empty batch, and {self.out_dir!r} (exported by an older "
+                             f"slvit_fast) does not record the output shape; export it again")
+        outputs = torch.empty((0, *out["sample_shape"]), dtype=getattr(torch, out["dtype"]), device=device)
+        zeros = [0] * (self.num_exits + 1)
+        return EarlyExitResult(outputs, torch.empty(0, dtype=torch.long, device=device), zeros, list(zeros))
 
 
 class _Book:

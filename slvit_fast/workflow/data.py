@@ -131,6 +131,17 @@ def _labels(y: np.ndarray, source: str) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(index.astype(np.int64)), [str(v) for v in values]
 
 
+def _guess_layout(shape: tuple[int, ...], src: str) -> str:
+    """(N, C, H, W) or (N, H, W, C) from where a 1- or 3-channel axis is; refuses to guess between two."""
+    first, last = shape[1] in (1, 3), shape[3] in (1, 3)
+    if first and last:  # e.g. (N, 3, 32, 3): a wrong guess would silently train on scrambled pixels
+        raise UsageError(f"{src}: 'x' of shape {shape} could be (N, C, H, W) or (N, H, W, C); add an array "
+                         f"'layout' = 'NCHW' or 'NHWC' to the .npz (np.savez(..., layout='NHWC'))")
+    if not first and not last:
+        raise UsageError(f"{src}: 'x' of shape {shape}: expected (N, C, H, W) or (N, H, W, C) with C = 1 or 3")
+    return "NCHW" if first else "NHWC"
+
+
 def _load_npz(path: Path) -> ArrayImages:
     src = str(path)
     try:
@@ -138,16 +149,22 @@ def _load_npz(path: Path) -> ArrayImages:
             if "x" not in f.files or "y" not in f.files:
                 raise UsageError(f"{src}: an .npz needs arrays 'x' (images) and 'y' (labels); it has {f.files}")
             x, y = f["x"], f["y"]
+            layout = str(f["layout"]) if "layout" in f.files else None
     except UsageError:
         raise
     except Exception as e:  # not a zip, truncated, object arrays...
         raise UsageError(f"{src}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if layout is not None and layout not in ("NCHW", "NHWC"):
+        raise UsageError(f"{src}: 'layout' is {layout!r}; expected 'NCHW' or 'NHWC'")
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4:
-        if x.shape[1] not in (1, 3):
-            if x.shape[3] not in (1, 3):
-                raise UsageError(f"{src}: 'x' of shape {x.shape}: expected (N, C, H, W) or (N, H, W, C) with C = 1 or 3")
+        if layout is None:
+            layout = _guess_layout(x.shape, src)
+        c = x.shape[1] if layout == "NCHW" else x.shape[3]
+        if c not in (1, 3):
+            raise UsageError(f"{src}: 'x' of shape {x.shape} as {layout} has {c} channels; expected 1 or 3")
+        if layout == "NHWC":
             x = x.transpose(0, 3, 1, 2)
     else:
         raise UsageError(f"{src}: 'x' must be (N, H, W), (N, C, H, W) or (N, H, W, C); got shape {x.shape}")
