@@ -93,6 +93,8 @@ def _extensions() -> list:
     if platform.machine().lower() in ("x86_64", "amd64"):
         # fused AVX2/FMA inference kernels; entered only after a run-time CPU check
         cpu_sources.append(_rel("cpu", "fused_avx2.cpp"))
+        # AVX-512 GEMM tiles of the same kernels; chosen at run time (SLVIT_FAST_CPU_ISA)
+        cpu_sources.append(_rel("cpu", "fused_avx512.cpp"))
         cpu_macros.append(("SLVIT_FUSED_AVX2", "1"))
     # -fopenmp: at::parallel_for is a header template that is only parallel when the including file
     # is compiled with OpenMP; the link resolves to the libgomp.so.1 torch already loaded (same soname).

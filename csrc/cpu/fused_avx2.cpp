@@ -6,12 +6,15 @@
 #pragma GCC target("avx2,fma")
 
 #include "fused_avx2.h"
+#include "fused_tiles.h"
 
 #include <immintrin.h>
 #include <x86intrin.h>
 #include <sched.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 namespace slvit_fused {
 namespace {
@@ -73,8 +76,6 @@ inline __m256 relu_ps(__m256 x) {
   return _mm256_max_ps(_mm256_setzero_ps(), x);
 }
 
-enum Act { kNone = 0, kGelu = 1, kRelu = 2 };
-
 inline __m256 apply_act(__m256 x, int act) {
   return act == kGelu ? gelu_ps(x) : act == kRelu ? relu_ps(x) : x;
 }
@@ -91,27 +92,9 @@ inline float hsum(__m256 v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// GEMM: C[r][c] = act(alpha * sum_k A[r][k] B[k][c] + row_bias[r] + add[r][c]).
-// A[r][k] sits at A + r*a_rs + k*a_ks (weights: a_rs = in_features, a_ks = 1; attention operands
-// are read transposed through the strides), B rows are contiguous token columns (ldb apart).
-// Micro-tile: MR rows x 8*NV columns, MR*NV <= 12 accumulators; columns past `nvalid` are neither
+// GEMM (Epi, Shape: fused_tiles.h): C[r][c] = act(alpha * sum_k A[r][k] B[k][c] + row_bias[r] + add[r][c]).
+// AVX2 micro-tile: MR rows x 8*NV columns, MR*NV <= 12 accumulators; columns past `nvalid` are neither
 // loaded from `add` nor stored (B is read up to the 8*NV boundary: buffers carry column padding).
-struct Epi {
-  const float* col_scale = nullptr;  // per output column (softmax 1/sum folded into P V)
-  const float* row_bias = nullptr;
-  const float* add = nullptr;
-  int64_t ld_add = 0;
-  float alpha = 1.f;
-  int act = kNone;
-};
-
-// The K loop may be cut into `nseg` segments of K each (A and B jump by a_seg / b_seg floats
-// between them): the patch matrix is stored in 16 (i, j) segments so that its gather never writes
-// rows a multiple of 4 KiB apart.
-struct Shape {
-  int64_t K, a_rs, a_ks, ldb, ldc;
-  int64_t nseg = 1, a_seg = 0, b_seg = 0;
-};
 
 template <int MR, int NV>
 void micro_tile(const Shape& sh, const float* A, const float* Bm, float* C, const float* rbias, const float* add,
@@ -176,11 +159,19 @@ tile_fn pick_tile(int mr, int nv) {
   return table[mr - 1][nv - 1];
 }
 
+// Instruction set of the GEMMs on this thread: run() sets Problem::isa for its duration (and puts
+// the previous value back), so the training path's callers of gemm() always get the AVX2 tiles.
+thread_local int t_isa = kIsaAvx2;
+
 // Rows [r0, r1) of C, columns [0, ncols). Column blocks outer: the B block (K x 16) stays in cache
 // while every row block of the weights streams past it. B is either row-major (b_blk = 0) or stored
 // as 16-column panels b_blk floats apart (ldb = 16): the gathered patch matrix.
 void gemm_sh(int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, const float* A, const float* Bm, float* C,
              const Epi& e, int64_t b_blk = 0) {
+  if (t_isa == kIsaAvx512) {
+    gemm_sh_avx512(r0, r1, ncols, sh, A, Bm, C, e, b_blk);
+    return;
+  }
   for (int64_t c = 0; c < ncols; c += 16) {
     const int nvalid = (int)imin(16, ncols - c);
     const int nv = nvalid > 8 ? 2 : 1;
@@ -269,14 +260,16 @@ inline void end_phase(const Team& t, int ph) {
   mark(t, kPhBarrier);
 }
 
-// Rows [0, M) in whole micro-tile blocks per worker (a split inside a block wastes FMA lanes).
+// Rows [0, M) in whole micro-tile blocks per worker (a split inside a block wastes FMA lanes). The
+// AVX-512 GEMM balances its own tile heights, so its step is finer (32 rows split 16/16, not 18/14).
 template <class F>
 void for_row_share(const Team& t, int64_t M, F f) {
-  const int64_t nblk = (M + kMR - 1) / kMR;
+  const int64_t step = t_isa == kIsaAvx512 ? kRowStep512 : kMR;
+  const int64_t nblk = (M + step - 1) / step;
   for (int w = t.w0; w < t.w1; ++w) {
     int64_t lo, hi;
     Team::share(nblk, w, t.n, lo, hi);
-    if (lo < hi) f(lo * kMR, imin(hi * kMR, M));
+    if (lo < hi) f(lo * step, imin(hi * step, M));
   }
 }
 
@@ -813,6 +806,20 @@ bool cpu_supported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
+// libgcc's __builtin_cpu_supports reports an AVX-512 feature only when XCR0 shows the OS saves the
+// opmask and ZMM state, so this covers OS support too. SLVIT_FAST_CPU_TEST_HIDE_FEATURE=<name> (test
+// knob) makes that one feature count as missing, to test the fallback and the error on any CPU.
+const char* avx512_missing() {
+  __builtin_cpu_init();
+  const char* hide = std::getenv("SLVIT_FAST_CPU_TEST_HIDE_FEATURE");
+  const bool has[4] = {__builtin_cpu_supports("avx512f") != 0, __builtin_cpu_supports("avx512dq") != 0,
+                       __builtin_cpu_supports("avx512bw") != 0, __builtin_cpu_supports("avx512vl") != 0};
+  static const char* const names[4] = {"avx512f", "avx512dq", "avx512bw", "avx512vl"};
+  for (int i = 0; i < 4; ++i)
+    if (!has[i] || (hide && std::strcmp(hide, names[i]) == 0)) return names[i];
+  return nullptr;
+}
+
 int64_t workspace_floats(const Problem& p, int nw) {
   const Plan pl = make_plan(p, nw);
   const int64_t sets = pl.team ? 1 : nw;
@@ -828,7 +835,19 @@ void read_profile(double* cycles) {
   for (int i = 0; i < kNumPhases; ++i) cycles[i] = t_prof[i];
 }
 
+namespace {
+void run_isa(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar);
+}
+
 void run(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar) {
+  const int saved_isa = t_isa;
+  t_isa = p.isa;
+  run_isa(p, ws, nw, wlo, whi, bar);
+  t_isa = saved_isa;
+}
+
+namespace {
+void run_isa(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar) {
   const Plan pl = make_plan(p, nw);
   const Team team{wlo, whi, nw, bar};
   if (g_prof && wlo == 0) t_last = __rdtsc();
@@ -920,5 +939,7 @@ void run(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar) {
     mark(team, kPhHead);
   }
 }
+
+}  // namespace
 
 }  // namespace slvit_fused

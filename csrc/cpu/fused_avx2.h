@@ -1,4 +1,5 @@
-// Fused AVX2/FMA inference forward of the SL-ViT exit (plain C++ API, no torch types).
+// Fused AVX2/FMA inference forward of the SL-ViT exit (plain C++ API, no torch types); its GEMMs run
+// on AVX-512 tiles (fused_avx512.cpp) when Problem::isa says so.
 //
 // Layout: every activation is stored feature-major ("transposed": features x token columns), so the
 // weights are the left GEMM operand read straight from their PyTorch (out, in) row-major storage -
@@ -13,6 +14,9 @@
 
 namespace slvit_fused {
 
+// Instruction set of the GEMM tiles (Problem::isa); the rest of the forward is AVX2 either way.
+enum Isa { kIsaAvx2 = 0, kIsaAvx512 = 1 };
+
 struct LayerWeights {
   const float *g1, *b1, *Wq, *bq, *Wk, *bk, *Wv, *bv, *Wo, *bo, *g2, *b2, *W1, *c1, *W2, *c2;
 };
@@ -23,6 +27,7 @@ struct Problem {
   bool residual;   // encoder MLP residual
   bool legacy_phases = false;  // team path with the old phase layout (LN and flat copies as own phases)
   int head_act;    // 1 gelu, 2 relu
+  int isa = kIsaAvx2;  // GEMM tiles: kIsaAvx512 only when avx512_missing() returned nullptr
   float eps;
   // input feature map, any strides (elements)
   const float* x;
@@ -45,6 +50,11 @@ struct Barrier {
 
 // True when this CPU has AVX2 and FMA (checked at run time; the file is compiled for them).
 bool cpu_supported();
+
+// nullptr when the CPU and OS support the AVX-512 GEMM tiles (AVX-512F/DQ/BW/VL, opmask and ZMM
+// state enabled in XCR0), else the name of the first missing feature ("avx512bw"). Call only after
+// cpu_supported() said yes. SLVIT_FAST_CPU_TEST_HIDE_FEATURE=<name> (test knob) hides one feature.
+const char* avx512_missing();
 
 // Elementwise exact-erf GELU and its backward (dx = g * gelu'(x)) for the training path, n floats;
 // the same rational erf as the fused forward (|error| < 1e-7). Serial (callers split the work).

@@ -427,9 +427,37 @@ static bool fused_switch() {
 }
 
 #ifdef SLVIT_FUSED_AVX2
+// SLVIT_FAST_CPU_ISA: instruction set of the fused kernels' GEMMs. auto (default; unset or empty) takes
+// AVX-512 when the CPU and OS support it, else AVX2; avx2 / avx512 force one (any case, blanks
+// trimmed, like fused_switch). Anything else, or avx512 without the CPU support, is an error naming the
+// value / the missing feature. Read on every call (tests change it). Call after cpu_supported().
+static int fused_isa() {
+  const char* env = std::getenv("SLVIT_FAST_CPU_ISA");
+  std::string v = env ? env : "";
+  v.erase(0, v.find_first_not_of(" \t\n"));
+  v.erase(v.find_last_not_of(" \t\n") + 1);
+  std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return (char)std::tolower(ch); });
+  const char* missing = slvit_fused::avx512_missing();
+  if (v.empty() || v == "auto") return missing ? slvit_fused::kIsaAvx2 : slvit_fused::kIsaAvx512;
+  if (v == "avx2") return slvit_fused::kIsaAvx2;
+  TORCH_CHECK(v == "avx512", "slvit_fast: environment variable SLVIT_FAST_CPU_ISA='", env,
+              "' is not a valid value; use one of auto/avx2/avx512, or unset it");
+  TORCH_CHECK(!missing, "slvit_fast: SLVIT_FAST_CPU_ISA='", env, "' but this CPU (or OS) lacks ", missing,
+              "; use auto or avx2");
+  return slvit_fused::kIsaAvx512;
+}
+
 static bool fused_wanted() {
   static const bool supported = slvit_fused::cpu_supported();
-  return fused_switch() && supported;
+  if (!(fused_switch() && supported)) return false;
+  fused_isa();  // a bad SLVIT_FAST_CPU_ISA is an error here (the batch-1 entry then declines, the op raises)
+  return true;
+}
+
+// "avx512" / "avx2": the instruction set fused inference uses now; "" when it is off or unsupported.
+std::string cpu_fused_isa() {
+  if (!fused_wanted()) return "";
+  return fused_isa() == slvit_fused::kIsaAvx512 ? "avx512" : "avx2";
 }
 
 // Test/benchmark knobs of the fused path (fused_debug, _C_cpu._fused_debug): the old team phase layout
@@ -488,6 +516,7 @@ static Tensor run_prepared(const Prepared& pp, const Tensor& x, const c10::optio
   pr.B = B;
   pr.layer = pp.layers.data();
   pr.legacy_phases = g_legacy_phases.load(std::memory_order_relaxed);
+  pr.isa = fused_isa();
   pr.x = xf.data_ptr<float>();
   pr.sb = xf.stride(0); pr.sc = xf.stride(1); pr.sh = xf.stride(2); pr.sw = xf.stride(3);
   pr.extra = c.E ? extraf.data_ptr<float>() : nullptr;
@@ -559,6 +588,7 @@ Tensor entry_run(const Prepared& pp, const Tensor& x, const c10::optional<Tensor
 }
 #else
 static bool fused_wanted() { return fused_switch() && false; }  // the switch is still validated
+std::string cpu_fused_isa() { return fused_wanted() ? "?" : ""; }
 static Tensor fused_forward(const Tensor&, const c10::optional<Tensor>&, at::TensorList, const Cfg&, double) {
   TORCH_CHECK(false, "slvit_fast: this build has no fused AVX2 kernels (not an x86-64 build)");
 }
@@ -1171,6 +1201,9 @@ TORCH_LIBRARY_FRAGMENT(slvit_fast, m) {
   m.def("cpu_exit_forward(Tensor x, Tensor? extra, Tensor[] params, int[] cfg, float eps, bool save) -> Tensor[]");
   m.def("cpu_exit_backward(Tensor grad_out, Tensor x, Tensor? extra, Tensor[] params, Tensor[] saved, int[] cfg, "
         "float eps, bool need_dx) -> Tensor[]");
+  // which instruction set fused inference uses now ("" = fused path off / unsupported); raises on a bad
+  // SLVIT_FAST_CPU_FUSED / SLVIT_FAST_CPU_ISA value
+  m.def("cpu_fused_isa() -> str", &slvit_cpu::cpu_fused_isa);
 }
 
 TORCH_LIBRARY_IMPL(slvit_fast, CPU, m) {

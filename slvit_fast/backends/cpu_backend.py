@@ -7,7 +7,10 @@ any floating dtype are computed in float32 and the result is returned in the inp
 Threading: problems under 256 token rows (batch 1-4 at the paper's sizes) run on the calling thread
 only (per-thread OpenMP/MKL settings, restored afterwards); larger batches use ATen's thread pool and
 MKL. ``SLVIT_FAST_CPU_FUSED=0`` (or false/no/off) turns the fused AVX2 inference path off; the C++ side
-reads it, with the spellings and errors of :func:`slvit_fast.backends.env.flag`. Inference
+reads it, with the spellings and errors of :func:`slvit_fast.backends.env.flag`. The fused path's GEMMs
+run on AVX-512 tiles when the CPU and OS support them, else AVX2; ``SLVIT_FAST_CPU_ISA=avx2|avx512``
+forces one (``auto`` = default; read by the C++ side on every call) and :func:`fused_isa` reports the
+one in use. Inference
 keeps intermediates in a per-thread arena reused across calls (it holds the largest
 batch's intermediates, ~60 MB at batch 64 for the ResNet presets). float64 is left to the 'torch'
 backend (the fused kernels compute in float32).
@@ -43,6 +46,16 @@ def _fast_entry():
 
 
 _exit_infer = False
+
+
+def fused_isa() -> str | None:
+    """The instruction set the fused inference path uses now: ``"avx512"`` or ``"avx2"``; None when that
+    path is off (``SLVIT_FAST_CPU_FUSED=0``), not built, or the CPU lacks AVX2+FMA. Asks the extension
+    (``slvit_fast::cpu_fused_isa``), which applies ``SLVIT_FAST_CPU_ISA`` exactly as inference does, so a
+    bad value raises the same RuntimeError naming it (or the missing CPU feature for a forced avx512)."""
+    if cpp_ops.ensure_registered("cpu") is not None or not hasattr(torch.ops.slvit_fast, "cpu_fused_isa"):
+        return None
+    return torch.ops.slvit_fast.cpu_fused_isa() or None
 
 
 class CPUBackend:

@@ -4,6 +4,11 @@
 * ``SLVIT_FAST_CPU_FUSED``: on/off switch of the fused AVX2 inference path of backend ``"cpu"``. The
   C++ extension reads it itself, on every call and for direct op calls too (``fused_switch`` in
   csrc/cpu/slvit_cpu.cpp), with exactly the rules of :func:`flag`; keep the two in step.
+* ``SLVIT_FAST_CPU_ISA``: instruction set of that path's GEMM tiles, ``auto`` (default; unset or empty:
+  AVX-512 when the CPU and OS support it, else AVX2) | ``avx2`` | ``avx512``, any case. Also read by the
+  C++ side on every call (``fused_isa`` in csrc/cpu/slvit_cpu.cpp): any other value is an error naming
+  it, and ``avx512`` on a CPU without AVX-512F/DQ/BW/VL an error naming the missing feature.
+  :func:`slvit_fast.backends.cpu_backend.fused_isa` reports the one in use.
 
 On/off switches accept ``1/true/yes/on`` and ``0/false/no/off`` (any case; unset or empty = the
 default). Any other value is an error naming the variable and the value: a typo must not silently
@@ -20,6 +25,7 @@ FALSE_VALUES = ("0", "false", "no", "off")
 
 BACKEND = "SLVIT_FAST_BACKEND"
 CPU_FUSED = "SLVIT_FAST_CPU_FUSED"
+CPU_ISA = "SLVIT_FAST_CPU_ISA"
 
 
 def flag(name: str, default: bool) -> bool:
@@ -48,4 +54,4 @@ def choice(name: str, valid: Iterable[str], default: str) -> str:
     return value
 
 
-__all__ = ["TRUE_VALUES", "FALSE_VALUES", "BACKEND", "CPU_FUSED", "flag", "choice"]
+__all__ = ["TRUE_VALUES", "FALSE_VALUES", "BACKEND", "CPU_FUSED", "CPU_ISA", "flag", "choice"]

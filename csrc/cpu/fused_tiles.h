@@ -1,0 +1,44 @@
+// GEMM operand/epilogue descriptions shared by the fused inference kernels' two instruction sets:
+// fused_avx2.cpp (AVX2+FMA, 8-wide) and fused_avx512.cpp (AVX-512F/DQ/BW/VL, 16-wide). Internal to
+// csrc/cpu/ (plain structs and function declarations only: the two files are compiled for different
+// targets, so nothing inline or templated may be shared between them - the linker could keep one
+// target's copy for both).
+#pragma once
+
+#include <cstdint>
+
+namespace slvit_fused {
+
+enum Act { kNone = 0, kGelu = 1, kRelu = 2 };
+
+// GEMM: C[r][c] = act(alpha * col_scale[c] * sum_k A[r][k] B[k][c] + row_bias[r] + add[r][c]).
+// A[r][k] sits at A + r*a_rs + k*a_ks (weights: a_rs = in_features, a_ks = 1; attention operands
+// are read transposed through the strides), B rows are contiguous token columns (ldb apart).
+struct Epi {
+  const float* col_scale = nullptr;  // per output column (softmax 1/sum folded into P V)
+  const float* row_bias = nullptr;
+  const float* add = nullptr;
+  int64_t ld_add = 0;
+  float alpha = 1.f;
+  int act = kNone;
+};
+
+// The K loop may be cut into `nseg` segments of K each (A and B jump by a_seg / b_seg floats
+// between them): the patch matrix is stored in 16 (i, j) segments so that its gather never writes
+// rows a multiple of 4 KiB apart.
+struct Shape {
+  int64_t K, a_rs, a_ks, ldb, ldc;
+  int64_t nseg = 1, a_seg = 0, b_seg = 0;
+};
+
+// Rows the AVX-512 GEMM wants per worker share (team row splits are multiples of it).
+constexpr int kRowStep512 = 8;
+
+// AVX-512 GEMM (fused_avx512.cpp), same contract as gemm_sh in fused_avx2.cpp: rows [r0, r1) of C,
+// columns [0, ncols), column blocks of 16 outer; B row-major (b_blk = 0) or in 16-column panels b_blk
+// floats apart (ldb = 16). Only B/add/col_scale columns < ncols are read (masked tails), so unlike
+// the AVX2 tiles it needs no column padding. Call only when avx512_missing() returned nullptr.
+void gemm_sh_avx512(int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, const float* A, const float* Bm, float* C,
+                    const Epi& e, int64_t b_blk);
+
+}  // namespace slvit_fused
