@@ -404,6 +404,10 @@ void gather_panel(const Problem& p, int64_t b0, int64_t S, int64_t tok0, float* 
     }
     constexpr int64_t kAhead = 4;
     const int64_t row_bytes = p.W * 4;
+    if (t_isa == kIsaAvx512) {
+      gather_px4_avx512(src, sc, sh, p.ph, seg, panel, c0, c1, rows, nrows, row_bytes, p.sc);
+      return;
+    }
     for (int64_t c = c0; c < c1; ++c) {
       if (c + kAhead < c1)
         for (int r = 0; r < nrows; ++r) {
@@ -487,7 +491,10 @@ void attention_head(const Problem& p, const Plan& pl, const ChunkBufs& cb, int64
   const int64_t ncol = round_up(T, 8);  // query columns computed (ldS = round16(T) keeps rows aligned)
   gemm(0, T, ncol, kd, cb.k + off, 1, ld, cb.q + off, ld, St, pl.ldS, e);
   float* inv_sum = St + T * pl.ldS;  // scratch tail (ldS + 16 floats)
-  softmax_cols(St, T, ncol, pl.ldS, inv_sum);
+  if (t_isa == kIsaAvx512)
+    softmax_cols_avx512(St, T, ncol, pl.ldS, inv_sum);
+  else
+    softmax_cols(St, T, ncol, pl.ldS, inv_sum);
   Epi e2;
   e2.col_scale = inv_sum;
   gemm(0, kd, T, T, cb.v + off, ld, 1, St, pl.ldS, cb.o + off, ld, e2);

@@ -23,6 +23,25 @@ namespace {
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// exp: fused_avx2.cpp's exp_ps (Cephes-style range reduction + degree-5 polynomial), term for term.
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x);
+  x = _mm512_max_ps(_mm512_set1_ps(-88.3762626647949f), x);
+  __m512 fx = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f));
+  fx = _mm512_roundscale_ps(fx, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+  __m512i e = _mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127));
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(e, 23)));
+}
+
 // erf: the odd/even rational minimax approximation of fused_avx2.cpp's erf_ps (Eigen/XLA's float
 // erf), term for term, so both instruction sets give the same GELU up to rounding.
 inline __m512 erf512(__m512 x) {
@@ -170,6 +189,55 @@ void gemm_sh_avx512(int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, cons
                                         e.col_scale ? e.col_scale + c : nullptr);
     }
     c += 16 * nb;
+  }
+}
+
+void gather_px4_avx512(const float* const src[16], const int64_t sc[16], const int64_t sh[16], int64_t ph, int64_t seg,
+                       float* panel, int64_t c0, int64_t c1, const float* const rows[], int nrows, int64_t row_bytes,
+                       int64_t plane) {
+  constexpr int64_t kAhead = 4;  // as fused_avx2.cpp's gather: channel planes are too far apart for the prefetcher
+  for (int64_t c = c0; c < c1; ++c) {
+    if (c + kAhead < c1)
+      for (int r = 0; r < nrows; ++r) {
+        const char* q = (const char*)(rows[r] + (c + kAhead) * plane);
+        for (int64_t bo = 0; bo < row_bytes; bo += 64) _mm_prefetch(q + bo, _MM_HINT_T0);
+      }
+    for (int64_t i = 0; i < ph; ++i) {
+      // z[g] lane u = the 4 pixels of token g + 4u; a 4x4 transpose inside every 128-bit lane then gives
+      // pixel j of tokens 0..15 in order in one register.
+      __m512 z[4];
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        __m512 v = _mm512_castps128_ps512(_mm_loadu_ps(src[g] + c * sc[g] + i * sh[g]));
+        v = _mm512_insertf32x4(v, _mm_loadu_ps(src[g + 4] + c * sc[g + 4] + i * sh[g + 4]), 1);
+        v = _mm512_insertf32x4(v, _mm_loadu_ps(src[g + 8] + c * sc[g + 8] + i * sh[g + 8]), 2);
+        z[g] = _mm512_insertf32x4(v, _mm_loadu_ps(src[g + 12] + c * sc[g + 12] + i * sh[g + 12]), 3);
+      }
+      const __m512 t0 = _mm512_unpacklo_ps(z[0], z[1]), t1 = _mm512_unpacklo_ps(z[2], z[3]);
+      const __m512 t2 = _mm512_unpackhi_ps(z[0], z[1]), t3 = _mm512_unpackhi_ps(z[2], z[3]);
+      float* dst = panel + (i * 4) * seg + c * 16;
+      _mm512_storeu_ps(dst, _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+      _mm512_storeu_ps(dst + seg, _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+      _mm512_storeu_ps(dst + 2 * seg, _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t2), _mm512_castps_pd(t3))));
+      _mm512_storeu_ps(dst + 3 * seg, _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t2), _mm512_castps_pd(t3))));
+    }
+  }
+}
+
+void softmax_cols_avx512(float* St, int64_t T, int64_t ncol, int64_t ldS, float* inv_sum) {
+  for (int64_t cb = 0; cb < ncol; cb += 16) {
+    const int64_t n = imin(16, ncol - cb);
+    const __mmask16 m = (__mmask16)((1u << n) - 1u);
+    float* s = St + cb;
+    __m512 mx = _mm512_set1_ps(-__builtin_inff());
+    for (int64_t j = 0; j < T; ++j) mx = _mm512_max_ps(_mm512_maskz_loadu_ps(m, s + j * ldS), mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < T; ++j) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j * ldS), mx));
+      _mm512_mask_storeu_ps(s + j * ldS, m, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    _mm512_mask_storeu_ps(inv_sum + cb, m, _mm512_div_ps(_mm512_set1_ps(1.f), sum));
   }
 }
 

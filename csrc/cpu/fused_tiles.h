@@ -41,4 +41,16 @@ constexpr int kRowStep512 = 8;
 void gemm_sh_avx512(int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, const float* A, const float* Bm, float* C,
                     const Epi& e, int64_t b_blk);
 
+// The 4-pixel-row patch gather of fused_avx2.cpp's gather_panel (pw == 4, unit pixel stride) for
+// channels [c0, c1): per (channel, patch row i) the 16 tokens' 4 pixels (src[t] + c*sc[t] + i*sh[t])
+// become 4 rows of 16 (pixel j at panel + (i*4 + j)*seg + c*16), with the same read-ahead of channel
+// plane c + 4 (rows[0..nrows) + c*plane, row_bytes each).
+void gather_px4_avx512(const float* const src[16], const int64_t sc[16], const int64_t sh[16], int64_t ph, int64_t seg,
+                       float* panel, int64_t c0, int64_t c1, const float* const rows[], int nrows, int64_t row_bytes,
+                       int64_t plane);
+
+// fused_avx2.cpp's softmax_cols on 16-column blocks: softmax down each of the first ncol columns of a
+// T x ldS score tile, left unnormalised (St = exp(St - colmax), inv_sum[col] = 1 / sum); the same exp.
+void softmax_cols_avx512(float* St, int64_t T, int64_t ncol, int64_t ldS, float* inv_sum);
+
 }  // namespace slvit_fused
