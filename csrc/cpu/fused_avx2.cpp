@@ -291,7 +291,7 @@ struct Plan {
   bool head_gemm;   // head as a GEMM over a feature-major flat batch (else per-sample dot products)
   int64_t S, cols, ncomp, ld, ldS, ldf;
   int64_t pt_floats, n_set, n_scratch, n_flat, n_hid, n_outT;
-  bool fold;        // team with LayerNorm folded into the next GEMM (per-worker y buffers of n_ypriv)
+  bool fold;        // team with LayerNorm folded into the next GEMM (its y in the worker's n_ypriv buffer)
   int64_t n_ypriv;
 };
 
@@ -319,7 +319,7 @@ Plan make_plan(const Problem& p, int nw) {
   pl.n_hid = round_up(pl.head_gemm ? p.hidden * pl.ldf : p.B * p.hidden, 16);
   pl.n_outT = round_up(p.outputs * pl.ldf, 16);
   pl.fold = pl.team && !p.legacy_phases;
-  pl.n_ypriv = pl.fold ? round_up(p.d * pl.ld, 16) : 0;
+  pl.n_ypriv = pl.team ? round_up(p.d * pl.ld, 16) : 0;  // embedding partials; the folded LN output
   return pl;
 }
 
@@ -510,15 +510,19 @@ void write_flat(const Problem& p, const Plan& pl, const float* tT, int64_t b0, i
                 int64_t f1);
 
 float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float* scratch0, int64_t scratch_stride,
-                    int64_t b0, int64_t S, const Team& t, float* ypriv = nullptr, float* flat = nullptr) {
+                    int64_t b0, int64_t S, const Team& t, float* partials, int64_t part_stride, float* ypriv = nullptr,
+                    float* flat = nullptr) {
   const int64_t ld = pl.ld, d = p.d, A = p.A;
   const int64_t cols = S * p.T;
   const int64_t ncomp = round_up(cols, 8);
   const int64_t P = p.C * p.ph * p.pw;
 
-  // 1. patches -> embedding (+ bias + position), extra tokens. A team gathers every panel (split by
-  // channel) and then splits the weight rows; a single worker gathers each panel right before the
-  // GEMM that consumes it, while it is still in L1/L2.
+  // 1. patches -> embedding (+ bias + position), extra tokens. A team splits the channels (the GEMM's
+  // K): each worker gathers its channels of every panel and multiplies them into its own partial sum
+  // right away (its panel rows stay in its core's cache; splitting the weight rows instead made every
+  // worker read the panel rows the other core gathered), then the partials are summed row-shared in
+  // worker order (deterministic). A single worker gathers each panel right before the GEMM that
+  // consumes it, while it is still in L1/L2.
   {
     Epi e;
     e.add = cb.add;
@@ -528,11 +532,33 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
     sh.K = p.C; sh.a_rs = P; sh.a_ks = 1; sh.ldb = 16; sh.ldc = ld;
     sh.nseg = p.ph * p.pw; sh.a_seg = p.C; sh.b_seg = panel_seg(p);
     if (t.n > 1) {
-      for_share(t, p.C, [&](int64_t c0, int64_t c1) {
+      for (int w = t.w0; w < t.w1; ++w) {
+        int64_t c0, c1;
+        Team::share(p.C, w, t.n, c0, c1);
         for (int64_t b = 0; b < npanel; ++b) gather_panel(p, b0, S, b * 16, cb.PT + b * panel_sz, c0, c1);
+        mark(t, kPhGather);
+        if (c0 < c1) {
+          Shape shw = sh;
+          shw.K = c1 - c0;
+          // worker 0 adds bias + position embedding; the others write bare partial sums
+          gemm_sh(0, d, ncomp, shw, p.Wp + c0, cb.PT + c0 * 16, w == 0 ? cb.tA : partials + w * part_stride,
+                  w == 0 ? e : Epi(), panel_sz);
+        } else if (w == 0) {  // fewer channels than workers and none here
+          for (int64_t r = 0; r < d; ++r)
+            for (int64_t c = 0; c < ncomp; ++c) cb.tA[r * ld + c] = cb.add[r * ld + c];
+        }
+      }
+      end_phase(t, kPhEmbed);
+      for_share(t, d, [&](int64_t r0, int64_t r1) {
+        for (int w = 1; w < t.n; ++w) {
+          int64_t c0, c1;
+          Team::share(p.C, w, t.n, c0, c1);
+          if (c0 == c1) continue;
+          const float* part = partials + w * part_stride;
+          for (int64_t r = r0; r < r1; ++r)
+            for (int64_t c = 0; c < ncomp; ++c) cb.tA[r * ld + c] += part[r * ld + c];
+        }
       });
-      end_phase(t, kPhGather);
-      for_row_share(t, d, [&](int64_t r0, int64_t r1) { gemm_sh(r0, r1, ncomp, sh, p.Wp, cb.PT, cb.tA, e, panel_sz); });
     } else {
       for (int64_t b = 0; b < npanel; ++b) {
         gather_panel(p, b0, S, b * 16, cb.PT, 0, p.C);
@@ -581,8 +607,10 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
       }
       // queries past the chunk's last token are read (into discarded score columns): keep them finite
       for_share(t, A, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t c = ncomp; c < ld; ++c) cb.q[r * ld + c] = cb.o[r * ld + c] = 0.f;
+        for (int64_t r = r0; r < r1; ++r) {
+          std::memset(cb.q + r * ld + ncomp, 0, (ld - ncomp) * sizeof(float));
+          std::memset(cb.o + r * ld + ncomp, 0, (ld - ncomp) * sizeof(float));
+        }
       });
     }
     end_phase(t, kPhQKV);
@@ -876,13 +904,17 @@ void run_isa(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar
 
   if (pl.team) {
     const ChunkBufs cb = chunk_bufs(p, pl, sets);
-    for_share(team, p.d, [&](int64_t r0, int64_t r1) { build_add(p, pl, cb.add, r0, r1); });
-    // (the patch gather's sync inside encode_chunk orders build_add before its first use)
+    // only worker 0 reads `add` (in its embedding partial, with no barrier before it): it builds it
+    if (wlo == 0) build_add(p, pl, cb.add, 0, p.d);
+    // worker w's d x ld buffer: its embedding partial sum, later (fold) its LayerNorm output, which it
+    // writes only after the barrier that follows the sum of the partials
+    float* wbufs = scratch + nw * pl.n_scratch;
     if (pl.fold) {
-      float* ypriv = scratch + nw * pl.n_scratch + wlo * pl.n_ypriv;
-      encode_chunk(p, pl, cb, scratch + wlo * pl.n_scratch, pl.n_scratch, 0, p.B, team, ypriv, flat);
+      float* ypriv = wbufs + wlo * pl.n_ypriv;
+      encode_chunk(p, pl, cb, scratch + wlo * pl.n_scratch, pl.n_scratch, 0, p.B, team, wbufs, pl.n_ypriv, ypriv, flat);
     } else {
-      const float* tT = encode_chunk(p, pl, cb, scratch + wlo * pl.n_scratch, pl.n_scratch, 0, p.B, team);
+      const float* tT =
+          encode_chunk(p, pl, cb, scratch + wlo * pl.n_scratch, pl.n_scratch, 0, p.B, team, wbufs, pl.n_ypriv);
       for_share(team, p.d, [&](int64_t f0, int64_t f1) { write_flat(p, pl, tT, 0, p.B, flat, f0, f1); });
       mark(team, kPhFlat);
     }
@@ -896,7 +928,7 @@ void run_isa(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar
       Team::share(p.B, w, nw, lo, hi);
       for (int64_t b0 = lo; b0 < hi; b0 += pl.S) {
         const int64_t S = imin(pl.S, hi - b0);
-        const float* tT = encode_chunk(p, pl, cb, st, pl.n_scratch, b0, S, solo);
+        const float* tT = encode_chunk(p, pl, cb, st, pl.n_scratch, b0, S, solo, nullptr, 0);
         write_flat(p, pl, tT, b0, S, flat, 0, p.d);
         mark(team, kPhFlat);
       }
