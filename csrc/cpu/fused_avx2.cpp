@@ -262,14 +262,21 @@ inline void end_phase(const Team& t, int ph) {
 
 // Rows [0, M) in whole micro-tile blocks per worker (a split inside a block wastes FMA lanes). The
 // AVX-512 GEMM balances its own tile heights, so its step is finer (32 rows split 16/16, not 18/14).
-template <class F>
-void for_row_share(const Team& t, int64_t M, F f) {
+// Worker w's rows [lo, hi) of M (may be empty).
+inline void worker_rows(const Team& t, int64_t M, int w, int64_t& lo, int64_t& hi) {
   const int64_t step = t_isa == kIsaAvx512 ? kRowStep512 : kMR;
   const int64_t nblk = (M + step - 1) / step;
+  Team::share(nblk, w, t.n, lo, hi);
+  lo = imin(lo * step, M);
+  hi = imin(hi * step, M);
+}
+
+template <class F>
+void for_row_share(const Team& t, int64_t M, F f) {
   for (int w = t.w0; w < t.w1; ++w) {
     int64_t lo, hi;
-    Team::share(nblk, w, t.n, lo, hi);
-    if (lo < hi) f(lo * step, imin(hi * step, M));
+    worker_rows(t, M, w, lo, hi);
+    if (lo < hi) f(lo, hi);
   }
 }
 
@@ -640,25 +647,47 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
       for_share(t, ncb, [&](int64_t lo, int64_t hi) { layer_norm_cols(cb.t1, y, ld, d, lo, hi, w.g2, w.b2, p.eps); });
       end_phase(t, kPhLayerNorm);
     }
-    {
-      Epi e;
-      e.row_bias = w.c1;
-      e.act = kGelu;
-      for_row_share(t, p.mlp, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, d, w.W1, d, 1, y, ld, cb.h, ld, e); });
-    }
-    end_phase(t, kPhFc1);
     const bool last_flat = fold && flat && l == p.layers - 1;
-    {
-      Epi e;
-      e.row_bias = w.c2;
-      if (p.residual) {
-        e.add = cb.t1;
-        e.ld_add = ld;
+    Epi e1;
+    e1.row_bias = w.c1;
+    e1.act = kGelu;
+    Epi e2;
+    e2.row_bias = w.c2;
+    if (p.residual) {
+      e2.add = cb.t1;
+      e2.ld_add = ld;
+    }
+    if (t.n > 1) {
+      // MLP split by hidden unit: each worker's fc2 takes only the h rows its fc1 just wrote (K split;
+      // before, fc2 split its output rows and read half of h from the other core), into a partial sum;
+      // worker 0's carries bias and residual. All fc1 rows of this thread first: in the folded layout
+      // a worker's partial buffer may be the y the thread's fc1 reads.
+      for_row_share(t, p.mlp, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, d, w.W1, d, 1, y, ld, cb.h, ld, e1); });
+      mark(t, kPhFc1);
+      for (int wk = t.w0; wk < t.w1; ++wk) {
+        int64_t m0, m1;
+        worker_rows(t, p.mlp, wk, m0, m1);
+        if (m0 < m1)
+          gemm(0, d, ncomp, m1 - m0, w.W2 + m0, p.mlp, 1, cb.h + m0 * ld, ld, wk == 0 ? nxt : partials + wk * part_stride,
+               ld, wk == 0 ? e2 : Epi());
       }
-      for_row_share(t, d, [&](int64_t r0, int64_t r1) {
-        gemm(r0, r1, ncomp, p.mlp, w.W2, p.mlp, 1, cb.h, ld, nxt, ld, e);
-        if (last_flat) write_flat(p, pl, nxt, b0, S, flat, r0, r1);  // rows this worker just wrote
+      end_phase(t, kPhFc2);
+      for_share(t, d, [&](int64_t r0, int64_t r1) {
+        for (int wk = 1; wk < t.n; ++wk) {
+          int64_t m0, m1;
+          worker_rows(t, p.mlp, wk, m0, m1);
+          if (m0 == m1) continue;
+          const float* part = partials + wk * part_stride;
+          for (int64_t r = r0; r < r1; ++r)
+            for (int64_t c = 0; c < ncomp; ++c) nxt[r * ld + c] += part[r * ld + c];
+        }
+        if (last_flat) write_flat(p, pl, nxt, b0, S, flat, r0, r1);  // rows this worker just summed
       });
+    } else {
+      gemm(0, p.mlp, ncomp, d, w.W1, d, 1, y, ld, cb.h, ld, e1);
+      mark(t, kPhFc1);
+      gemm(0, d, ncomp, p.mlp, w.W2, p.mlp, 1, cb.h, ld, nxt, ld, e2);
+      if (last_flat) write_flat(p, pl, nxt, b0, S, flat, 0, d);
     }
     if (last_flat) {
       mark(t, kPhFc2);  // the caller's barrier before the head follows
