@@ -603,10 +603,67 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
       for_share(t, ncb, [&](int64_t lo, int64_t hi) { layer_norm_cols(cur, y, ld, d, lo, hi, w.g1, w.b1, p.eps); });
       end_phase(t, kPhLayerNorm);
     }
-    {
-      const float* Ws[3] = {w.Wq, w.Wk, w.Wv};
-      const float* bs[3] = {w.bq, w.bk, w.bv};
-      float* outs[3] = {cb.q, cb.k, cb.v};
+    const float* Ws[3] = {w.Wq, w.Wk, w.Wv};
+    const float* bs[3] = {w.bq, w.bk, w.bv};
+    float* outs[3] = {cb.q, cb.k, cb.v};
+    Epi eo;
+    eo.row_bias = w.bo;
+    eo.add = cur;
+    eo.ld_add = ld;
+    if (t.n > 1 && p.heads >= t.n) {
+      // Team split by heads: each worker computes Q/K/V rows of its heads, their attention for every
+      // sample and the out-projection over exactly those rows of O^T (K split) into a partial sum
+      // (worker 0's carries bias and residual); the partials are summed row-shared in worker order.
+      // Nothing crosses cores until that sum: one barrier less than splitting Q/K/V and out-projection
+      // rows and (sample, head) pairs separately. All Q/K/V first: in the folded layout a worker's
+      // partial buffer may be the y the thread's Q/K/V read.
+      for (int wk = t.w0; wk < t.w1; ++wk) {
+        int64_t h0, h1;
+        Team::share(p.heads, wk, t.n, h0, h1);
+        const int64_t r0 = h0 * p.kd, r1 = h1 * p.kd;
+        for (int j = 0; j < 3; ++j) {
+          Epi e;
+          e.row_bias = bs[j];
+          gemm(r0, r1, ncomp, d, Ws[j], d, 1, y, ld, outs[j], ld, e);
+        }
+        // queries past the chunk's last token are read (into discarded score columns): keep them finite
+        for (int64_t r = r0; r < r1; ++r) {
+          std::memset(cb.q + r * ld + ncomp, 0, (ld - ncomp) * sizeof(float));
+          std::memset(cb.o + r * ld + ncomp, 0, (ld - ncomp) * sizeof(float));
+        }
+        mark(t, kPhQKV);
+        float* St = scratch0 + (wk - t.w0) * scratch_stride;
+        for (int64_t h = h0; h < h1; ++h)
+          for (int64_t s = 0; s < S; ++s) attention_head(p, pl, cb, s, h, St, scale);
+        // the last sample's padding columns of O^T are never written by the masked attention store
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = cols; c < ncomp; ++c) cb.o[r * ld + c] = 0.f;
+        mark(t, kPhAttention);
+      }
+      for (int wk = t.w0; wk < t.w1; ++wk) {
+        int64_t h0, h1;
+        Team::share(p.heads, wk, t.n, h0, h1);
+        if (h0 < h1) {
+          const int64_t r0 = h0 * p.kd, r1 = h1 * p.kd;
+          gemm(0, d, ncomp, r1 - r0, w.Wo + r0, A, 1, cb.o + r0 * ld, ld, wk == 0 ? cb.t1 : partials + wk * part_stride,
+               ld, wk == 0 ? eo : Epi());
+        } else if (wk == 0) {
+          for (int64_t r = 0; r < d; ++r)
+            for (int64_t c = 0; c < ncomp; ++c) cb.t1[r * ld + c] = cur[r * ld + c] + w.bo[r];
+        }
+      }
+      end_phase(t, kPhOutProj);
+      for_share(t, d, [&](int64_t r0, int64_t r1) {
+        for (int wk = 1; wk < t.n; ++wk) {
+          int64_t h0, h1;
+          Team::share(p.heads, wk, t.n, h0, h1);
+          if (h0 == h1) continue;
+          const float* part = partials + wk * part_stride;
+          for (int64_t r = r0; r < r1; ++r)
+            for (int64_t c = 0; c < ncomp; ++c) cb.t1[r * ld + c] += part[r * ld + c];
+        }
+      });
+    } else {
       for (int j = 0; j < 3; ++j) {
         Epi e;
         e.row_bias = bs[j];
@@ -619,25 +676,19 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
           std::memset(cb.o + r * ld + ncomp, 0, (ld - ncomp) * sizeof(float));
         }
       });
-    }
-    end_phase(t, kPhQKV);
-    for (int w = t.w0; w < t.w1; ++w) {
-      int64_t lo, hi;
-      Team::share(S * p.heads, w, t.n, lo, hi);
-      float* St = scratch0 + (w - t.w0) * scratch_stride;
-      for (int64_t sh = lo; sh < hi; ++sh) attention_head(p, pl, cb, sh / p.heads, sh % p.heads, St, scale);
-      // the last sample's padding columns of O^T are never written by the masked attention store
-      if (hi == S * p.heads)
-        for (int64_t r = 0; r < A; ++r)
-          for (int64_t c = cols; c < ncomp; ++c) cb.o[r * ld + c] = 0.f;
-    }
-    end_phase(t, kPhAttention);
-    {
-      Epi e;
-      e.row_bias = w.bo;
-      e.add = cur;
-      e.ld_add = ld;
-      for_row_share(t, d, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, A, w.Wo, A, 1, cb.o, ld, cb.t1, ld, e); });
+      end_phase(t, kPhQKV);
+      for (int wk = t.w0; wk < t.w1; ++wk) {
+        int64_t lo, hi;
+        Team::share(S * p.heads, wk, t.n, lo, hi);
+        float* St = scratch0 + (wk - t.w0) * scratch_stride;
+        for (int64_t sh = lo; sh < hi; ++sh) attention_head(p, pl, cb, sh / p.heads, sh % p.heads, St, scale);
+        // the last sample's padding columns of O^T are never written by the masked attention store
+        if (hi == S * p.heads)
+          for (int64_t r = 0; r < A; ++r)
+            for (int64_t c = cols; c < ncomp; ++c) cb.o[r * ld + c] = 0.f;
+      }
+      end_phase(t, kPhAttention);
+      for_row_share(t, d, [&](int64_t r0, int64_t r1) { gemm(r0, r1, ncomp, A, w.Wo, A, 1, cb.o, ld, cb.t1, ld, eo); });
     }
     end_phase(t, kPhOutProj);
     if (fold) {
