@@ -14,6 +14,10 @@
 // nvalid are masked on every access (B included).
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,fma")
 
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_ps() as the unused merge source of max/rcp14/...,
+// which -Wall reports as "may be used uninitialized" inside the intrinsic headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include "fused_tiles.h"
 
 #include <immintrin.h>
