@@ -320,8 +320,9 @@ Plan make_plan(const Problem& p, int nw) {
   pl.ldS = round_up(p.T, 16);
   pl.head_gemm = p.B >= 4;
   pl.ldf = round_up(p.B, 16) + 16;
-  // a team gathers every 16-token panel of its chunk up front; a single worker reuses one panel
-  const int64_t panels = pl.team ? (pl.ld + 15) / 16 : 1;
+  // a team gathers every 16-token panel of its chunk up front; a single worker reuses two (one
+  // 32-column GEMM block: the AVX-512 tiles are 2 zmm wide)
+  const int64_t panels = pl.team ? (pl.ld + 15) / 16 : 2;
   pl.pt_floats = round_up(panels * p.ph * p.pw * (p.C * 16 + 16), 16);
   pl.n_set = round_up(pl.pt_floats + (6 * p.d + 4 * p.A + p.mlp) * pl.ld, 16);
   pl.n_scratch = round_up((p.T + 1) * pl.ldS + 32, 16);  // score tile + 1/sum row + read-past slack
@@ -532,8 +533,8 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
   // K): each worker gathers its channels of every panel and multiplies them into its own partial sum
   // right away (its panel rows stay in its core's cache; splitting the weight rows instead made every
   // worker read the panel rows the other core gathered), then the partials are summed row-shared in
-  // worker order (deterministic). A single worker gathers each panel right before the GEMM that
-  // consumes it, while it is still in L1/L2.
+  // worker order (deterministic). A single worker gathers two panels right before the GEMM that
+  // consumes them (32 columns), while they are still in L2.
   {
     Epi e;
     e.add = cb.add;
@@ -571,12 +572,13 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
         }
       });
     } else {
-      for (int64_t b = 0; b < npanel; ++b) {
-        gather_panel(p, b0, S, b * 16, cb.PT, 0, p.C);
+      for (int64_t b = 0; b < npanel; b += 2) {
+        const int64_t nb = imin(2, npanel - b);
+        for (int64_t j = 0; j < nb; ++j) gather_panel(p, b0, S, (b + j) * 16, cb.PT + j * panel_sz, 0, p.C);
         mark(t, kPhGather);
         Epi eb = e;
         eb.add = cb.add + b * 16;
-        gemm_sh(0, d, imin(16, ncomp - b * 16), sh, p.Wp, cb.PT, cb.tA + b * 16, eb);
+        gemm_sh(0, d, imin(32, ncomp - b * 16), sh, p.Wp, cb.PT, cb.tA + b * 16, eb, panel_sz);
         mark(t, kPhEmbed);
       }
     }
