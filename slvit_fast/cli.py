@@ -107,6 +107,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from . import native
 
     info["native"] = native.build_info()
+    info["cpu_fused_isa"] = _fused_isa()
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -120,7 +121,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
             note = f"  ({e['reason']})" if e.get("reason") else ""
             print(f"  {native.MODULES[kind]:<19} compiled={'yes' if e['compiled'] else 'no'}{archs}"
                   f"  usable={'yes' if e['usable_here'] else 'no'}{note}")
+        print(f"cpu backend's fused inference kernels: {info['cpu_fused_isa'] or 'off (ATen/BLAS path)'}")
     return 0
+
+
+def _fused_isa() -> str | None:
+    """"avx512" / "avx2" / None (fused path off or not built); a bad SLVIT_FAST_CPU_ISA is shown, not raised,
+    so that `info` still reports everything else."""
+    from .backends import cpu_backend
+
+    try:
+        return cpu_backend.fused_isa()
+    except RuntimeError as e:
+        return f"error: {str(e).splitlines()[0]}"
 
 
 def _preset_name(text: str) -> str:

@@ -1,5 +1,6 @@
 """The command line and the pure-Python wheel (the compiled wheel is tested with the native backends)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +28,22 @@ def test_info_lists_backends():
     result = _cli("info")
     assert result.returncode == 0, result.stderr
     assert "torch" in result.stdout and "available" in result.stdout
+
+
+def test_info_names_the_fused_kernels_instruction_set():
+    """`info` says which ISA the cpu backend's fused path runs (SLVIT_FAST_CPU_ISA applied as inference
+    applies it), and shows a bad value of the switch instead of failing."""
+    from slvit_fast.backends import cpu_backend
+
+    if cpu_backend.fused_isa() is None:
+        pytest.skip("the fused CPU kernels are not built or not supported on this CPU")
+    forced = _cli("info", "--json", env={"SLVIT_FAST_CPU_ISA": "avx2"})
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout)["cpu_fused_isa"] == "avx2"
+    off = _cli("info", "--json", env={"SLVIT_FAST_CPU_FUSED": "0"})
+    assert json.loads(off.stdout)["cpu_fused_isa"] is None
+    bad = _cli("info", env={"SLVIT_FAST_CPU_ISA": "sse9"})
+    assert bad.returncode == 0 and "error:" in bad.stdout and "sse9" in bad.stdout
 
 
 def test_presets_command():
