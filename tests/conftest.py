@@ -1,5 +1,6 @@
 import fnmatch
 import os
+import zlib
 
 # Where the kernel tests run, from SLVIT_FAST_TEST_DEVICE (scripts/test.sh passes it through):
 #   unset / "cpu"  the default: no GPU on the machines this suite runs on, so Triton kernels run in the
@@ -46,3 +47,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_per_test(request):
+    """Every test starts from torch's default generator seeded by its own name: unseeded torch.randn inputs
+    are then the same in every run, so a tolerance failure reproduces instead of flickering (one did, ~1 in
+    13 runs of test_cpu_entry.py + test_cpu_memory.py, on fresh random data)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
