@@ -86,6 +86,34 @@ def test_heads(heads, isa):
     check_inference(awkward_config("N25-h1", num_heads=heads), 7)
 
 
+@pytest.fixture(params=[2, 4], ids=["2threads", "4threads"])
+def team(request, monkeypatch):
+    """The batch-1 team path with 2 or 4 workers (4 oversubscribe 2 cores: fine for tiny configs)."""
+    monkeypatch.setenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS", "0")
+    n = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("mlp", [3, 8, 16, 37])
+@pytest.mark.parametrize("heads", [3, 5])
+def test_team_splits_with_fewer_blocks_than_workers(mlp, heads, isa, team):
+    """The team splits the embedding by channel, the MLP by hidden unit and attention by heads; with fewer
+    row blocks (or channels) than workers, worker 0 may get none and must still write bias and residual.
+    (The MLP split missed that: mlp_dim 8 on 2 threads returned garbage from the workspace.)"""
+    c = awkward_config("N25-h1", in_channels=1, num_heads=heads, key_dim=8, mlp_dim=mlp, num_layers=2)
+    check_inference(c, 1)
+
+
+@pytest.mark.parametrize("tokens", [19, 24, 31])
+def test_column_tails_at_batch_1(tokens, isa, threads):
+    """Tails 3, 8 and 15 past 16 tokens on the batch-1 (team) path as well."""
+    c = SLViTConfig(in_channels=3, feature_size=(1, tokens), patch_size=1, embed_dim=16, num_heads=2, key_dim=8,
+                    mlp_dim=40, head_hidden=24, num_outputs=5)
+    check_inference(c, 1)
+
+
 def test_batch_64_two_layers(isa, threads):
     check_inference(awkward_config("N49-nores-relu", num_layers=2), 64)
 
@@ -110,7 +138,7 @@ def test_avx512_equals_avx2_to_rounding(preset, batch, monkeypatch):
     assert diff <= 4e-6 * scale, f"AVX-512 and AVX2 outputs differ by {diff:.3e} (scale {scale:.3e})"
 
 
-def test_batch_1_entry_point_on_each_isa(isa):
+def test_batch_1_entry_point_on_each_isa(isa, threads):
     from slvit_fast import _C_cpu
 
     c = SLViTConfig(**PRESETS["audiocsrnet-av1"].slvit_kwargs())

@@ -727,6 +727,9 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
         if (m0 < m1)
           gemm(0, d, ncomp, m1 - m0, w.W2 + m0, p.mlp, 1, cb.h + m0 * ld, ld, wk == 0 ? nxt : partials + wk * part_stride,
                ld, wk == 0 ? e2 : Epi());
+        else if (wk == 0)  // fewer row blocks of h than workers and none here: nxt still needs bias (+ residual)
+          for (int64_t r = 0; r < d; ++r)
+            for (int64_t c = 0; c < ncomp; ++c) nxt[r * ld + c] = w.c2[r] + (p.residual ? cb.t1[r * ld + c] : 0.f);
       }
       end_phase(t, kPhFc2);
       for_share(t, d, [&](int64_t r0, int64_t r1) {
