@@ -53,7 +53,11 @@ def exit_for_8x8():
 def same(result, expected):
     assert result.counts == expected.counts
     assert torch.equal(result.exit_index, expected.exit_index)
-    torch.testing.assert_close(result.outputs, expected.outputs, rtol=1e-4, atol=1e-4)
+    # Compacted batches run the backbone at other batch sizes (other conv algorithms), so rounding differs
+    # by a small fraction of the logits' scale; random-weight backbones reach |logits| ~ 1e6 (Inception-v3
+    # at 96 px), where a per-element 1e-4 bound would be tighter than float32 accumulation allows.
+    scale = max(1.0, float(expected.outputs.abs().max()))
+    torch.testing.assert_close(result.outputs, expected.outputs, rtol=1e-4, atol=1e-4 * scale)
     assert result.outputs.shape[0] == result.exit_index.shape[0]
 
 
