@@ -24,7 +24,7 @@ large early maps are memory-bound), then the remaining rows.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +33,8 @@ from .exit_result import EarlyExitResult
 from .policies import Policy
 from .shape_probe import shape_of
 
-if TYPE_CHECKING:  # imported only for type hints: multi_exit imports this module
-    from .multi_exit import MultiExitNetwork
+# `net` below is a slvit_fast.MultiExitNetwork; it is typed as nn.Module because multi_exit imports this
+# module (layering is one-way: this file never imports multi_exit, not even for type hints).
 
 __all__ = ["EarlyExitRun", "run_early_exit"]
 
@@ -82,7 +82,7 @@ def compact(obj: Any, keep: Tensor, n: int) -> Any:
 class EarlyExitRun:
     """State and hook callbacks of one early-exit call (see the module docstring)."""
 
-    def __init__(self, net: "MultiExitNetwork", policy: Policy, B: int, device: torch.device,
+    def __init__(self, net: nn.Module, policy: Policy, B: int, device: torch.device,
                  user_extra: Mapping[int, Tensor]):
         self.net = net
         self.policy = policy
@@ -204,7 +204,7 @@ class EarlyExitRun:
         return EarlyExitResult(self.outputs, self.exit_index, counts, evaluated)
 
 
-def run_early_exit(net: "MultiExitNetwork", x: Any, policy: Any, extra: Any = None) -> EarlyExitResult:
+def run_early_exit(net: nn.Module, x: Any, policy: Any, extra: Any = None) -> EarlyExitResult:
     """The body of :meth:`MultiExitNetwork.early_exit` (see there and the ``multi_exit`` docstring)."""
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a slvit_fast.policies.Policy, got {type(policy).__name__}")
