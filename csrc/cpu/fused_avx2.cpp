@@ -779,6 +779,14 @@ void write_flat(const Problem& p, const Plan& pl, const float* tT, int64_t b0, i
 
 }  // namespace
 
+void gemm_tiles(int isa, int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, const float* A, const float* Bm,
+                float* C, const Epi& e, int64_t b_blk) {
+  const int saved = t_isa;  // the caller may be inside run() on this thread: put its ISA back
+  t_isa = isa;
+  gemm_sh(r0, r1, ncols, sh, A, Bm, C, e, b_blk);
+  t_isa = saved;
+}
+
 void gelu_forward(const float* x, float* y, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, gelu_ps(_mm256_loadu_ps(x + i)));

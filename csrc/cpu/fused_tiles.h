@@ -41,6 +41,13 @@ constexpr int kRowStep512 = 8;
 void gemm_sh_avx512(int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, const float* A, const float* Bm, float* C,
                     const Epi& e, int64_t b_blk);
 
+// The inference forward's GEMM on either ISA's tiles (fused_avx2.cpp), for other kernels of this
+// directory (the training path): kIsaAvx2 = the AVX2 6 x 16 tiles, whose B reads run up to the next
+// 16-column boundary (buffers need column padding); kIsaAvx512 = gemm_sh_avx512 above (masked tails;
+// only when avx512_missing() returned nullptr). Serial, on the calling thread.
+void gemm_tiles(int isa, int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, const float* A, const float* Bm,
+                float* C, const Epi& e, int64_t b_blk = 0);
+
 // The 4-pixel-row patch gather of fused_avx2.cpp's gather_panel (pw == 4, unit pixel stride) for
 // channels [c0, c1): per (channel, patch row i) the 16 tokens' 4 pixels (src[t] + c*sc[t] + i*sh[t])
 // become 4 rows of 16 (pixel j at panel + (i*4 + j)*seg + c*16), with the same read-ahead of channel
