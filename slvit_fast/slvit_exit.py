@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
+from .backends.cpu_backend import fast_forward as _cpu_fast_forward
 from .config import SLViTConfig
 from .exit_presets import get_preset
 from .layers import EncoderLayer, MLPHead
@@ -63,6 +64,12 @@ class SLViTExit(nn.Module):
         return slvit_from_keras(cls, keras_model, config, backend)
 
     def forward(self, x: Tensor, extra: Tensor | None = None) -> Tensor:
+        # Batch-1 latency: the fused CPU entry point first, when backend resolution would pick it; it
+        # checks x and extra against the config itself and returns None for anything the path below
+        # must handle (other backends, autograd, dropout, dtypes, modes, bad inputs and their errors).
+        out = _cpu_fast_forward(self, x, extra)
+        if out is not None:
+            return out
         c = self.config
         check_feature_map(x, c.in_channels, c.feature_size, "SLViTExit")
         check_extra(extra, x, c.extra_tokens, c.extra_dim, "SLViTExit")

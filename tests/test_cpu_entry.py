@@ -215,3 +215,85 @@ def test_profile_counters():
         cycles = _C_cpu._fused_debug(-1, 0)
     assert cycles.shape == (12,) and (cycles >= 0).all()
     assert cycles[:8].sum() > 0  # gather .. fc2 were timed
+
+
+# -- SLViTExit.forward calls the entry point first (cpu_backend.fast_forward) --------------------------
+
+
+def fast_calls(m, x, extra=None):
+    """Calls of the entry point made by m(x) (0 or 1), and m(x)."""
+    f0 = _C_cpu.entry_stats()[0]
+    with torch.no_grad():
+        out = m(x, extra)
+    return _C_cpu.entry_stats()[0] - f0, out
+
+
+def test_forward_sees_a_changed_backend_choice_on_the_next_call(monkeypatch):
+    """forward hands the call to the entry point only when backend resolution would pick backend "cpu";
+    every input of that choice is read per call, so a change between two calls is always seen."""
+    from slvit_fast import backends
+    from slvit_fast.backends import torch_backend
+
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    c = awkward_config("N25-h1")
+    m, ref = pair(c)
+    m.backend = "auto"
+    x = torch.randn(1, c.in_channels, *c.feature_size)
+    with torch.no_grad():
+        expected = ref(x)
+
+    def runs(fast):
+        n, out = fast_calls(m, x)
+        assert n == (1 if fast else 0)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+    runs(True)
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    runs(False)
+    monkeypatch.setenv(backends.ENV_VAR, " cpu ")
+    runs(True)
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    with pytest.raises(ValueError, match="SLVIT_FAST_BACKEND='bogus'"):
+        m(x)
+    monkeypatch.delenv(backends.ENV_VAR)
+    runs(True)
+    m.backend = "torch"
+    runs(False)
+    m.backend = "cpu"
+    runs(True)
+    m.backend = "auto"
+    with monkeypatch.context() as mp:
+        mp.setitem(backends.AUTO_ORDER, "cpu", ("torch",))
+        runs(False)
+    runs(True)
+    with monkeypatch.context() as mp:  # a test double in the registry (tests/test_backend_selection.py)
+        mp.setitem(backends._loaded, "cpu", torch_backend.TorchBackend())
+        runs(False)
+    runs(True)
+    for flag in ("_is_compiling_flag", "_is_exporting_flag"):  # compiled / exported graphs: never the extension
+        with monkeypatch.context() as mp:
+            mp.setattr(torch.compiler, flag, True)
+            with torch.no_grad():
+                assert cpu_backend.fast_forward(m, x, None) is None
+    with torch.no_grad():
+        assert cpu_backend.fast_forward(m, x, None) is not None
+    runs(True)
+
+
+def test_forward_input_errors_are_raised_before_and_after_the_entry_point():
+    """The entry point checks x against the config (it runs before forward's own checks): a feature map
+    with H and W swapped has the same token count on this non-square map, so only that check stops it."""
+    from slvit_fast.errors import SLViTInputError
+
+    c = awkward_config("N25-h1", feature_size=(8, 16), patch_size=4)
+    m, ref = pair(c)
+    x = torch.randn(1, c.in_channels, 8, 16)
+    assert fast_calls(m, x)[0] == 1
+    for bad in (x.transpose(2, 3).contiguous(), torch.randn(1, c.in_channels + 1, 8, 16), x[0]):
+        with torch.no_grad(), pytest.raises(SLViTInputError):
+            m(bad)
+    with torch.no_grad(), pytest.raises(SLViTInputError, match="extra_tokens=0"):
+        m(x, torch.randn(1, 2, 3))
+    with torch.no_grad(), pytest.raises(SLViTInputError, match="empty batch"):
+        m(x[:0])
+    assert fast_calls(m, x)[0] == 1

@@ -57,6 +57,7 @@ struct Entry {
   PyObject* config = nullptr;  // the module's config object when cfg was read (owned; frozen dataclass)
   std::vector<int64_t> cfg;
   double eps = 0;
+  int64_t C = 0, H = 0, W = 0;  // config.in_channels, config.feature_size
   bool dropout = false;  // any dropout rate of the config > 0
   bool extra = false;    // config has extra tokens
   std::vector<ParamKey> keys;
@@ -214,10 +215,23 @@ bool read_config(Entry& e, PyObject* config) {
     Py_DECREF(o);
     return !(v == -1.0 && PyErr_Occurred());
   };
-  double eps, d1, d2, d3;
+  double eps, d1, d2, d3, ch;
   if (PyErr_Occurred() || !num("ln_eps", eps) || !num("dropout", d1) || !num("attention_dropout", d2) ||
-      !num("head_dropout", d3))
+      !num("head_dropout", d3) || !num("in_channels", ch))
     return false;
+  PyObject* fs = PyObject_GetAttrString(config, "feature_size");
+  if (!fs) return false;
+  PyObject* hw = PySequence_Fast(fs, "feature_size");
+  Py_DECREF(fs);
+  if (!hw) return false;
+  const bool pair = PySequence_Fast_GET_SIZE(hw) == 2;
+  const long long fh = pair ? PyLong_AsLongLong(PySequence_Fast_GET_ITEM(hw, 0)) : -1;
+  const long long fw = pair ? PyLong_AsLongLong(PySequence_Fast_GET_ITEM(hw, 1)) : -1;
+  Py_DECREF(hw);
+  if (!pair || PyErr_Occurred()) return false;
+  e.C = (int64_t)ch;
+  e.H = fh;
+  e.W = fw;
   e.eps = eps;
   e.dropout = d1 > 0 || d2 > 0 || d3 > 0;
   e.extra = e.cfg.size() > 8 && e.cfg[8] > 0;
@@ -245,13 +259,13 @@ PyObject* exit_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (extra && (!plain_cpu(*extra) || extra->scalar_type() != at::kFloat)) return decline();
   const bool grad = at::GradMode::is_enabled();
   if (grad && (x.requires_grad() || (extra && extra->requires_grad()))) return decline();
-  bool fused;
+  slvit_cpu::FusedEnv env;  // read here, with the GIL held (entry_run reads no environment variable)
   try {
-    fused = slvit_cpu::entry_fused_wanted();
+    env = slvit_cpu::entry_env();
   } catch (const std::exception&) {
-    fused = false;  // an invalid SLVIT_FAST_CPU_FUSED value: the Python path reports it
+    return decline();  // an invalid SLVIT_FAST_CPU_FUSED / _ISA value: the op path reports it
   }
-  if (!fused) return decline();
+  if (!env.fused) return decline();
 
   PyObject** dp = _PyObject_GetDictPtr(module);
   PyObject* config = (dp && *dp) ? PyDict_GetItem(*dp, s_config) : nullptr;
@@ -281,6 +295,9 @@ PyObject* exit_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_CLEAR(e.config);
     return decline();
   }
+  // the feature map must be what the config says (SLViTExit.forward calls us before its own checks;
+  // the kernels alone would accept e.g. H and W swapped on a non-square map with the same token count)
+  if (x.dim() != 4 || x.size(1) != e.C || x.size(2) != e.H || x.size(3) != e.W) return decline();
   if (e.dropout && training == Py_True) return decline();
   if (e.extra != extra.has_value()) return decline();  // wrong call: the op path raises the error
 
@@ -318,7 +335,7 @@ PyObject* exit_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   std::string err;
   Py_BEGIN_ALLOW_THREADS
   try {
-    out = slvit_cpu::entry_run(*prep, x, extra);
+    out = slvit_cpu::entry_run(*prep, x, extra, env);
   } catch (const std::exception& ex) {
     err = ex.what();
   }

@@ -447,12 +447,25 @@ static int fused_isa() {
   return slvit_fused::kIsaAvx512;
 }
 
-static bool fused_wanted() {
-  static const bool supported = slvit_fused::cpu_supported();
-  if (!(fused_switch() && supported)) return false;
-  fused_isa();  // a bad SLVIT_FAST_CPU_ISA is an error here (the batch-1 entry then declines, the op raises)
-  return true;
+// SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS: exits under this many FLOPs run on the calling thread (run_prepared).
+static double parallel_min_flops() {
+  const char* min_env = std::getenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS");
+  return min_env ? std::atof(min_env) : 2e6;
 }
+
+// Every switch of one fused call, read once per call (a bad SLVIT_FAST_CPU_ISA is an error here: the
+// batch-1 entry then declines and the op raises it).
+FusedEnv entry_env() {
+  static const bool supported = slvit_fused::cpu_supported();
+  FusedEnv env;
+  if (!(fused_switch() && supported)) return env;
+  env.fused = true;
+  env.isa = fused_isa();
+  env.min_flops = parallel_min_flops();
+  return env;
+}
+
+static bool fused_wanted() { return entry_env().fused; }
 
 // "avx512" / "avx2": the instruction set fused inference uses now; "" when it is off or unsupported.
 std::string cpu_fused_isa() {
@@ -505,18 +518,22 @@ static void prepare(Prepared& pp, const Tensor& x, const c10::optional<Tensor>& 
 }
 
 // The fused forward for x (shape checked against pp by the caller) with prepared weights.
-static Tensor run_prepared(const Prepared& pp, const Tensor& x, const c10::optional<Tensor>& extra, int64_t B) {
+// Reads no environment variable (env: entry_env), so the batch-1 entry can run it without the GIL.
+// A float32 x / output skips the dtype conversions (two op dispatches per call).
+static Tensor run_prepared(const Prepared& pp, const Tensor& x, const c10::optional<Tensor>& extra, int64_t B,
+                           const FusedEnv& env) {
   RECORD_FUNCTION("slvit_cpu::fused_forward", std::vector<c10::IValue>());
   Cfg c = pp.c;
   c.B = B;
-  Tensor xf = x.to(at::kFloat);
+  const bool f32 = x.scalar_type() == at::kFloat;
+  Tensor xf = f32 ? x : x.to(at::kFloat);
   Tensor extraf;
-  if (c.E) extraf = extra->to(at::kFloat).contiguous();
+  if (c.E) extraf = extra->scalar_type() == at::kFloat && extra->is_contiguous() ? *extra : extra->to(at::kFloat).contiguous();
   slvit_fused::Problem pr = pp.pr;
   pr.B = B;
   pr.layer = pp.layers.data();
   pr.legacy_phases = g_legacy_phases.load(std::memory_order_relaxed);
-  pr.isa = fused_isa();
+  pr.isa = env.isa;
   pr.x = xf.data_ptr<float>();
   pr.sb = xf.stride(0); pr.sc = xf.stride(1); pr.sh = xf.stride(2); pr.sw = xf.stride(3);
   pr.extra = c.E ? extraf.data_ptr<float>() : nullptr;
@@ -527,8 +544,7 @@ static Tensor run_prepared(const Prepared& pp, const Tensor& x, const c10::optio
   // Tiny exits (well under a millisecond of math) run on the calling thread: waking the OpenMP team
   // and a dozen barriers cost more than they save. SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS overrides the
   // threshold (the tests set 0 to run the multi-worker paths on small shapes).
-  const char* min_env = std::getenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS");
-  const double min_flops = min_env ? std::atof(min_env) : 2e6;
+  const double min_flops = env.min_flops;
   const double flops = 2.0 * c.B * c.T *
                        (double(c.P) * c.d + 4.0 * c.d * c.A + 2.0 * c.d * c.mlp + 2.0 * c.T * c.A + c.d * c.hidden);
   int nw = 1;
@@ -544,14 +560,14 @@ static Tensor run_prepared(const Prepared& pp, const Tensor& x, const c10::optio
   } else {
     at::parallel_for(0, nw, 1, [&](int64_t lo, int64_t hi) { slvit_fused::run(pr, ws, nw, (int)lo, (int)hi, &bar); });
   }
-  return out.to(x.scalar_type());
+  return f32 ? out : out.to(x.scalar_type());
 }
 
 static Tensor fused_forward(const Tensor& x, const c10::optional<Tensor>& extra, at::TensorList params,
                             const Cfg& c, double eps) {
   Prepared pp;
   prepare(pp, x, extra, params, c, eps);
-  return run_prepared(pp, x, extra, c.B);
+  return run_prepared(pp, x, extra, c.B, entry_env());
 }
 
 // Returns the cycle counters (of this thread) collected since profiling was last switched on, one
@@ -563,7 +579,6 @@ Tensor fused_debug(int64_t legacy_phases, int64_t profile) {
   if (profile >= 0) slvit_fused::set_profiling(profile != 0);
   return out;
 }
-bool entry_fused_wanted() { return fused_wanted(); }
 
 std::shared_ptr<Prepared> entry_prepare(const Tensor& x, const c10::optional<Tensor>& extra, at::TensorList params,
                                         at::IntArrayRef cfg, double eps) {
@@ -583,8 +598,8 @@ bool entry_matches(const Prepared& pp, const Tensor& x, const c10::optional<Tens
   return true;
 }
 
-Tensor entry_run(const Prepared& pp, const Tensor& x, const c10::optional<Tensor>& extra) {
-  return run_prepared(pp, x, extra, x.size(0));
+Tensor entry_run(const Prepared& pp, const Tensor& x, const c10::optional<Tensor>& extra, const FusedEnv& env) {
+  return run_prepared(pp, x, extra, x.size(0), env);
 }
 #else
 static bool fused_wanted() { return fused_switch() && false; }  // the switch is still validated
@@ -596,13 +611,16 @@ Tensor fused_debug(int64_t, int64_t) {
   TORCH_CHECK(false, "slvit_fast: this build has no fused AVX2 kernels (not an x86-64 build)");
 }
 struct Prepared {};
-bool entry_fused_wanted() { return false; }
+FusedEnv entry_env() {
+  fused_switch();  // validated
+  return FusedEnv{};
+}
 std::shared_ptr<Prepared> entry_prepare(const Tensor&, const c10::optional<Tensor>&, at::TensorList, at::IntArrayRef,
                                         double) {
   TORCH_CHECK(false, "slvit_fast: this build has no fused AVX2 kernels (not an x86-64 build)");
 }
 bool entry_matches(const Prepared&, const Tensor&, const c10::optional<Tensor>&) { return false; }
-Tensor entry_run(const Prepared&, const Tensor&, const c10::optional<Tensor>&) {
+Tensor entry_run(const Prepared&, const Tensor&, const c10::optional<Tensor>&, const FusedEnv&) {
   TORCH_CHECK(false, "slvit_fast: this build has no fused AVX2 kernels (not an x86-64 build)");
 }
 #endif

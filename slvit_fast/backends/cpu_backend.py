@@ -27,11 +27,15 @@ the rule independently). The other fused backends still fall back to the referen
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
+from .. import backends as _registry  # the package: its registry is read per call (fast_forward)
 from .. import native, reference
 from ..ops import cpp_ops
+from . import env
 from .common import dropout_active
 
 
@@ -46,6 +50,37 @@ def _fast_entry():
 
 
 _exit_infer = False
+_is_compiling = torch.compiler.is_compiling
+_is_exporting = torch.compiler.is_exporting
+_environ = os.environ
+
+
+def fast_forward(module, x, extra):
+    """``SLViTExit.forward``'s first step (batch-1 latency, issue 14): ``_C_cpu.exit_infer`` straight away
+    when backend resolution (``slvit_fast.backends.resolve``) would pick this backend for a float32 CPU
+    input - the only inputs exit_infer accepts; it checks the input against the config itself and
+    returns None whenever the full path must run, which then makes the usual checks and raises their
+    errors. None here: take the full path.
+
+    Nothing is cached: every input of the choice is read on every call, in the order resolve reads
+    them (not compiling - a compiled graph must not call the extension -, not exporting - ONNX export
+    takes the reference ops -, the registry holds this backend object - tests swap in doubles -, the
+    module's ``backend``, then ``SLVIT_FAST_BACKEND`` and ``AUTO_ORDER["cpu"]`` for "auto"). That costs
+    ~1 us; the full path's checks and resolution cost ~10x that per call at batch 1, mostly cache
+    misses after the kernel has run."""
+    if _is_compiling() or _is_exporting():
+        return None
+    fast = _exit_infer if _exit_infer is not False else _fast_entry()
+    if fast is None or _registry._loaded.get("cpu") is not BACKEND or cpp_ops.ensure_registered("cpu") is not None:
+        return None
+    requested = module.backend
+    if requested == "auto":
+        requested = _environ.get(env.BACKEND, "").strip() or "auto"
+        if requested == "auto" and _registry.AUTO_ORDER.get("cpu", ("torch",))[0] == "cpu":
+            requested = "cpu"
+    if requested != "cpu":
+        return None
+    return fast(module, x, extra)
 
 
 def fused_isa() -> str | None:
