@@ -2,6 +2,7 @@
 // forward with its weights validated once and kept (Prepared) while the parameters are unchanged.
 #pragma once
 
+#include <ATen/EmptyTensor.h>  // at::detail::empty_cpu: run_prepared's output without an op dispatch
 #include <ATen/core/Tensor.h>
 
 #include <memory>

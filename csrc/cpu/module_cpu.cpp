@@ -24,6 +24,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -36,19 +37,32 @@ namespace {
 
 using at::Tensor;
 
+// Sizes and strides are stored inline (parameters have at most kMaxDim dims; a larger one never
+// matches, so it is validated on every call): a key is one contiguous record, no extra cache misses.
+constexpr int64_t kMaxDim = 4;
 struct ParamKey {
   const void* impl;
   const void* data;
   int64_t version;
   at::ScalarType dtype;
-  std::vector<int64_t> sizes, strides;
+  int64_t dim;
+  int64_t sizes[kMaxDim], strides[kMaxDim];
 
   bool same(const Tensor& t) const {
-    return impl == t.unsafeGetTensorImpl() && data == t.data_ptr() && version == t._version() &&
-           dtype == t.scalar_type() && t.sizes() == at::IntArrayRef(sizes) && t.strides() == at::IntArrayRef(strides);
+    if (impl != t.unsafeGetTensorImpl() || data != t.data_ptr() || version != t._version() ||
+        dtype != t.scalar_type() || dim != t.dim() || dim > kMaxDim)
+      return false;
+    for (int64_t i = 0; i < dim; ++i)
+      if (sizes[i] != t.size(i) || strides[i] != t.stride(i)) return false;
+    return true;
   }
   static ParamKey of(const Tensor& t) {
-    return {t.unsafeGetTensorImpl(), t.data_ptr(), t._version(), t.scalar_type(), t.sizes().vec(), t.strides().vec()};
+    ParamKey k{t.unsafeGetTensorImpl(), t.data_ptr(), t._version(), t.scalar_type(), t.dim(), {}, {}};
+    for (int64_t i = 0; i < k.dim && i < kMaxDim; ++i) {
+      k.sizes[i] = t.size(i);
+      k.strides[i] = t.stride(i);
+    }
+    return k;
   }
 };
 
@@ -62,9 +76,18 @@ struct Entry {
   bool extra = false;    // config has extra tokens
   std::vector<ParamKey> keys;
   std::shared_ptr<slvit_cpu::Prepared> prep;
+  // Addresses the next call will read (the module tree's objects and dicts, every parameter's Python
+  // object, TensorImpl, storage and version counter): prefetched together when the call starts.
+  std::vector<const void*> touch;
+  bool retouch = true;  // record `touch` on the next walk (set when the parameters were re-validated)
 };
 
 std::unordered_map<PyObject*, Entry> g_cache;  // keyed by module identity; only touched with the GIL held
+// The entry of the last call's module (reset whenever an entry is erased): its `touch` list is
+// prefetched before anything else, so the ~200 cache misses of the parameter walk overlap instead of
+// following one another (after the kernel has run, the interpreter's objects are out of L1/L2).
+PyObject* g_last_module = nullptr;
+Entry* g_last_entry = nullptr;
 uint64_t g_fast = 0, g_validated = 0, g_declined = 0;
 
 // Parameter layout of slvit_fast.reference (read once from there: one definition for every backend).
@@ -125,12 +148,46 @@ bool init_once() {
   return true;
 }
 
+// Addresses read by the walk below, collected while an entry is (re)validated (else nullptr).
+std::vector<const void*>* g_touch = nullptr;
+
+void touch_dict(PyObject* d) {
+  g_touch->push_back(d);
+#if PY_VERSION_HEX < 0x030E0000
+  // its key table (header, hash index, entries of <= 24 bytes) and, for a split instance dict, its values
+  const PyDictObject* dict = (const PyDictObject*)d;
+  const int64_t used = dict->ma_used;
+  const char* keys = (const char*)dict->ma_keys;
+  for (int64_t i = 0, n = std::min<int64_t>(16, 2 + (used * 24 + 63) / 64); i < n; ++i) g_touch->push_back(keys + 64 * i);
+  const char* values = (const char*)dict->ma_values;
+  if (values)
+    for (int64_t i = -1, n = (used * 8 + 63) / 64; i < n; ++i) g_touch->push_back(values + 64 * i);
+#endif
+}
+
 // m.__dict__[attr] as a dict (borrowed), or nullptr. Instance-dict lookup only: no __getattr__ runs.
 PyObject* inst_dict_item(PyObject* m, PyObject* attr) {
   PyObject** dp = _PyObject_GetDictPtr(m);
   if (!dp || !*dp) return nullptr;
   PyObject* v = PyDict_GetItem(*dp, attr);
+  if (g_touch) {
+    g_touch->push_back(m);
+    touch_dict(*dp);
+    if (v && PyDict_Check(v)) touch_dict(v);
+  }
   return (v && PyDict_Check(v)) ? v : nullptr;
+}
+
+void touch_tensor(std::vector<const void*>& touch, PyObject* o, const Tensor& t) {
+  touch.push_back(o);
+  const char* impl = (const char*)t.unsafeGetTensorImpl();
+  for (size_t i = 0; i < sizeof(c10::TensorImpl); i += 64) touch.push_back(impl + i);
+  const char* storage = (const char*)t.storage().unsafeGetStorageImpl();
+  touch.push_back(storage);
+  touch.push_back(storage + 32);
+  // VariableVersion is one intrusive pointer to its counter (only an address to prefetch: any value is harmless)
+  static_assert(sizeof(c10::VariableVersion) == sizeof(void*), "VariableVersion layout");
+  touch.push_back(*reinterpret_cast<const void* const*>(&t.unsafeGetTensorImpl()->version_counter()));
 }
 
 PyObject* submodule(PyObject* m, PyObject* name) {  // borrowed or nullptr
@@ -139,7 +196,13 @@ PyObject* submodule(PyObject* m, PyObject* name) {  // borrowed or nullptr
 }
 
 bool read_group(PyObject* root, const std::vector<Path>& paths, std::vector<PyObject*>& out) {
+  if (g_touch) g_touch->push_back(root);
   for (const Path& p : paths) {
+    if (g_touch) {  // the key strings (their cached hashes are read)
+      g_touch->push_back(p.mods.data());
+      for (PyObject* k : p.mods) g_touch->push_back(k);
+      g_touch->push_back(p.leaf);
+    }
     PyObject* m = root;
     for (PyObject* k : p.mods)
       if (!(m = submodule(m, k))) return false;
@@ -187,6 +250,8 @@ void drop_entry(Entry& e) {
 }
 
 void sweep_dead() {
+  g_last_module = nullptr;
+  g_last_entry = nullptr;
   for (auto it = g_cache.begin(); it != g_cache.end();) {
     if (PyWeakref_GetObject(it->second.weak) == Py_None) {
       drop_entry(it->second);
@@ -247,6 +312,8 @@ PyObject* exit_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   PyObject *module = args[0], *xo = args[1], *eo = args[2];
+  if (module == g_last_module)
+    for (const void* p : g_last_entry->touch) __builtin_prefetch(p);
   if (!init_once()) return nullptr;
   if (!THPVariable_CheckExact(xo) || (eo != Py_None && !THPVariable_CheckExact(eo))) return decline();
   if (c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled() ||
@@ -274,6 +341,8 @@ PyObject* exit_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
   auto it = g_cache.find(module);
   if (it != g_cache.end() && PyWeakref_GetObject(it->second.weak) != module) {  // a new object at this address
+    g_last_module = nullptr;
+    g_last_entry = nullptr;
     drop_entry(it->second);
     g_cache.erase(it);
     it = g_cache.end();
@@ -289,6 +358,8 @@ PyObject* exit_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     it->second.weak = weak;
   }
   Entry& e = it->second;
+  g_last_module = module;
+  g_last_entry = &e;
   if (e.config != config && !read_config(e, config)) {
     PyErr_Clear();
     e.prep.reset();
@@ -301,9 +372,20 @@ PyObject* exit_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (e.dropout && training == Py_True) return decline();
   if (e.extra != extra.has_value()) return decline();  // wrong call: the op path raises the error
 
+  // the walk records what it reads on the first call and after a re-validation (a replaced Parameter
+  // or submodule changes the objects the next calls read); prefetching a stale address is harmless
   std::vector<PyObject*> objs;
   objs.reserve(64);
-  if (!read_params(module, e.extra, objs)) return decline();
+  const bool record = e.retouch;
+  if (record) {
+    e.retouch = false;
+    e.touch.clear();
+    e.touch.push_back(dp ? *dp : nullptr);
+    g_touch = &e.touch;
+  }
+  const bool found = read_params(module, e.extra, objs);
+  g_touch = nullptr;
+  if (!found) return decline();
   std::vector<Tensor> params;
   params.reserve(objs.size());
   bool same = e.prep && e.keys.size() == objs.size();
@@ -315,8 +397,11 @@ PyObject* exit_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
         (grad && t.requires_grad()))
       return decline();
     same = same && e.keys[i].same(t);
+    if (record) touch_tensor(e.touch, objs[i], t);
     params.push_back(t);  // kept alive while the kernel runs without the GIL
   }
+  if (record)
+    for (size_t i = 0; i < e.keys.size() * sizeof(ParamKey); i += 64) e.touch.push_back((const char*)e.keys.data() + i);
   if (same && !slvit_cpu::entry_matches(*e.prep, x, extra)) same = false;
   if (!same) {
     e.prep.reset();
@@ -327,6 +412,7 @@ PyObject* exit_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       return decline();  // the op path reports it
     }
     for (const Tensor& t : params) e.keys.push_back(ParamKey::of(t));
+    e.retouch = true;
     ++g_validated;
   }
   ++g_fast;
