@@ -52,7 +52,14 @@ def _fast_entry():
 _exit_infer = False
 _is_compiling = torch.compiler.is_compiling
 _is_exporting = torch.compiler.is_exporting
-_environ = os.environ
+# SLVIT_FAST_BACKEND read from os.environ's own mapping: os.environ.get() raises and catches KeyError
+# inside when the variable is unset (the usual case), which measured ~35 us per call at batch 1 (the
+# exception machinery runs with cold caches right after the kernel); a dict lookup costs ~1 us. Same
+# data - os.environ keeps it, putenv follows it - so a change is seen on the next call.
+try:
+    _env_data, _env_backend_key, _env_decode = os.environ._data, os.environ.encodekey(env.BACKEND), os.environ.decodevalue
+except AttributeError:  # not CPython's os.environ
+    _env_data = None
 
 
 def fast_forward(module, x, extra):
@@ -65,9 +72,9 @@ def fast_forward(module, x, extra):
     Nothing is cached: every input of the choice is read on every call, in the order resolve reads
     them (not compiling - a compiled graph must not call the extension -, not exporting - ONNX export
     takes the reference ops -, the registry holds this backend object - tests swap in doubles -, the
-    module's ``backend``, then ``SLVIT_FAST_BACKEND`` and ``AUTO_ORDER["cpu"]`` for "auto"). That costs
-    ~1 us; the full path's checks and resolution cost ~10x that per call at batch 1, mostly cache
-    misses after the kernel has run."""
+    module's ``backend``, then ``SLVIT_FAST_BACKEND`` and ``AUTO_ORDER["cpu"]`` for "auto"). At batch 1
+    every Python operation here runs with cold caches after the previous kernel: measured, this gate
+    costs ~8 us over calling exit_infer directly, the full path's checks and resolution ~45 us."""
     if _is_compiling() or _is_exporting():
         return None
     fast = _exit_infer if _exit_infer is not False else _fast_entry()
@@ -75,7 +82,12 @@ def fast_forward(module, x, extra):
         return None
     requested = module.backend
     if requested == "auto":
-        requested = _environ.get(env.BACKEND, "").strip() or "auto"
+        if _env_data is not None:
+            raw = _env_data.get(_env_backend_key)
+            raw = "" if raw is None else _env_decode(raw)
+        else:
+            raw = os.environ.get(env.BACKEND, "")
+        requested = raw.strip() or "auto"
         if requested == "auto" and _registry.AUTO_ORDER.get("cpu", ("torch",))[0] == "cpu":
             requested = "cpu"
     if requested != "cpu":
