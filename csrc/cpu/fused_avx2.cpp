@@ -646,24 +646,17 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
           for (int64_t c = cols; c < ncomp; ++c) cb.o[r * ld + c] = 0.f;
         mark(t, kPhAttention);
       }
+      // heads >= workers: every worker has at least one head (Team::share), so each writes its partial
       for (int wk = t.w0; wk < t.w1; ++wk) {
         int64_t h0, h1;
         Team::share(p.heads, wk, t.n, h0, h1);
-        if (h0 < h1) {
-          const int64_t r0 = h0 * p.kd, r1 = h1 * p.kd;
-          gemm(0, d, ncomp, r1 - r0, w.Wo + r0, A, 1, cb.o + r0 * ld, ld, wk == 0 ? cb.t1 : partials + wk * part_stride,
-               ld, wk == 0 ? eo : Epi());
-        } else if (wk == 0) {
-          for (int64_t r = 0; r < d; ++r)
-            for (int64_t c = 0; c < ncomp; ++c) cb.t1[r * ld + c] = cur[r * ld + c] + w.bo[r];
-        }
+        const int64_t r0 = h0 * p.kd, r1 = h1 * p.kd;
+        gemm(0, d, ncomp, r1 - r0, w.Wo + r0, A, 1, cb.o + r0 * ld, ld, wk == 0 ? cb.t1 : partials + wk * part_stride,
+             ld, wk == 0 ? eo : Epi());
       }
       end_phase(t, kPhOutProj);
       for_share(t, d, [&](int64_t r0, int64_t r1) {
         for (int wk = 1; wk < t.n; ++wk) {
-          int64_t h0, h1;
-          Team::share(p.heads, wk, t.n, h0, h1);
-          if (h0 == h1) continue;
           const float* part = partials + wk * part_stride;
           for (int64_t r = r0; r < r1; ++r)
             for (int64_t c = 0; c < ncomp; ++c) cb.t1[r * ld + c] += part[r * ld + c];
