@@ -297,3 +297,16 @@ def test_forward_input_errors_are_raised_before_and_after_the_entry_point():
     with torch.no_grad(), pytest.raises(SLViTInputError, match="empty batch"):
         m(x[:0])
     assert fast_calls(m, x)[0] == 1
+
+
+def test_forward_under_inference_mode_takes_the_entry_point():
+    """`slvit-fast bench` times inference under torch.inference_mode: the fast path must run there too, and
+    its output is an inference tensor like the op path's."""
+    c = awkward_config("N25-h1")
+    m, ref = pair(c)
+    x = torch.randn(1, c.in_channels, *c.feature_size)
+    with torch.inference_mode():
+        n, out = fast_calls(m, x)
+        expected = ref(x)
+    assert n == 1 and out.is_inference() and expected.is_inference()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
