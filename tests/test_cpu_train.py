@@ -27,8 +27,9 @@ pytestmark = pytest.mark.skipif(reason is not None, reason=f"cpu backend not bui
 
 # (threads, samples per chunk (None = default), AVX2 kernels of the ATen path (None = default), training path
 # (None = fused on the auto ISA, "avx2"/"avx512" = fused on those tiles, "off" = ATen/BLAS)): cpu_train_splits.py
-SPLITS = [(1, None, None), (2, None, None), (2, 1, None), (2, 3, None, "avx2"), (1, None, None, "avx2"),
-          (2, 3, None, "avx512"), (1, None, None, "off"), (2, 3, "gelu,attn", "off"), (2, None, "none", "off")]
+# (1 thread on the AVX2 tiles: tests/test_cpu_train_fused.py)
+SPLITS = [(1, None, None), (2, None, None), (2, 1, None, "avx2"), (2, 3, None, "avx512"), (1, None, None, "off"),
+          (2, 3, "gelu,attn", "off"), (2, None, "none", "off")]
 
 
 split = split_fixture(SPLITS)

@@ -1013,11 +1013,12 @@ static bool has_slack(const Tensor& t) {
          t.storage().nbytes() >= (size_t)(t.storage_offset() + t.numel() + kSlack) * sizeof(float);
 }
 
-// The fused forward does not write the saved patch matrix (saved[0], shape kept for the ops' fake
-// implementation): both backwards gather the patches again from x, chunk by chunk into L2 (fused) or
-// once for the batch (ATen path), instead of a 25.7 MB write and read (resnet152-b1, batch 64). It
-// marks that in the tensor's slack (NaN payloads no input can produce by accident; a stale mark in
-// recycled memory only makes the ATen backward re-gather patches it already has: the same values).
+// The fused forward does not write the saved patch matrix, Q/K/V and MLP hidden activations (saved[0]
+// and each layer's qkv, hpre, hact; shapes kept for the ops' fake implementation): both backwards gather
+// the patches again from x and recompute qkv = Wqkv y1 + b from the saved y1, hpre = W1 y2 + c1 and
+// hact = dropout(GELU(hpre)) from the saved y2 (K = d GEMMs), chunk by chunk in L2 (fused) or once for
+// the batch (ATen path), instead of writing and re-reading 66 MB (resnet152-b1, batch 64). The mark is in the patch tensor's slack (NaN payloads no input can produce
+// by accident; a stale mark in recycled memory only makes the ATen backward recompute values it has).
 static constexpr uint32_t kPmTag = 0x7fc0da7aU;
 static void tag_pm_unwritten(const Tensor& pm) {
   uint32_t* s = reinterpret_cast<uint32_t*>(pm.data_ptr<float>() + pm.numel());
@@ -1303,12 +1304,14 @@ static void backward_chunk(const Tensor& g, const c10::optional<Tensor>& extra, 
 // (the epilogue adds C itself), how the per-worker weight gradients are summed over chunks.
 static void tile_gemm(int isa, int64_t rows, int64_t cols, int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
                       const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t nseg = 1,
-                      int64_t a_seg = 0, int64_t b_seg = 0, const float* add = nullptr, int64_t ld_add = 0) {
+                      int64_t a_seg = 0, int64_t b_seg = 0, const float* add = nullptr, int64_t ld_add = 0,
+                      int act = slvit_fused::kNone) {
   if (rows <= 0 || cols <= 0) return;
   slvit_fused::Shape sh;
   sh.K = K; sh.a_rs = a_rs; sh.a_ks = a_ks; sh.ldb = ldb; sh.ldc = ldc;
   sh.nseg = nseg; sh.a_seg = a_seg; sh.b_seg = b_seg;
   slvit_fused::Epi e;
+  e.act = act;
   if (accumulate) {
     e.add = C;
     e.ld_add = ldc;
@@ -1349,28 +1352,31 @@ static Tensor slack_copy(const Tensor& w) {
 
 // Weights of the fused backward, built once per call (B operands need kSlack floats after them).
 struct FusedBwdWeights {
-  std::vector<Tensor> Wqkv, W1, W2, Wo;  // per layer
+  // per layer; W1T, WqkvT / bqkv: B operands and bias of fc1 and Q/K/V, to recompute hpre and qkv
+  std::vector<Tensor> Wqkv, W1, W2, Wo, W1T, WqkvT, bqkv;
 };
 
 // Per-worker buffers of one chunk of the fused backward (reused across the worker's chunks).
 struct FusedBwdBufs {
   Tensor keep;
-  float *dm, *dh, *dy, *dO, *dqkv, *scr, *mask, *pm;  // pm: the chunk's patch matrix, gathered again from x
+  // pm: the chunk's patch matrix, gathered again from x; hpre / hact / qkv: recomputed
+  float *dm, *dh, *dy, *dO, *dqkv, *scr, *mask, *pm, *hpre, *hact, *qkv;
 };
 
 static FusedBwdBufs fused_bwd_bufs(const Cfg& c, int64_t cs) {
   const int64_t n = cs * c.T;
   auto r = [](int64_t v) { return (v + kSlack + 15) / 16 * 16; };
   const int64_t nmask = c.thr_attn > 0 ? cs * c.heads * c.T * c.T : 0;
-  const int64_t sizes[8] = {r(n * c.d), r(n * c.mlp), r(n * c.d), r(n * c.A), r(n * 3 * c.A),
-                            r(slvit_train::attn_scratch_floats(c.T, c.kd)), r(nmask), r(cs * c.Np * c.P)};
+  const int64_t sizes[11] = {r(n * c.d), r(n * c.mlp), r(n * c.d), r(n * c.A), r(n * 3 * c.A),
+                             r(slvit_train::attn_scratch_floats(c.T, c.kd)), r(nmask), r(cs * c.Np * c.P),
+                             r(n * c.mlp), r(n * c.mlp), r(n * 3 * c.A)};
   int64_t total = 0;
   for (int64_t v : sizes) total += v;
   FusedBwdBufs b;
   b.keep = at::empty({total}, at::TensorOptions().dtype(at::kFloat));
   float* q = fptr(b.keep);
-  float** dst[8] = {&b.dm, &b.dh, &b.dy, &b.dO, &b.dqkv, &b.scr, &b.mask, &b.pm};
-  for (int i = 0; i < 8; ++i) {
+  float** dst[11] = {&b.dm, &b.dh, &b.dy, &b.dO, &b.dqkv, &b.scr, &b.mask, &b.pm, &b.hpre, &b.hact, &b.qkv};
+  for (int i = 0; i < 11; ++i) {
     *dst[i] = q;
     q += sizes[i];
   }
@@ -1397,6 +1403,18 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
                  &t1 = s[7], &mean2 = s[8], &rstd2 = s[9], &y2 = s[10], &hpre = s[11], &hact = s[12];
     const Tensor &g1 = p[pi], &be1 = p[pi + 1], &g2 = p[pi + 10], &be2 = p[pi + 11];
 
+    // the MLP hidden activations: saved (ATen-path layout) or recomputed from the saved y2
+    const float* hpre_p = fptr(hpre);
+    const float* hact_p = fptr(hact);
+    if (regather_pm) {
+      RECORD_FUNCTION("slvit_cpu::bwd_recompute_fc1", std::vector<c10::IValue>());
+      tile_gemm(isa, n, mlp, d, fptr(y2), d, 1, fptr(fw.W1T[l]), mlp, buf.hpre, mlp, false, 1, 0, 0, fptr(p[pi + 13]),
+                0);
+      slvit_fused::gelu_forward(buf.hpre, buf.hact, n * mlp);
+      dropout_apply(buf.hact, n * mlp, b0 * c.T * mlp, 3 + 3 * l, c.thr_drop, c.seed);
+      hpre_p = buf.hpre;
+      hact_p = buf.hact;
+    }
     // MLP block. dm: gradient of the fc2 output before its dropout (the residual path is not dropped)
     const float* dm = fptr(dt);
     if (c.thr_drop > 0) {
@@ -1408,7 +1426,7 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
     // dW2 += dm^T hact;  dh = (dm W2) * dropout mask * gelu'(hpre)
     {
       RECORD_FUNCTION("slvit_cpu::bwd_dW2", std::vector<c10::IValue>());
-      dw_gemm(isa, d, mlp, n, dm, d, fptr(hact), mlp, fptr(acc[pi + 14]));
+      dw_gemm(isa, d, mlp, n, dm, d, hact_p, mlp, fptr(acc[pi + 14]));
     }
     {
       RECORD_FUNCTION("slvit_cpu::bwd_dh", std::vector<c10::IValue>());
@@ -1417,7 +1435,7 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
     dropout_apply(buf.dh, n * mlp, b0 * c.T * mlp, 3 + 3 * l, c.thr_drop, c.seed);
     {
       RECORD_FUNCTION("slvit_cpu::gelu_backward", std::vector<c10::IValue>());
-      slvit_fused::gelu_backward(buf.dh, fptr(hpre), buf.dh, n * mlp);
+      slvit_fused::gelu_backward(buf.dh, hpre_p, buf.dh, n * mlp);
     }
     colsum_add(buf.dh, n, mlp, mlp, fptr(acc[pi + 13]));
     {
@@ -1453,7 +1471,13 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
       RECORD_FUNCTION("slvit_cpu::attn_backward", std::vector<c10::IValue>());
       slvit_train::AttnChunk ac;
       ac.isa = isa; ac.S = c.B; ac.T = c.T; ac.heads = c.heads; ac.kd = c.kd; ac.A = A; ac.scale = scale;
-      ac.qkv = fptr(qkv); ac.P = fptr(P); ac.mask = mask; ac.o = nullptr; ac.dO = buf.dO; ac.dqkv = buf.dqkv;
+      const float* qkvp = fptr(qkv);
+      if (regather_pm) {  // Q/K/V were not saved: recompute them from the saved y1 (a K = d GEMM)
+        tile_gemm(isa, n, A3, d, fptr(y1), d, 1, fptr(fw.WqkvT[l]), A3, buf.qkv, A3, false, 1, 0, 0,
+                  fptr(fw.bqkv[l]), 0);
+        qkvp = buf.qkv;
+      }
+      ac.qkv = qkvp; ac.P = fptr(P); ac.mask = mask; ac.o = nullptr; ac.dO = buf.dO; ac.dqkv = buf.dqkv;
       ac.scratch = buf.scr;
       slvit_train::attn_backward_chunk(ac);
     }
@@ -1522,9 +1546,10 @@ static void train_forward_fused(int isa, const Tensor& x, const c10::optional<Te
                                 Tensor& out) {
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
   const int64_t d = c.d, A = c.A, A3 = 3 * c.A, mlp = c.mlp, T = c.T, Np = c.Np;
-  // SLVIT_FAST_CPU_TRAIN_SAVE_PATCHES=1 (benchmark/test knob): save the patch matrix as the ATen path does
-  const char* spe = std::getenv("SLVIT_FAST_CPU_TRAIN_SAVE_PATCHES");
-  const bool save_pm = spe && *spe && std::strcmp(spe, "0") != 0;
+  // SLVIT_FAST_CPU_TRAIN_SAVE_ALL=1 (benchmark/test knob): save the patches and the MLP hidden
+  // activations (pre- and post-GELU) as the ATen path does, instead of recomputing them in the backward
+  const char* spe = std::getenv("SLVIT_FAST_CPU_TRAIN_SAVE_ALL");
+  const bool save_all = spe && *spe && std::strcmp(spe, "0") != 0;
   Tensor xf = x.to(at::kFloat);
   const bool cl = channels_inner(xf);
   // B operands (transposed weights, with slack) and bias vectors, once per call
@@ -1561,18 +1586,21 @@ static void train_forward_fused(int isa, const Tensor& x, const c10::optional<Te
     cc.B = S;
     if (!scr[w].defined()) {
       const int64_t nmask = c.thr_attn > 0 ? cs * c.heads * T * T : 0;
-      scr[w] = at::empty({slvit_train::attn_scratch_floats(T, c.kd) + nmask + cs * Np * c.P + kSlack + 64}, fopt);
+      scr[w] = at::empty({slvit_train::attn_scratch_floats(T, c.kd) + nmask + cs * Np * c.P + cs * T * (mlp + A3) +
+                          3 * kSlack + 64}, fopt);
     }
     float* ascr = fptr(scr[w]);
     const int64_t nascr = slvit_train::attn_scratch_floats(T, c.kd);
     float* mask = c.thr_attn > 0 ? ascr + nascr : nullptr;
     float* pmbuf = ascr + nascr + (c.thr_attn > 0 ? cs * c.heads * T * T : 0);
+    float* hbuf = pmbuf + cs * Np * c.P + kSlack;  // the MLP hidden activations when they are not saved
+    float* qbuf = hbuf + cs * T * mlp + kSlack;     // Q/K/V when they are not saved
     auto view = [&](int64_t k) {  // this chunk's rows of saved tensor k
       const int64_t per = sink[k].size(0) / c.B;
       return sink[k].narrow(0, b0 * per, S * per);
     };
     // 1. patches (into this worker's buffer, not saved) -> embedding + bias + position; extra tokens; dropout
-    Tensor pm = save_pm ? view(0) : at::from_blob(pmbuf, {S * Np, c.P}, fopt);
+    Tensor pm = save_all ? view(0) : at::from_blob(pmbuf, {S * Np, c.P}, fopt);
     Tensor xc = xf.narrow(0, b0, S);
     {
       RECORD_FUNCTION("slvit_cpu::patch_gather", std::vector<c10::IValue>());
@@ -1611,10 +1639,10 @@ static void train_forward_fused(int isa, const Tensor& x, const c10::optional<Te
              o = view(sk + 6), t1 = view(sk + 7), mean2 = view(sk + 8), rstd2 = view(sk + 9), y2 = view(sk + 10),
              hpre = view(sk + 11), hact = view(sk + 12);
       at::native_layer_norm_out(y1, mean1, rstd1, t, {d}, p[q], p[q + 1], eps);
+      float* qkvp = save_all ? fptr(qkv) : qbuf;  // not saved: the backward recomputes it from y1
       {
         RECORD_FUNCTION("slvit_cpu::fwd_qkv", std::vector<c10::IValue>());
-        tile_gemm(isa, n, A3, d, fptr(y1), d, 1, fptr(lw[l].WqkvT), A3, fptr(qkv), A3, false, 1, 0, 0,
-                  fptr(lw[l].bqkv), 0);
+        tile_gemm(isa, n, A3, d, fptr(y1), d, 1, fptr(lw[l].WqkvT), A3, qkvp, A3, false, 1, 0, 0, fptr(lw[l].bqkv), 0);
       }
       if (mask) {
         const int64_t nm = S * c.heads * T * T;
@@ -1625,7 +1653,7 @@ static void train_forward_fused(int isa, const Tensor& x, const c10::optional<Te
         RECORD_FUNCTION("slvit_cpu::attn_forward", std::vector<c10::IValue>());
         slvit_train::AttnChunk ac;
         ac.isa = isa; ac.S = S; ac.T = T; ac.heads = c.heads; ac.kd = c.kd; ac.A = A; ac.scale = scale;
-        ac.qkv = fptr(qkv); ac.P = fptr(P); ac.mask = mask; ac.o = fptr(o); ac.dO = nullptr; ac.dqkv = nullptr;
+        ac.qkv = qkvp; ac.P = fptr(P); ac.mask = mask; ac.o = fptr(o); ac.dO = nullptr; ac.dqkv = nullptr;
         ac.scratch = ascr;
         slvit_train::attn_forward_chunk(ac);
       }
@@ -1638,21 +1666,25 @@ static void train_forward_fused(int isa, const Tensor& x, const c10::optional<Te
           for (int64_t f = 0; f < d; ++f) t1p[r * d + f] += bo[f];
       }
       at::native_layer_norm_out(y2, mean2, rstd2, t1, {d}, p[q + 10], p[q + 11], eps);
-      {
+      // fc1 + GELU: into the saved hpre / hact (SAVE_ALL), else with GELU in the epilogue into this
+      // worker's buffer (the backward recomputes hpre from the saved y2: a K = d GEMM on L2-resident
+      // rows instead of writing and re-reading 2 x n x mlp floats)
+      float* hid = save_all ? fptr(hact) : hbuf;
+      if (save_all) {
         RECORD_FUNCTION("slvit_cpu::fwd_fc1", std::vector<c10::IValue>());
         tile_gemm(isa, n, mlp, d, fptr(y2), d, 1, fptr(lw[l].W1T), mlp, fptr(hpre), mlp, false, 1, 0, 0,
                   fptr(p[q + 13]), 0);
+        slvit_fused::gelu_forward(fptr(hpre), hid, n * mlp);
+      } else {
+        RECORD_FUNCTION("slvit_cpu::fwd_fc1", std::vector<c10::IValue>());
+        tile_gemm(isa, n, mlp, d, fptr(y2), d, 1, fptr(lw[l].W1T), mlp, hid, mlp, false, 1, 0, 0, fptr(p[q + 13]), 0,
+                  slvit_fused::kGelu);
       }
-      {
-        RECORD_FUNCTION("slvit_cpu::gelu", std::vector<c10::IValue>());
-        slvit_fused::gelu_forward(fptr(hpre), fptr(hact), n * mlp);
-      }
-      dropout_apply(fptr(hact), n * mlp, b0 * T * mlp, 3 + 3 * l, c.thr_drop, c.seed);  // saved dropped
+      dropout_apply(hid, n * mlp, b0 * T * mlp, 3 + 3 * l, c.thr_drop, c.seed);
       Tensor t2 = l + 1 < c.layers ? view(sk + kSavedPerLayer) : view(nsaved - 3).view({n, d});
       {
         RECORD_FUNCTION("slvit_cpu::fwd_fc2", std::vector<c10::IValue>());
-        tile_gemm(isa, n, d, mlp, fptr(hact), mlp, 1, fptr(lw[l].W2T), d, fptr(t2), d, false, 1, 0, 0,
-                  fptr(p[q + 15]), 0);
+        tile_gemm(isa, n, d, mlp, hid, mlp, 1, fptr(lw[l].W2T), d, fptr(t2), d, false, 1, 0, 0, fptr(p[q + 15]), 0);
       }
       dropout_apply(fptr(t2), n * d, b0 * T * d, 4 + 3 * l, c.thr_drop, c.seed);
       if (c.residual) {
@@ -1663,7 +1695,7 @@ static void train_forward_fused(int isa, const Tensor& x, const c10::optional<Te
       t = t2;
     }
   }, true);
-  if (!save_pm) tag_pm_unwritten(sink[0]);
+  if (!save_all) tag_pm_unwritten(sink[0]);
   // head, batch-wide (ATen threads)
   const Tensor &flat = sink[nsaved - 3], &z = sink[nsaved - 2], &a = sink[nsaved - 1];
   at::addmm_out(const_cast<Tensor&>(z), p[head0 + 1], flat, p[head0].t());
@@ -1711,11 +1743,15 @@ std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const
       fw.Wo.push_back(slack_copy(p[pi + 8]));
       fw.W1.push_back(slack_copy(p[pi + 12]));
       fw.W2.push_back(slack_copy(p[pi + 14]));
+      fw.W1T.push_back(slack_copy(p[pi + 12].t()));
+      fw.WqkvT.push_back(slack_copy(bw.Wqkv[l].t()));
+      fw.bqkv.push_back(at::cat({p[pi + 3], p[pi + 5], p[pi + 7]}, 0));
     }
     Tensor xf = x.to(at::kFloat);
     // saved activations read as B operands need slack after them (ours have it; a copy made elsewhere may not)
     std::vector<Tensor> sv(saved.begin(), saved.end());
-    const bool regather_pm = pm_unwritten(sv[0]);  // the fused forward did not save the patches
+    // the fused forward did not save the patches and the MLP hidden activations: recompute them
+    const bool regather_pm = pm_unwritten(sv[0]);
     for (auto& t : sv)
       if (!has_slack(t)) t = slack_copy(t.to(at::kFloat));
     int64_t nw, cs;
@@ -1760,7 +1796,15 @@ std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const
 #endif
   {
   std::vector<Tensor> sv(saved.begin(), saved.end());
-  if (pm_unwritten(sv[0])) {  // saved by the fused forward: gather the patches again
+  if (pm_unwritten(sv[0])) {  // saved by the fused forward: gather the patches, recompute the MLP hidden
+    for (int64_t l = 0; l < c.layers; ++l) {
+      const int64_t pi = layer0 + l * kPerLayer, k = 1 + l * kSavedPerLayer;
+      sv[k + 4] = at::addmm(at::cat({p[pi + 3], p[pi + 5], p[pi + 7]}, 0), sv[k + 3], bw.Wqkv[l].t());
+      sv[k + 11] = at::addmm(p[pi + 13], sv[k + 10], p[pi + 12].t());
+      sv[k + 12] = at::empty_like(sv[k + 11]);
+      gelu_into(sv[k + 12], sv[k + 11]);
+      dropout_apply(sv[k + 12].data_ptr<float>(), sv[k + 12].numel(), 0, 3 + 3 * l, c.thr_drop, c.seed);
+    }
     Tensor xf = x.to(at::kFloat);
     sv[0] = at::empty({c.B * c.Np, c.P}, fopt);
     if (bw.cl)
