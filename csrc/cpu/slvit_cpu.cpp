@@ -5,9 +5,11 @@
 // entry point that skips the op (module_cpu.cpp: _C_cpu.exit_infer) uses entry_* below.
 //
 // Inference (save=false) on AVX2+FMA CPUs runs the fused kernels of fused_avx2.cpp (fused_forward
-// below); the rest of this file is the ATen/BLAS path: training (save=true, returns the activations
-// for the backward) and the inference fallback (inference_forward: the same building blocks in a
-// bounded workspace, large batches in chunks).
+// below); training (save=true, returns the activations for the backward) on AVX2+FMA CPUs runs the
+// fused training path (train_forward_fused / backward_chunk_fused: the same GEMM tiles, attention in
+// fused_train.cpp, SLVIT_FAST_CPU_TRAIN_FUSED); the rest of this file is the ATen/BLAS path: training
+// without the fused kernels and the inference fallback (inference_forward: the same building blocks in
+// a bounded workspace, large batches in chunks).
 //
 // Design (see csrc/README.md): one C++ call per forward / backward, so batch 1 pays no per-op
 // Python overhead; everything computes in float32 (fp16/bf16 inputs are upcast once, outputs cast
