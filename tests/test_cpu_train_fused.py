@@ -118,11 +118,33 @@ def test_saved_list_matches_the_fake_implementation(monkeypatch):
             assert all(t.dtype == f.dtype and t.is_contiguous() for t, f in zip(res[1:], fake)), (name, path)
 
 
+def test_saved_list_is_a_function_of_the_inputs_and_survives_copies(monkeypatch):
+    """Two forwards return equal saved lists (what is left to the backward reads as zeros; opcheck compares
+    them), and the backward of copies of the saved tensors (no allocation slack, the fused path's mark in
+    the values) gives the same gradients."""
+    monkeypatch.setenv(FUSED, "1")
+    c, m, x, extra, g = _op_case("grid16x9-h24-extra", num_layers=2)
+    ps, cfg = [p.detach() for p in cpp_ops.module_params(m)], cpp_ops.config_ints(c)
+    with torch.no_grad():
+        a = torch.ops.slvit_fast.cpu_exit_forward(x, extra, ps, cfg, c.ln_eps, True)
+        b = torch.ops.slvit_fast.cpu_exit_forward(x, extra, ps, cfg, c.ln_eps, True)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    base = torch.ops.slvit_fast.cpu_exit_backward(g, x, extra, ps, list(a[1:]), cfg, c.ln_eps, True)
+    for path in ("1", "0"):
+        monkeypatch.setenv(FUSED, path)
+        copied = torch.ops.slvit_fast.cpu_exit_backward(g, x, extra, ps, [t.clone() for t in a[1:]], cfg, c.ln_eps,
+                                                        True)
+        for u, v in zip(copied, base):
+            scale = v.abs().max().item() if v.numel() else 0.0
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6 * scale + 1e-6)
+
+
 @pytest.mark.parametrize("fwd,bwd", [("1", "0"), ("0", "1")], ids=["fused-then-aten", "aten-then-fused"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_forward_of_one_path_backward_of_the_other(fwd, bwd, channels_last, monkeypatch):
-    """The saved set says whether the patches were saved (the fused forward marks them unwritten): a backward
-    of either path after a forward of either path gives the same gradients."""
+    """The saved set says whether patches, Q/K/V and the MLP hidden activations were saved (the fused forward
+    marks it): a backward of either path after a forward of either path gives the same gradients."""
     c, m, x, extra, g = _op_case("grid16x9-h24-extra")
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -165,7 +187,8 @@ def test_pool_off_and_bad_pool_value(monkeypatch):
 
 @pytest.mark.parametrize("value,fused", [("", True), ("on", True), (" TRUE ", True), ("0", False), ("Off", False)])
 def test_switch_values(value, fused, monkeypatch):
-    """The ATen path saves the gathered patches; the fused path never reads them (garbage there changes nothing)."""
+    """The ATen path saves the gathered patches; the fused path leaves them (and Q/K/V, the MLP hidden
+    activations) to the backward: garbage there changes nothing."""
     monkeypatch.setenv(FUSED, value)
     c, m, x, extra, g = _op_case("N25-h1")
     ps, cfg = [p.detach() for p in cpp_ops.module_params(m)], cpp_ops.config_ints(c)
@@ -175,7 +198,8 @@ def test_switch_values(value, fused, monkeypatch):
         assert torch.equal(res[1], patches.transpose(1, 2).reshape(res[1].shape))
         return
     base = torch.ops.slvit_fast.cpu_exit_backward(g, x, None, ps, list(res[1:]), cfg, c.ln_eps, True)
-    res[1].fill_(float("nan"))  # the slack after it (the "not saved" mark) is left alone
+    for k in (1, 1 + 1 + 4, 1 + 1 + 11, 1 + 1 + 12):  # patches, qkv, hpre, hact: not read by the backward
+        res[k].fill_(float("nan"))
     again = torch.ops.slvit_fast.cpu_exit_backward(g, x, None, ps, list(res[1:]), cfg, c.ln_eps, True)
     for a, b in zip(base, again):
         assert torch.equal(a, b)

@@ -66,6 +66,7 @@
 #include <cctype>
 #include <map>
 #include <memory>
+#include <sys/mman.h>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -1015,23 +1016,34 @@ static bool has_slack(const Tensor& t) {
          t.storage().nbytes() >= (size_t)(t.storage_offset() + t.numel() + kSlack) * sizeof(float);
 }
 
-// The fused forward does not write the saved patch matrix, Q/K/V and MLP hidden activations (saved[0]
-// and each layer's qkv, hpre, hact; shapes kept for the ops' fake implementation): both backwards gather
-// the patches again from x and recompute qkv = Wqkv y1 + b from the saved y1, hpre = W1 y2 + c1 and
-// hact = dropout(GELU(hpre)) from the saved y2 (K = d GEMMs), chunk by chunk in L2 (fused) or once for
-// the batch (ATen path), instead of writing and re-reading 66 MB (resnet152-b1, batch 64). The mark is in the patch tensor's slack (NaN payloads no input can produce
-// by accident; a stale mark in recycled memory only makes the ATen backward recompute values it has).
-static constexpr uint32_t kPmTag = 0x7fc0da7aU;
-static void tag_pm_unwritten(const Tensor& pm) {
-  uint32_t* s = reinterpret_cast<uint32_t*>(pm.data_ptr<float>() + pm.numel());
-  for (int64_t i = 0; i < kSlack; ++i) s[i] = kPmTag + (uint32_t)i;
+// The fused forward does not compute into the saved patch matrix, Q/K/V and MLP hidden activations
+// (saved[0] and each layer's qkv, hpre, hact; shapes kept for the ops' fake implementation): both
+// backwards gather the patches again from x and recompute qkv = Wqkv y1 + b from the saved y1,
+// hpre = W1 y2 + c1 and hact = dropout(GELU(hpre)) from the saved y2 (K = d GEMMs), chunk by chunk in L2
+// (fused) or once for the batch (ATen path), instead of writing and re-reading 66 MB (resnet152-b1,
+// batch 64). Those tensors are fresh anonymous mappings never written (zeros: the op stays a function of
+// its inputs, as opcheck requires, at no page-fault cost), and the saved set is marked by storing the
+// first layer's LayerNorm rstd negated (rstd = 1/sqrt(var + eps) is never negative in the ATen path's
+// saved set; a mark in the values survives copies of the saved tensors).
+static Tensor zero_mapped(at::IntArrayRef shape) {
+  int64_t n = 1;
+  for (auto v : shape) n *= v;
+  const size_t bytes = ((size_t)(n + kSlack) * sizeof(float) + 4095) / 4096 * 4096;
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(p != MAP_FAILED, "slvit_fast: out of memory mapping ", bytes, " bytes");
+  Tensor t = at::from_blob(p, {n + kSlack}, [bytes](void* q) { munmap(q, bytes); },
+                           at::TensorOptions().dtype(at::kFloat));
+  return t.narrow(0, 0, n).view(shape);
 }
-static bool pm_unwritten(const Tensor& pm) {
-  if (!has_slack(pm)) return false;
-  const uint32_t* s = reinterpret_cast<const uint32_t*>(pm.data_ptr<float>() + pm.numel());
-  for (int64_t i = 0; i < kSlack; ++i)
-    if (s[i] != kPmTag + (uint32_t)i) return false;
-  return true;
+
+// True when saved rstd (the first layer's) carries the fused forward's mark: its first non-NaN value is
+// negative (all NaN: unmarked).
+static bool recompute_marked(const Tensor& rstd1) {
+  const Tensor r = rstd1.contiguous();
+  const float* v = r.data_ptr<float>();
+  for (int64_t i = 0; i < r.numel(); ++i)
+    if (!std::isnan(v[i])) return v[i] < 0.f;
+  return false;
 }
 
 // SLVIT_FAST_CPU_TRAIN_FUSED: the fused training path (fused_train.h: the inference kernels' GEMM tiles,
@@ -1065,23 +1077,31 @@ static int train_fused_isa() {
 #ifdef SLVIT_FUSED_AVX2
 static void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& extra,
                                 const std::vector<Tensor>& p, const Cfg& c, double eps, std::vector<Tensor>& sink,
-                                Tensor& out);
+                                Tensor& out, bool save_all);
 #endif
 
 static std::vector<Tensor> train_forward(const Tensor& x, const c10::optional<Tensor>& extra,
                                          const std::vector<Tensor>& p, const Cfg& c, double eps, int isa) {
   const bool fused = isa >= 0;
+  // SLVIT_FAST_CPU_TRAIN_SAVE_ALL=1 (benchmark/test knob): the fused forward saves the patches, Q/K/V and
+  // the MLP hidden activations as the ATen path does, instead of leaving them to the backward
+  const char* spe = std::getenv("SLVIT_FAST_CPU_TRAIN_SAVE_ALL");
+  const bool save_all = !fused || (spe && *spe && std::strcmp(spe, "0") != 0);
   RECORD_FUNCTION("slvit_cpu::train_forward", std::vector<c10::IValue>());
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
   const int64_t BT = c.B * c.T;
   std::vector<Tensor> sink;
   auto salloc = fused ? pooled_slack : empty_slack;
-  sink.push_back(salloc({c.B * c.Np, c.P}));
+  auto unsaved = save_all ? salloc : zero_mapped;  // left to the backward (zero_mapped: never written)
+  sink.push_back(unsaved({c.B * c.Np, c.P}));
   for (int64_t l = 0; l < c.layers; ++l) {
+    int64_t k = 0;
     for (auto shape : std::vector<std::vector<int64_t>>{
              {BT, c.d}, {BT, 1}, {BT, 1}, {BT, c.d}, {BT, 3 * c.A}, {c.B, c.heads, c.T, c.T}, {BT, c.A}, {BT, c.d},
-             {BT, 1}, {BT, 1}, {BT, c.d}, {BT, c.mlp}, {BT, c.mlp}})
-      sink.push_back(salloc(shape));
+             {BT, 1}, {BT, 1}, {BT, c.d}, {BT, c.mlp}, {BT, c.mlp}}) {
+      sink.push_back(k == 4 || k == 11 || k == 12 ? unsaved(shape) : salloc(shape));
+      ++k;
+    }
   }
   sink.push_back(at::empty({c.B, c.T * c.d}, fopt));
   sink.push_back(at::empty({c.B, c.hidden}, fopt));
@@ -1089,7 +1109,7 @@ static std::vector<Tensor> train_forward(const Tensor& x, const c10::optional<Te
   Tensor out = at::empty({c.B, c.outputs}, fopt);
 #ifdef SLVIT_FUSED_AVX2
   if (fused) {
-    train_forward_fused(isa, x, extra, p, c, eps, sink, out);
+    train_forward_fused(isa, x, extra, p, c, eps, sink, out, save_all);
   } else
 #endif
   for_train_chunks(c, [&](int64_t, int64_t b0, int64_t n) {
@@ -1545,13 +1565,9 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
 // parallel region (per chunk it streamed the whole head weight for a few rows).
 static void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& extra,
                                 const std::vector<Tensor>& p, const Cfg& c, double eps, std::vector<Tensor>& sink,
-                                Tensor& out) {
+                                Tensor& out, bool save_all) {
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
   const int64_t d = c.d, A = c.A, A3 = 3 * c.A, mlp = c.mlp, T = c.T, Np = c.Np;
-  // SLVIT_FAST_CPU_TRAIN_SAVE_ALL=1 (benchmark/test knob): save the patches and the MLP hidden
-  // activations (pre- and post-GELU) as the ATen path does, instead of recomputing them in the backward
-  const char* spe = std::getenv("SLVIT_FAST_CPU_TRAIN_SAVE_ALL");
-  const bool save_all = spe && *spe && std::strcmp(spe, "0") != 0;
   Tensor xf = x.to(at::kFloat);
   const bool cl = channels_inner(xf);
   // B operands (transposed weights, with slack) and bias vectors, once per call
@@ -1697,7 +1713,7 @@ static void train_forward_fused(int isa, const Tensor& x, const c10::optional<Te
       t = t2;
     }
   }, true);
-  if (!save_all) tag_pm_unwritten(sink[0]);
+  if (!save_all) sink[3].neg_();  // the mark: the first layer's rstd (saved[3]) negated (recompute_marked)
   // head, batch-wide (ATen threads)
   const Tensor &flat = sink[nsaved - 3], &z = sink[nsaved - 2], &a = sink[nsaved - 1];
   at::addmm_out(const_cast<Tensor&>(z), p[head0 + 1], flat, p[head0].t());
@@ -1752,8 +1768,9 @@ std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const
     Tensor xf = x.to(at::kFloat);
     // saved activations read as B operands need slack after them (ours have it; a copy made elsewhere may not)
     std::vector<Tensor> sv(saved.begin(), saved.end());
-    // the fused forward did not save the patches and the MLP hidden activations: recompute them
-    const bool regather_pm = pm_unwritten(sv[0]);
+    // the fused forward left patches, Q/K/V and the MLP hidden activations to the backward
+    const bool regather_pm = recompute_marked(sv[3]);
+    if (regather_pm) sv[3] = sv[3].neg();
     for (auto& t : sv)
       if (!has_slack(t)) t = slack_copy(t.to(at::kFloat));
     int64_t nw, cs;
@@ -1798,7 +1815,8 @@ std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const
 #endif
   {
   std::vector<Tensor> sv(saved.begin(), saved.end());
-  if (pm_unwritten(sv[0])) {  // saved by the fused forward: gather the patches, recompute the MLP hidden
+  if (recompute_marked(sv[3])) {  // saved by the fused forward: gather the patches, recompute Q/K/V, MLP hidden
+    sv[3] = sv[3].neg();
     for (int64_t l = 0; l < c.layers; ++l) {
       const int64_t pi = layer0 + l * kPerLayer, k = 1 + l * kSavedPerLayer;
       sv[k + 4] = at::addmm(at::cat({p[pi + 3], p[pi + 5], p[pi + 7]}, 0), sv[k + 3], bw.Wqkv[l].t());
