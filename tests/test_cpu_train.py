@@ -5,8 +5,10 @@ written straight into the batch's tensors and every parameter gradient accumulat
 reduced once. These tests check forward and every gradient against the reference for the shared matrix
 of shapes under every work split: one thread / two threads, the default chunking and forced small
 chunks (``SLVIT_FAST_CPU_TRAIN_CHUNK``: several chunks per worker, uneven last chunks, workers with one
-sample), with the opt-in AVX2 attention kernels and with no AVX2 training kernels
-(``SLVIT_FAST_CPU_TRAIN_KERNELS``), plus NaN isolation and split-independence of the gradients.
+sample), the fused path (default) on the AVX2 and AVX-512 GEMM tiles (``SLVIT_FAST_CPU_ISA``) and the
+ATen/BLAS path (``SLVIT_FAST_CPU_TRAIN_FUSED=0``) with the opt-in AVX2 attention kernels and with no AVX2
+training kernels (``SLVIT_FAST_CPU_TRAIN_KERNELS``), plus NaN isolation and split-independence of the
+gradients. tests/test_cpu_train_fused.py checks what is specific to the fused path.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from slvit_fast.exit_presets import PRESETS
 reason = cpu_backend.BACKEND.unavailable_reason(torch.empty(1, 1, 1, 1))
 pytestmark = pytest.mark.skipif(reason is not None, reason=f"cpu backend not built: {reason}")
 
-# (threads, samples per chunk (None = default), AVX2 kernels (None = default))
-SPLITS = [(1, None, None), (2, None, None), (2, 1, None), (2, 3, None), (1, None, "gelu,attn"), (2, 3, "gelu,attn"),
-          (2, None, "none")]
+# (threads, samples per chunk (None = default), AVX2 kernels of the ATen path (None = default), training path
+# (None = fused on the auto ISA, "avx2"/"avx512" = fused on those tiles, "off" = ATen/BLAS)): cpu_train_splits.py
+# (1 thread on the AVX2 tiles: tests/test_cpu_train_fused.py)
+SPLITS = [(1, None, None), (2, None, None), (2, 1, None, "avx2"), (2, 3, None, "avx512"), (1, None, None, "off"),
+          (2, 3, "gelu,attn", "off"), (2, None, "none", "off")]
 
 
 split = split_fixture(SPLITS)
@@ -55,7 +59,8 @@ def test_nan_stays_in_its_sample(split):
     check_nan_isolated("cpu", batch=7, nan_at=(4, 0, 3, 4))
 
 
-def test_gradients_do_not_depend_on_the_split(monkeypatch):
+@pytest.mark.parametrize("path", ["1", "0"], ids=["fused", "aten"])
+def test_gradients_do_not_depend_on_the_split(monkeypatch, path):
     """Chunking changes only the order of the per-worker gradient sums (float32 rounding)."""
     c = awkward_config("grid16x9-h24-extra")
     m = randomize_(SLViTExit(c, backend="cpu"))
@@ -68,6 +73,7 @@ def test_gradients_do_not_depend_on_the_split(monkeypatch):
         m(xi, extra).square().sum().backward()
         return [xi.grad] + [p.grad for p in m.parameters()]
 
+    monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_FUSED", path)
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -113,7 +113,9 @@ def close(name, ours, ref32, ref64):
     assert_paired_close(name, ours, ref32, ref64, TOLERANCES[torch.float32])
 
 
-SPLITS = [(1, None, None), (2, None, None), (2, 2, None), (2, 2, "gelu,attn"), (1, None, "none")]
+# (threads, samples per chunk, AVX2 kernels of the ATen path, training path): cpu_train_splits.py
+SPLITS = [(1, None, None), (2, None, None), (2, 2, None), (2, 2, None, "avx2"), (2, 2, "gelu,attn", "off"),
+          (1, None, "none", "off")]
 
 
 split = split_fixture(SPLITS)
