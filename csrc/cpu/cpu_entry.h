@@ -20,8 +20,10 @@ struct FusedEnv {
   bool fused = false;       // the fused kernels run (switch on, CPU supported)
   int isa = 0;              // slvit_fused::Isa of the GEMM tiles
   double min_flops = 2e6;   // smaller problems stay on the calling thread
+  int64_t arena_floats = 0;  // bound of the reused per-thread workspace (SLVIT_FAST_CPU_ARENA_MB)
 };
-// Throws (naming the variable and value) on an invalid SLVIT_FAST_CPU_FUSED / SLVIT_FAST_CPU_ISA.
+// Throws (naming the variable and value) on an invalid SLVIT_FAST_CPU_FUSED / SLVIT_FAST_CPU_ISA /
+// SLVIT_FAST_CPU_ARENA_MB.
 FusedEnv entry_env();
 // Validates params for (x, extra, cfg) exactly as the op does (errors are thrown) and returns the
 // weight pointers (float32 copies of non-float32 / non-contiguous parameters are kept inside).

@@ -397,8 +397,9 @@ class Workspace {
   float* ptr_;
 
  public:
-  explicit Workspace(int64_t n) {
-    if (n <= arena_floats()) {
+  // bound: arena_floats(), read by the caller (the batch-1 entry reads it with the GIL held, entry_env)
+  Workspace(int64_t n, int64_t bound) {
+    if (n <= bound) {
       ptr_ = thread_arena(n);
     } else {
       own_.reset(new float[n]);
@@ -479,6 +480,7 @@ FusedEnv entry_env() {
   env.fused = true;
   env.isa = fused_isa();
   env.min_flops = parallel_min_flops();
+  env.arena_floats = arena_floats();
   return env;
 }
 
@@ -568,7 +570,7 @@ static Tensor run_prepared(const Prepared& pp, const Tensor& x, const c10::optio
 #if AT_PARALLEL_OPENMP
   if (!at::in_parallel_region() && flops >= min_flops) nw = std::max(1, at::get_num_threads());
 #endif
-  Workspace wsp(slvit_fused::workspace_floats(pr, nw));
+  Workspace wsp(slvit_fused::workspace_floats(pr, nw), env.arena_floats);
   float* ws = wsp.get();
   slvit_fused::Barrier bar;
   bar.total = nw;
@@ -864,7 +866,7 @@ static Tensor inference_forward(const Tensor& x, const c10::optional<Tensor>& ex
   const int64_t bound = arena_floats();
   const int64_t need = inference_floats(c, c.B);
   if (need <= bound || c.B == 1) {
-    Workspace ws(need);
+    Workspace ws(need, bound);
     return forward_impl(x, extra, p, c, eps, false, ws.get())[0];
   }
   int64_t nw = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
@@ -873,7 +875,7 @@ static Tensor inference_forward(const Tensor& x, const c10::optional<Tensor>& ex
   const int64_t nchunks = (c.B + chunk - 1) / chunk;
   nw = std::min(nw, nchunks);
   const int64_t slot = inference_floats(c, chunk);
-  Workspace ws(nw * slot);
+  Workspace ws(nw * slot, bound);
   Tensor out = at::empty({c.B, c.outputs}, x.options());
   auto run_worker = [&](int64_t w) {
     for (int64_t i = w; i < nchunks; i += nw) {
