@@ -62,7 +62,7 @@ void gemm_sh_avx512(int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, cons
 
 // The inference forward's GEMM on either ISA's tiles (fused_avx2.cpp), for other kernels of this
 // directory (the training path): kIsaAvx2 = the AVX2 6 x 16 tiles, whose B reads run up to the next
-// 16-column boundary (buffers need column padding); kIsaAvx512 = gemm_sh_avx512 above (masked tails;
+// 16-column boundary (buffers need column padding) unless sh.b_masked_tail is set; kIsaAvx512 = gemm_sh_avx512 above (masked tails;
 // only when avx512_missing() returned nullptr). Serial, on the calling thread.
 void gemm_tiles(int isa, int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, const float* A, const float* Bm,
                 float* C, const Epi& e, int64_t b_blk = 0);
