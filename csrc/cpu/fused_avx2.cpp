@@ -94,9 +94,31 @@ inline float hsum(__m256 v) {
 // ---------------------------------------------------------------------------------------------
 // GEMM (Epi, Shape: fused_tiles.h): C[r][c] = act(alpha * sum_k A[r][k] B[k][c] + row_bias[r] + add[r][c]).
 // AVX2 micro-tile: MR rows x 8*NV columns, MR*NV <= 12 accumulators; columns past `nvalid` are neither
-// loaded from `add` nor stored (B is read up to the 8*NV boundary: buffers carry column padding).
+// loaded from `add` nor stored. B is read up to the 8*NV boundary (buffers carry column padding) unless
+// MASKB (Shape::b_masked_tail on a partial last block): then its last vector is a masked load.
 
-template <int MR, int NV>
+// n k steps of the tile into acc (a, b advance past them).
+template <int MR, int NV, bool MASKB>
+__attribute__((always_inline)) inline void tile_k_steps(__m256 (&acc)[MR][NV], const float*& a, const float*& b,
+                                                        int64_t n, int64_t a_rs, int64_t a_ks, int64_t ldb,
+                                                        __m256i bmask) {
+  for (int64_t k = 0; k < n; ++k) {
+    __m256 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v)
+      bv[v] = (MASKB && v == NV - 1) ? _mm256_maskload_ps(b + 8 * v, bmask) : _mm256_loadu_ps(b + 8 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 ar = _mm256_broadcast_ss(a + r * a_rs);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(ar, bv[v], acc[r][v]);
+    }
+    a += a_ks;
+    b += ldb;
+  }
+}
+
+template <int MR, int NV, bool MASKB>
 void micro_tile(const Shape& sh, const float* A, const float* Bm, float* C, const float* rbias, const float* add,
                 int64_t ld_add, float alpha, int act, int nvalid, const float* cscale) {
   __m256 acc[MR][NV];
@@ -105,22 +127,46 @@ void micro_tile(const Shape& sh, const float* A, const float* Bm, float* C, cons
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
   const int64_t K = sh.K, a_rs = sh.a_rs, a_ks = sh.a_ks, ldb = sh.ldb;
-  for (int64_t seg = 0; seg < sh.nseg; ++seg) {
-    const float* a = A + seg * sh.a_seg;
-    const float* b = Bm + seg * sh.b_seg;
-    for (int64_t k = 0; k < K; ++k) {
-      __m256 bv[NV];
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + 8 * v);
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        const __m256 ar = _mm256_broadcast_ss(a + r * a_rs);
-#pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(ar, bv[v], acc[r][v]);
-      }
-      a += a_ks;
-      b += ldb;
+  const __m256i bmask = tail_mask(MASKB ? nvalid - 8 * (NV - 1) : 8);
+  const int64_t kb = sh.k_block > 0 ? sh.k_block : sh.k_block < 0 ? INT64_MAX : kKBlock;
+  if (K * sh.nseg <= kb) {  // short K (most GEMMs): one in-order pass, no partial buffer
+    for (int64_t seg = 0; seg < sh.nseg; ++seg) {
+      const float* a = A + seg * sh.a_seg;
+      const float* b = Bm + seg * sh.b_seg;
+      tile_k_steps<MR, NV, MASKB>(acc, a, b, K, a_rs, a_ks, ldb, bmask);
     }
+  } else {
+    // blocks of kb k steps across segments; each full block's sums go into `part` (Shape::k_block)
+    __m256 part[MR][NV];
+    bool have = false;
+    int64_t room = kb, left = K * sh.nseg;
+    for (int64_t seg = 0; seg < sh.nseg; ++seg) {
+      const float* a = A + seg * sh.a_seg;
+      const float* b = Bm + seg * sh.b_seg;
+      for (int64_t k = 0; k < K;) {
+        const int64_t n = imin(K - k, room);
+        tile_k_steps<MR, NV, MASKB>(acc, a, b, n, a_rs, a_ks, ldb, bmask);
+        k += n;
+        room -= n;
+        left -= n;
+        if (room == 0 && left > 0) {
+#pragma GCC unroll 8
+          for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; ++v) {
+              part[r][v] = have ? _mm256_add_ps(part[r][v], acc[r][v]) : acc[r][v];
+              acc[r][v] = _mm256_setzero_ps();
+            }
+          have = true;
+          room = kb;
+        }
+      }
+    }
+    if (have)
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_add_ps(part[r][v], acc[r][v]);
   }
   const int64_t ldc = sh.ldc;
 #pragma GCC unroll 8
@@ -131,7 +177,9 @@ void micro_tile(const Shape& sh, const float* A, const float* Bm, float* C, cons
       if (nv <= 0) continue;
       __m256 x = acc[r][v];
       if (alpha != 1.f) x = _mm256_mul_ps(x, _mm256_set1_ps(alpha));
-      if (cscale) x = _mm256_mul_ps(x, _mm256_loadu_ps(cscale + 8 * v));
+      if (cscale)
+        x = _mm256_mul_ps(x, (MASKB && v == NV - 1) ? _mm256_maskload_ps(cscale + 8 * v, bmask)
+                                                    : _mm256_loadu_ps(cscale + 8 * v));
       if (rbias) x = _mm256_add_ps(x, _mm256_broadcast_ss(rbias + r));
       float* cp = C + r * ldc + 8 * v;
       if (nv >= 8) {
@@ -151,12 +199,16 @@ typedef void (*tile_fn)(const Shape&, const float*, const float*, float*, const 
 
 constexpr int kMR = 6;
 
-tile_fn pick_tile(int mr, int nv) {
-  static const tile_fn table[kMR][2] = {
-      {micro_tile<1, 1>, micro_tile<1, 2>}, {micro_tile<2, 1>, micro_tile<2, 2>},
-      {micro_tile<3, 1>, micro_tile<3, 2>}, {micro_tile<4, 1>, micro_tile<4, 2>},
-      {micro_tile<5, 1>, micro_tile<5, 2>}, {micro_tile<6, 1>, micro_tile<6, 2>}};
-  return table[mr - 1][nv - 1];
+// masked: B's last vector loaded with the tail mask (Shape::b_masked_tail and a partial block)
+tile_fn pick_tile(int mr, int nv, bool masked) {
+  static const tile_fn table[2][kMR][2] = {
+      {{micro_tile<1, 1, false>, micro_tile<1, 2, false>}, {micro_tile<2, 1, false>, micro_tile<2, 2, false>},
+       {micro_tile<3, 1, false>, micro_tile<3, 2, false>}, {micro_tile<4, 1, false>, micro_tile<4, 2, false>},
+       {micro_tile<5, 1, false>, micro_tile<5, 2, false>}, {micro_tile<6, 1, false>, micro_tile<6, 2, false>}},
+      {{micro_tile<1, 1, true>, micro_tile<1, 2, true>}, {micro_tile<2, 1, true>, micro_tile<2, 2, true>},
+       {micro_tile<3, 1, true>, micro_tile<3, 2, true>}, {micro_tile<4, 1, true>, micro_tile<4, 2, true>},
+       {micro_tile<5, 1, true>, micro_tile<5, 2, true>}, {micro_tile<6, 1, true>, micro_tile<6, 2, true>}}};
+  return table[masked ? 1 : 0][mr - 1][nv - 1];
 }
 
 // Instruction set of the GEMMs on this thread: run() sets Problem::isa for its duration (and puts
@@ -166,8 +218,15 @@ thread_local int t_isa = kIsaAvx2;
 // Rows [r0, r1) of C, columns [0, ncols). Column blocks outer: the B block (K x 16) stays in cache
 // while every row block of the weights streams past it. B is either row-major (b_blk = 0) or stored
 // as 16-column panels b_blk floats apart (ldb = 16): the gathered patch matrix.
-void gemm_sh(int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, const float* A, const float* Bm, float* C,
+//
+// t_kblock: SLVIT_FAST_CPU_TEST_KBLOCK for this run() (a measuring/test knob, read per call by run():
+// the Shape::k_block of every GEMM that leaves it 0; unset = 0 = kKBlock, -1 = unblocked).
+thread_local int64_t t_kblock = 0;
+
+void gemm_sh(int64_t r0, int64_t r1, int64_t ncols, const Shape& sh_in, const float* A, const float* Bm, float* C,
              const Epi& e, int64_t b_blk = 0) {
+  Shape sh = sh_in;
+  if (sh.k_block == 0) sh.k_block = t_kblock;
   if (t_isa == kIsaAvx512) {
     gemm_sh_avx512(r0, r1, ncols, sh, A, Bm, C, e, b_blk);
     return;
@@ -175,10 +234,11 @@ void gemm_sh(int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, const float
   for (int64_t c = 0; c < ncols; c += 16) {
     const int nvalid = (int)imin(16, ncols - c);
     const int nv = nvalid > 8 ? 2 : 1;
+    const bool masked = sh.b_masked_tail && nvalid < 8 * nv;
     const float* bc = b_blk ? Bm + (c / 16) * b_blk : Bm + c;
     for (int64_t r = r0; r < r1; r += kMR) {
       const int mr = (int)imin(kMR, r1 - r);
-      pick_tile(mr, nv)(sh, A + r * sh.a_rs, bc, C + r * sh.ldc + c, e.row_bias ? e.row_bias + r : nullptr,
+      pick_tile(mr, nv, masked)(sh, A + r * sh.a_rs, bc, C + r * sh.ldc + c, e.row_bias ? e.row_bias + r : nullptr,
                         e.add ? e.add + r * e.ld_add + c : nullptr, e.ld_add, e.alpha, e.act, nvalid,
                         e.col_scale ? e.col_scale + c : nullptr);
     }
@@ -810,7 +870,7 @@ void gelu_backward(const float* g, const float* x, float* dx, int64_t n) {
 
 int64_t attention_forward_floats(int64_t T, int64_t kd) {
   const int64_t kdp = round_up(kd, 16), Tp = round_up(T, 16);
-  return kdp * Tp + T * Tp + T * kdp + T * T + 64;
+  return kdp * Tp + T * Tp + T * T + 64;
 }
 
 void attention_forward_head(const float* q, const float* k, const float* v, int64_t ld_qkv, float* P,
@@ -819,12 +879,9 @@ void attention_forward_head(const float* q, const float* k, const float* v, int6
   const int64_t kdp = round_up(kd, 16), Tp = round_up(T, 16);
   float* KT = scratch;      // kd x Tp: K transposed, zero-padded columns
   float* S = KT + kdp * Tp;  // T x Tp scores
-  float* Vl = S + T * Tp;    // T x kdp: V, zero-padded columns
-  float* Pd = Vl + T * kdp;  // T x T: P * mask
+  float* Pd = S + T * Tp;    // T x T: P * mask
   for (int64_t c = 0; c < kd; ++c)
     for (int64_t j = 0; j < Tp; ++j) KT[c * Tp + j] = j < T ? k[j * ld_qkv + c] : 0.f;
-  for (int64_t j = 0; j < T; ++j)
-    for (int64_t c = 0; c < kdp; ++c) Vl[j * kdp + c] = c < kd ? v[j * ld_qkv + c] : 0.f;
   Epi sc;
   sc.alpha = scale;
   gemm(0, T, T, kd, q, ld_qkv, 1, KT, Tp, S, Tp, sc);  // S[i][j] = s sum_c Q[i][c] K[j][c]
@@ -862,8 +919,12 @@ void attention_forward_head(const float* q, const float* k, const float* v, int6
     for (int64_t e = 0; e < T * T; ++e) Pd[e] = P[e] * mask[e];
     Pdrop = Pd;
   }
-  Epi plain;
-  gemm(0, T, kd, T, Pdrop, T, 1, Vl, kdp, o, ld_o, plain);  // O[i][c] = sum_j Pd[i][j] V[j][c]
+  // O[i][c] = sum_j Pd[i][j] V[j][c], V read in place: its rows are qkv rows, so the floats past column
+  // kd are the next head's (or the next token's) - the masked tail reads none of them
+  Shape sv;
+  sv.K = T; sv.a_rs = T; sv.a_ks = 1; sv.ldb = ld_qkv; sv.ldc = ld_o;
+  sv.b_masked_tail = true;
+  gemm_sh(0, T, kd, sv, Pdrop, v, o, Epi());
 }
 
 int64_t attention_backward_floats(int64_t T, int64_t kd) {
@@ -966,9 +1027,13 @@ void run_isa(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar
 
 void run(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar) {
   const int saved_isa = t_isa;
+  const int64_t saved_kblock = t_kblock;
   t_isa = p.isa;
+  const char* kb = std::getenv("SLVIT_FAST_CPU_TEST_KBLOCK");  // Shape::k_block for measuring/tests
+  t_kblock = kb && *kb ? std::strtoll(kb, nullptr, 10) : 0;
   run_isa(p, ws, nw, wlo, whi, bar);
   t_isa = saved_isa;
+  t_kblock = saved_kblock;
 }
 
 namespace {

@@ -82,9 +82,34 @@ inline __m512 act512(__m512 x, int act) {
   return x;
 }
 
+// n k steps of tile512 into acc (the row-group pointers ag and b advance past them).
+template <int MR, int NB, bool TAIL>
+__attribute__((always_inline)) inline void k_steps512(__m512 (&acc)[MR][NB], const float* (&ag)[(MR + 3) / 4],
+                                                      const float*& b, int64_t n, int64_t a_rs, int64_t a_ks,
+                                                      int64_t ldb, int64_t bstep, __mmask16 m) {
+  for (int64_t k = 0; k < n; ++k) {
+    __m512 bv[NB];
+#pragma GCC unroll 2
+    for (int v = 0; v < NB; ++v)
+      bv[v] = (TAIL && v == NB - 1) ? _mm512_maskz_loadu_ps(m, b + v * bstep) : _mm512_loadu_ps(b + v * bstep);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const float* p = ag[r / 4];
+      const float x = (r % 4 == 0) ? p[0] : (r % 4 == 1) ? p[a_rs] : (r % 4 == 2) ? p[2 * a_rs] : p[3 * a_rs];
+      const __m512 av = _mm512_set1_ps(x);
+#pragma GCC unroll 2
+      for (int v = 0; v < NB; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < (MR + 3) / 4; ++g) ag[g] += a_ks;
+    b += ldb;
+  }
+}
+
 // MR rows x NB*16 columns (NB = 1 or 2 column blocks, the second one bstep floats after the first: 16
 // for row-major B, b_blk for panels). TAIL: only the first nvalid columns of the last block are read
-// or written (nvalid = the columns of that block, 1..15).
+// or written (nvalid = the columns of that block, 1..15). A K loop longer than Shape::k_block is summed
+// in blocks (fused_tiles.h), as the AVX2 tile does.
 template <int MR, int NB, bool TAIL>
 void tile512(const Shape& sh, const float* A, const float* Bm, int64_t bstep, float* C, const float* rbias,
              const float* add, int64_t ld_add, float alpha, int act, int nvalid, const float* cscale) {
@@ -95,32 +120,53 @@ void tile512(const Shape& sh, const float* A, const float* Bm, int64_t bstep, fl
 #pragma GCC unroll 2
     for (int v = 0; v < NB; ++v) acc[r][v] = _mm512_setzero_ps();
   const int64_t K = sh.K, a_rs = sh.a_rs, a_ks = sh.a_ks, ldb = sh.ldb;
-  for (int64_t seg = 0; seg < sh.nseg; ++seg) {
-    const float* a = A + seg * sh.a_seg;
-    const float* b = Bm + seg * sh.b_seg;
-    // rows in groups of 4 from one base pointer each ([p], [p + rs], [p + 2 rs], [p + 3 rs] are all
-    // base + index*scale addresses): one pointer per row would need more than the 16 general registers
-    // and the compiler then parks pointers in vector registers (an extra uop on an FMA port per row).
-    const float* ag[(MR + 3) / 4];
+  const int64_t kb = sh.k_block > 0 ? sh.k_block : sh.k_block < 0 ? INT64_MAX : kKBlock;
+  // rows in groups of 4 from one base pointer each ([p], [p + rs], [p + 2 rs], [p + 3 rs] are all
+  // base + index*scale addresses): one pointer per row would need more than the 16 general registers
+  // and the compiler then parks pointers in vector registers (an extra uop on an FMA port per row).
+  const float* ag[(MR + 3) / 4];
+  if (K * sh.nseg <= kb) {  // short K (most GEMMs): one in-order pass, no partial buffer
+    for (int64_t seg = 0; seg < sh.nseg; ++seg) {
+      const float* a = A + seg * sh.a_seg;
+      const float* b = Bm + seg * sh.b_seg;
 #pragma GCC unroll 4
-    for (int g = 0; g < (MR + 3) / 4; ++g) ag[g] = a + 4 * g * a_rs;
-    for (int64_t k = 0; k < K; ++k) {
-      __m512 bv[NB];
-#pragma GCC unroll 2
-      for (int v = 0; v < NB; ++v)
-        bv[v] = (TAIL && v == NB - 1) ? _mm512_maskz_loadu_ps(m, b + v * bstep) : _mm512_loadu_ps(b + v * bstep);
-#pragma GCC unroll 16
-      for (int r = 0; r < MR; ++r) {
-        const float* p = ag[r / 4];
-        const float x = (r % 4 == 0) ? p[0] : (r % 4 == 1) ? p[a_rs] : (r % 4 == 2) ? p[2 * a_rs] : p[3 * a_rs];
-        const __m512 av = _mm512_set1_ps(x);
-#pragma GCC unroll 2
-        for (int v = 0; v < NB; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
-      }
-#pragma GCC unroll 4
-      for (int g = 0; g < (MR + 3) / 4; ++g) ag[g] += a_ks;
-      b += ldb;
+      for (int g = 0; g < (MR + 3) / 4; ++g) ag[g] = a + 4 * g * a_rs;
+      k_steps512<MR, NB, TAIL>(acc, ag, b, K, a_rs, a_ks, ldb, bstep, m);
     }
+  } else {
+    // blocks of kb k steps across segments; each full block's sums go into `part` (Shape::k_block)
+    __m512 part[MR][NB];
+    bool have = false;
+    int64_t room = kb, left = K * sh.nseg;
+    for (int64_t seg = 0; seg < sh.nseg; ++seg) {
+      const float* a = A + seg * sh.a_seg;
+      const float* b = Bm + seg * sh.b_seg;
+#pragma GCC unroll 4
+      for (int g = 0; g < (MR + 3) / 4; ++g) ag[g] = a + 4 * g * a_rs;
+      for (int64_t k = 0; k < K;) {
+        const int64_t n = imin(K - k, room);
+        k_steps512<MR, NB, TAIL>(acc, ag, b, n, a_rs, a_ks, ldb, bstep, m);
+        k += n;
+        room -= n;
+        left -= n;
+        if (room == 0 && left > 0) {
+#pragma GCC unroll 16
+          for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+            for (int v = 0; v < NB; ++v) {
+              part[r][v] = have ? _mm512_add_ps(part[r][v], acc[r][v]) : acc[r][v];
+              acc[r][v] = _mm512_setzero_ps();
+            }
+          have = true;
+          room = kb;
+        }
+      }
+    }
+    if (have)
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+        for (int v = 0; v < NB; ++v) acc[r][v] = _mm512_add_ps(part[r][v], acc[r][v]);
   }
   const int64_t ldc = sh.ldc;
 #pragma GCC unroll 2

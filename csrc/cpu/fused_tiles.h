@@ -26,10 +26,29 @@ struct Epi {
 // The K loop may be cut into `nseg` segments of K each (A and B jump by a_seg / b_seg floats
 // between them): the patch matrix is stored in 16 (i, j) segments so that its gather never writes
 // rows a multiple of 4 KiB apart.
+//
+// k_block: a long K loop (nseg * K > the block) is summed in blocks of that many k steps (counted
+// across segments), each block's register partials added into a small per-tile buffer, so a float32
+// sum of 32768 products is ~sqrt(512) + sqrt(64) rounding steps deep instead of ~sqrt(32768) (the
+// audiocsrnet-av1 patch embedding, K = 8*8*512, missed the reference tolerance by 2.8x when summed
+// in order). 0 = kKBlock; < 0 = one block (the old in-order sum; for measuring and tests only).
+// The epilogue applies once, after the last block; K <= the block runs the unblocked loop unchanged.
+//
+// b_masked_tail (AVX2 tiles; the AVX-512 tiles always mask): the last partial column block loads B
+// (and col_scale) with the tail mask, so no column >= ncols is read. Off: B is read up to the next
+// 16-column boundary (buffers carry column padding), as always. Set it when B's rows are not padded
+// and the floats past column ncols may belong to another worker (e.g. V as a strided view of a
+// shared qkv buffer).
 struct Shape {
   int64_t K, a_rs, a_ks, ldb, ldc;
   int64_t nseg = 1, a_seg = 0, b_seg = 0;
+  int64_t k_block = 0;
+  bool b_masked_tail = false;
 };
+
+// Default k steps per block (see Shape::k_block): 512 keeps the flush (one add per accumulator)
+// below 0.5% of the block's FMAs.
+constexpr int64_t kKBlock = 512;
 
 // Rows the AVX-512 GEMM wants per worker share (team row splits are multiples of it).
 constexpr int kRowStep512 = 8;
@@ -43,7 +62,7 @@ void gemm_sh_avx512(int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, cons
 
 // The inference forward's GEMM on either ISA's tiles (fused_avx2.cpp), for other kernels of this
 // directory (the training path): kIsaAvx2 = the AVX2 6 x 16 tiles, whose B reads run up to the next
-// 16-column boundary (buffers need column padding); kIsaAvx512 = gemm_sh_avx512 above (masked tails;
+// 16-column boundary (buffers need column padding) unless sh.b_masked_tail is set; kIsaAvx512 = gemm_sh_avx512 above (masked tails;
 // only when avx512_missing() returned nullptr). Serial, on the calling thread.
 void gemm_tiles(int isa, int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, const float* A, const float* Bm,
                 float* C, const Epi& e, int64_t b_blk = 0);
