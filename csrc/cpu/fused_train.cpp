@@ -64,6 +64,9 @@ inline void gemm(int isa, int64_t rows, int64_t cols, int64_t K, const float* A,
                  const float* B, int64_t ldb, float* C, int64_t ldc, float alpha = 1.f) {
   Shape sh;
   sh.K = K; sh.a_rs = a_rs; sh.a_ks = a_ks; sh.ldb = ldb; sh.ldc = ldc;
+  // B is often a strided view of qkv / dO rows with no column padding: the AVX2 tiles must not read
+  // past column `cols` (the next rows may belong to another worker; found by ThreadSanitizer)
+  sh.b_masked_tail = true;
   Epi e;
   e.alpha = alpha;
   slvit_fused::gemm_tiles(isa, 0, rows, cols, sh, A, B, C, e);
