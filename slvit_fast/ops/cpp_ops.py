@@ -90,6 +90,23 @@ _registered: set[str] = set()
 _reg_lock = threading.Lock()
 
 
+def _register_first_order_only(bwd_name: str) -> None:
+    """Make differentiating the backward op ``bwd_name`` (double backward, ``create_graph=True`` then a
+    second ``backward``) raise, naming the op. Without an autograd kernel, autograd differentiated
+    through it as if it were constant and returned None / zero second-order gradients with only a
+    UserWarning - a silent wrong answer. First-order gradients with ``create_graph=True`` still work."""
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, grads):
+        raise NotImplementedError(
+            f"{bwd_name} (the fused backward of the slvit_fast exit) has no derivative: second-order "
+            "gradients (double backward) through the fused backends are not implemented; run the exit "
+            "with backend='torch' for them")
+
+    torch.library.register_autograd(bwd_name, backward, setup_context=setup_context)
+
+
 def _register_cpu() -> None:
     @torch.library.register_fake("slvit_fast::cpu_exit_forward")
     def _fwd_fake(x, extra, params, cfg, eps, save):
@@ -128,6 +145,7 @@ def _register_cpu() -> None:
         return dx, (dextra if ctx.has_extra else None), dparams, None, None, None
 
     torch.library.register_autograd("slvit_fast::cpu_exit_forward", backward, setup_context=setup_context)
+    _register_first_order_only("slvit_fast::cpu_exit_backward")
 
 
 def _register_fwd_only(prefix: str) -> None:
@@ -165,6 +183,7 @@ def _register_fwd_only(prefix: str) -> None:
         return (res[0] if need_dx else None), (res[1] if extra is not None else None), list(res[2:]), None, None
 
     torch.library.register_autograd(name, backward, setup_context=setup_context)
+    _register_first_order_only(bwd_name)
 
 
 def reference_exit_from_list(x: Tensor, extra: Tensor | None, params: list[Tensor], cfg: Sequence[int],
