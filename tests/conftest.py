@@ -1,3 +1,4 @@
+import contextlib
 import fnmatch
 import os
 import zlib
@@ -47,6 +48,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block, restored after (also on failure)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request, monkeypatch):
+    """The fused CPU kernels on 1 and 2 threads; small test shapes would otherwise stay on one thread
+    (below the parallel-work threshold), so the threshold is lifted for the test."""
+    monkeypatch.setenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS", "0")
+    with num_threads(request.param):
+        yield request.param
 
 
 @pytest.fixture(autouse=True)

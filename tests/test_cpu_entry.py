@@ -58,15 +58,6 @@ def check(ours, ref, x, extra=None, expect_validation=None):
     return out
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request, monkeypatch):
-    monkeypatch.setenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS", "0")
-    n = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(n)
-
-
 def test_weights_changed_between_calls_are_always_seen(threads):
     c = awkward_config("N49-h8-kd36")
     m, ref = pair(c)

@@ -24,16 +24,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request, monkeypatch):
-    # small test shapes would otherwise run on one thread (below the parallel-work threshold)
-    monkeypatch.setenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS", "0")
-    n = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(n)
-
-
 def check_inference(config, batch, dtype=torch.float32, **kw):
     with torch.no_grad():
         return check_against_reference("cpu", config, batch, dtype, backward=False, **kw)

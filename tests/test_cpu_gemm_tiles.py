@@ -22,6 +22,7 @@ import subprocess
 import pytest
 import torch
 
+from conftest import num_threads
 from kernel_cases import TOLERANCES, randomize_
 from slvit_fast import SLViTConfig, SLViTExit
 from slvit_fast.backends import cpu_backend
@@ -62,16 +63,12 @@ def test_audiocsrnet_batch_1_within_tolerance(isa, threads, monkeypatch):
     3 with one thread (1.5x) and seed 2 with two (1.1x)."""
     monkeypatch.setenv("SLVIT_FAST_CPU_ISA", isa)
     monkeypatch.setenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS", "0")
-    n = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with num_threads(threads):
         ratios = [inference_error_ratio(seed) for seed in range(4)]
         assert max(ratios) <= 1.0, f"error / paired bound per seed: {ratios}"
         monkeypatch.setenv("SLVIT_FAST_CPU_TEST_KBLOCK", "-1")  # the old in-order sum fails (the test can fail)
         old = [inference_error_ratio(seed) for seed in (2, 3)]
         assert max(old) > 1.0, f"the unblocked sum passed too: {old}"
-    finally:
-        torch.set_num_threads(n)
 
 
 # -- GEMM level -----------------------------------------------------------------------------------------

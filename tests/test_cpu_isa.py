@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import num_threads
 from kernel_cases import AWKWARD_CONFIGS, awkward_config, check_against_reference, randomize_
 from slvit_fast import SLViTConfig, SLViTExit
 from slvit_fast.backends import cpu_backend
@@ -44,15 +45,6 @@ def isa(request, monkeypatch):
     monkeypatch.setenv(ISA_ENV, request.param)
     assert cpu_backend.fused_isa() == request.param
     return request.param
-
-
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request, monkeypatch):
-    monkeypatch.setenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS", "0")  # small shapes use the team path too
-    n = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(n)
 
 
 def check_inference(config, batch, **kw):
@@ -90,10 +82,8 @@ def test_heads(heads, isa):
 def team(request, monkeypatch):
     """The batch-1 team path with 2 or 4 workers (4 oversubscribe 2 cores: fine for tiny configs)."""
     monkeypatch.setenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS", "0")
-    n = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(n)
+    with num_threads(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("mlp", [3, 8, 16, 37])

@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 
+from conftest import num_threads
 from kernel_cases import awkward_config, check_against_reference, check_nan_isolated, randomize_
 from slvit_fast import SLViTExit
 from slvit_fast.backends import cpu_backend
@@ -89,10 +90,8 @@ def chunked(request, monkeypatch):
     """ATen/BLAS inference with a tiny workspace bound: every sample or two is its own chunk."""
     monkeypatch.setenv("SLVIT_FAST_CPU_FUSED", "0")
     monkeypatch.setenv("SLVIT_FAST_CPU_ARENA_MB", "0.05")
-    n = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(n)
+    with num_threads(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("name", ["N25-h1", "grid16x9-h24-extra", "N49-nores-relu"])
