@@ -133,3 +133,22 @@ def test_early_exit_target_compares_with_the_flop_prediction():
     report.throughput[0]["fraction_of_flop_prediction"] = None
     (target,) = [t for t in evaluate_targets(report) if t["target"].startswith("early-exit")]
     assert target["met"] is None and "FLOP prediction" in target["why_missing"]
+
+
+def test_early_exit_throughput_on_a_channels_last_backbone():
+    """The channels_last row converts the network and its inputs, really exits early, and gets its own
+    target row naming the layout; a misspelt layout is refused before any work."""
+    from slvit_fast.bench.e2e_bench import run_early_exit_throughput
+    from slvit_fast.bench.run import BenchReport, evaluate_targets
+
+    with pytest.raises(ValueError, match="memory_format='nhwc'"):
+        run_early_exit_throughput("resnet18", 4, fractions=(0.5,), input_size=64, memory_format="nhwc")
+    rows = [run_early_exit_throughput("resnet18", 8, fractions=(0.5,), input_size=64, repeats=1,
+                                      memory_format=fmt)[0] for fmt in ("contiguous", "channels_last")]
+    assert [r.memory_format for r in rows] == ["contiguous", "channels_last"]
+    for r in rows:
+        assert r.early_fraction == 0.5 and r.flop_predicted_speedup > 1.0 and r.early_exit_images_per_s > 0
+    report = BenchReport(machine="test", matmul_gflops=1.0)
+    report.throughput = [r.to_dict() for r in rows]
+    labels = [t["target"] for t in evaluate_targets(report) if t["target"].startswith("early-exit")]
+    assert len(labels) == 2 and "contiguous)" in labels[0] and "channels_last)" in labels[1]
