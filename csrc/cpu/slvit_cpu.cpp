@@ -889,9 +889,13 @@ static Tensor inference_forward(const Tensor& x, const c10::optional<Tensor>& ex
 // Chunks of ~512 token rows keep a chunk's activations near the core (L2) between ops; the fused
 // path (train_fused_isa) takes ~256 (its widest chunk buffer, n x mlp, then stays within L2).
 // SLVIT_FAST_CPU_TRAIN_CHUNK (tests): samples per chunk, and every thread used even for small problems.
-void train_split(const Cfg& c, int64_t& nw, int64_t& cs, bool fused) {
+int64_t forced_train_chunk() {
   const char* env = std::getenv("SLVIT_FAST_CPU_TRAIN_CHUNK");
-  const int64_t forced = env && *env ? std::atoll(env) : 0;
+  return env && *env ? std::atoll(env) : 0;
+}
+
+void train_split(const Cfg& c, int64_t& nw, int64_t& cs, bool fused) {
+  const int64_t forced = forced_train_chunk();
   const bool small = c.B * c.T < kSingleThreadRows && forced <= 0;
   nw = (small || at::in_parallel_region()) ? 1 : std::min<int64_t>(at::get_num_threads(), c.B);
   nw = std::max<int64_t>(nw, 1);

@@ -56,8 +56,10 @@ struct BwdWeights {
   bool cl;                   // x channels-innermost: pm in (ph, pw, C) order, else (C, ph, pw)
 };
 
-// Workers and chunk size of the training path (see the definition).
+// Workers and chunk size of the training path (see the definition), and the samples per chunk forced by
+// SLVIT_FAST_CPU_TRAIN_CHUNK (tests; 0 when unset).
 void train_split(const Cfg& c, int64_t& nw, int64_t& cs, bool fused = false);
+int64_t forced_train_chunk();
 
 // Runs f(w, b0, n) for the chunks of worker w's samples, all workers in one parallel region (with the
 // caller's grad/inference mode; BLAS single-threaded inside).

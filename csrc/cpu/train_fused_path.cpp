@@ -31,11 +31,13 @@
 #include "fused_train.h"
 #endif
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <sys/mman.h>
 #include <vector>
 
@@ -392,6 +394,230 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
   }
 }
 
+// ---- work schedule of the fused path -------------------------------------------------------------------
+// The batch is cut into kGroups groups of about B/kGroups samples (fewer when B < kGroups), and each
+// group into chunks of about kChunkRows token rows (the widest chunk buffer, n x mlp, then stays in L2;
+// SLVIT_FAST_CPU_TRAIN_CHUNK forces the samples per chunk) - from B and T only, never from the thread
+// count. Workers claim chunks (forward) or groups (backward) from an atomic counter, so a worker slowed
+// down by the other tenants of a shared core takes fewer and nobody waits for it (the static split -
+// nw contiguous sample ranges, one per worker - waited for the slower core); equal groups keep 2 and 4
+// equally fast workers balanced. Every group accumulates its parameter gradients in its own slot and the
+// slots are summed in group order (Slots): the gradients are the same bits for any thread count and any
+// timing, as is everything else (each chunk's sums run in a fixed order on fixed rows; the head's GEMMs
+// run in fixed blocks, head_mm). Memory: one slot holds the encoder and embedding gradients (not the
+// head's, computed once for the batch): 184k floats = 0.74 MB at resnet152-b1; at most kGroups slots
+// exist (5.9 MB), and usually 1-3 are in use (a slot is folded and reused as soon as its group is done).
+// SLVIT_FAST_CPU_TRAIN_SCHED=static (benchmark knob, for old-vs-new timings in one process): the old static
+// split with per-worker accumulators and ATen-threaded head GEMMs (results then depend on the thread
+// count); unset/"dynamic": the above.
+static constexpr int64_t kChunkRows = 256, kGroups = 8;
+
+struct Schedule {
+  bool dynamic = true;
+  int64_t cs = 1;      // samples of the largest chunk (buffers)
+  int64_t groups = 1;  // accumulation groups (static: workers)
+  int64_t nw_fwd = 1, nw_bwd = 1;       // workers of the forward (claiming chunks) and the backward (groups)
+  std::vector<int64_t> chunk_b0;        // chunk k: samples [chunk_b0[k], chunk_b0[k + 1])
+  std::vector<int64_t> group_chunk;     // group g: chunks [group_chunk[g], group_chunk[g + 1])
+  int64_t nch() const { return (int64_t)chunk_b0.size() - 1; }
+};
+
+static bool static_schedule() {
+  const char* env = std::getenv("SLVIT_FAST_CPU_TRAIN_SCHED");
+  const std::string v = env ? env : "";
+  TORCH_CHECK(v.empty() || v == "dynamic" || v == "static", "slvit_fast: SLVIT_FAST_CPU_TRAIN_SCHED='", v,
+              "' is not a schedule; use dynamic (default) or static");
+  return v == "static";
+}
+
+static Schedule make_schedule(const Cfg& c) {
+  Schedule s;
+  s.dynamic = !static_schedule();
+  if (!s.dynamic) {
+    int64_t nw;
+    train_split(c, nw, s.cs, true);
+    s.groups = s.nw_fwd = s.nw_bwd = nw;
+    return s;
+  }
+  const int64_t forced = forced_train_chunk();
+  s.groups = std::min(kGroups, c.B);
+  s.chunk_b0.push_back(0);
+  s.group_chunk.push_back(0);
+  for (int64_t g = 0; g < s.groups; ++g) {
+    const int64_t s0 = c.B * g / s.groups, ns = c.B * (g + 1) / s.groups - s0;
+    const int64_t nc = forced > 0 ? (ns + forced - 1) / forced
+                                  : std::max<int64_t>(1, (ns * c.T + kChunkRows - 1) / kChunkRows);
+    for (int64_t j = 1; j <= nc; ++j) {
+      const int64_t b = forced > 0 ? std::min(s0 + j * forced, s0 + ns) : s0 + ns * j / nc;
+      s.cs = std::max(s.cs, b - s.chunk_b0.back());
+      s.chunk_b0.push_back(b);
+    }
+    s.group_chunk.push_back(s.nch());
+  }
+  const bool small = c.B * c.T < kSingleThreadRows && forced <= 0;
+  const int64_t threads = (small || at::in_parallel_region()) ? 1 : std::max(1, at::get_num_threads());
+  s.nw_fwd = std::min(threads, s.nch());
+  s.nw_bwd = std::min(threads, s.groups);
+  return s;
+}
+
+// Runs f(w, u) for every unit u < nunits, claimed in order by nw workers of one parallel region (with the
+// caller's grad/inference mode; BLAS single-threaded inside); w: the claiming worker (its buffers).
+template <class F>
+static void run_claimed(int64_t nw, int64_t nunits, F f) {
+  if (nw <= 1) {
+    SingleThreadScope single(true);
+    for (int64_t u = 0; u < nunits; ++u) f(0, u);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, nw, 1, [&](int64_t lo, int64_t hi) {
+    at::ThreadLocalStateGuard tls(caller_state);
+    SequentialBlas seq;
+    for (int64_t w = lo; w < hi; ++w)
+      for (int64_t u = next.fetch_add(1, std::memory_order_relaxed); u < nunits;
+           u = next.fetch_add(1, std::memory_order_relaxed))
+        f(w, u);
+  });
+}
+
+// Forward: f(w, b0, n) for every chunk.
+template <class F>
+static void forward_chunks(const Cfg& c, const Schedule& s, F f) {
+  if (!s.dynamic) return for_train_chunks(c, f, true);
+  run_claimed(s.nw_fwd, s.nch(), [&](int64_t w, int64_t k) { f(w, s.chunk_b0[k], s.chunk_b0[k + 1] - s.chunk_b0[k]); });
+}
+
+
+// The head's GEMMs, out (B x N, any strides) = a (B x K) bt (K x N) (+ bias), in kHeadBlocks fixed
+// column blocks of out (each a serial BLAS call on one claiming worker): the same bits for any thread
+// count - MKL's own threading splits the work by the thread count, and its last bits follow the split.
+// Column blocks of the forward GEMMs are row blocks of the head weight: no worker streams all of it.
+static constexpr int64_t kHeadBlocks = 4;
+// (fixed = false: the static schedule's one ATen call on ATen's threads.)
+static void head_mm(Tensor out, const Tensor* bias, const Tensor& a, const Tensor& bt, int64_t nw, bool fixed = true) {
+  if (!fixed) {
+    if (bias) at::addmm_out(out, *bias, a, bt); else at::mm_out(out, a, bt);
+    return;
+  }
+  const int64_t N = out.size(1), nb = std::min(kHeadBlocks, N);
+  run_claimed(std::min(nw, nb), nb, [&](int64_t, int64_t j) {
+    const int64_t lo = N * j / nb, n = N * (j + 1) / nb - lo;
+    Tensor o = out.narrow(1, lo, n);
+    if (bias)
+      at::addmm_out(o, bias->narrow(0, lo, n), a, bt.narrow(1, lo, n));
+    else
+      at::mm_out(o, a, bt.narrow(1, lo, n));
+  });
+}
+
+// Column sums of a contiguous float32 matrix in row order (serial: ATen's sum may split the rows by thread).
+static Tensor colsum(const Tensor& m, bool fixed = true) {
+  if (!fixed) return m.sum(0);
+  Tensor s = at::zeros({m.size(1)}, at::TensorOptions().dtype(at::kFloat));
+  slvit_train::colsum_add(m.data_ptr<float>(), m.size(0), m.size(1), m.size(1), s.data_ptr<float>());
+  return s;
+}
+
+// Accumulation slots of the backward: nslots slots of one float buffer, each holding params [0, nparams)
+// at 16-float aligned offsets (acc[slot][i] views them). A group takes a free slot (zeroed; the most
+// recently freed one, still in L2), accumulates its chunks into it, and on finishing hands it back
+// with finish(g): the groups' slots are folded into the sum in group order - group g as soon as groups
+// 0..g have finished, by whichever worker finishes the last of them - so the sum is ((s0 + s1) + s2) +
+// ... element by element whatever the timing, and a slot is folded while it is still in cache (a fold
+// of all slots after the parallel region read 13 cold slots per resnet152-b1 step: ~4 ms at 1 thread).
+class Slots {
+  Tensor buf_;
+  int64_t per_slot_ = 0, ngroups_ = 0, next_ = 0;
+  std::vector<int64_t> off_, free_, ready_;
+  std::vector<Tensor> sum_;
+  std::mutex mu_;
+
+  void fold(int64_t slot, bool first) {
+    const float* base = buf_.data_ptr<float>() + slot * per_slot_;
+    for (size_t i = 0; i < sum_.size(); ++i) {
+      float* o = sum_[i].data_ptr<float>();
+      const float* src = base + off_[i];
+      const int64_t n = sum_[i].numel();
+      if (first)
+        std::memcpy(o, src, n * sizeof(float));
+      else
+        for (int64_t k = 0; k < n; ++k) o[k] += src[k];
+    }
+  }
+
+ public:
+  std::vector<std::vector<Tensor>> acc;  // acc[slot][i]: views for i < nparams, undefined above
+
+  // ngroups groups, at most ngroups slots (all of them when every later group finishes before group 0)
+  Slots(const std::vector<Tensor>& p, int64_t nparams, int64_t ngroups) : ngroups_(ngroups) {
+    off_.resize(nparams);
+    for (int64_t i = 0; i < nparams; ++i) {
+      off_[i] = per_slot_;
+      per_slot_ += (p[i].numel() + 15) / 16 * 16;
+    }
+    // from the saved pool: a fresh buffer per step costs page faults
+    buf_ = pooled_slack({std::max<int64_t>(ngroups * per_slot_, 1)});
+    acc.assign(ngroups, std::vector<Tensor>(p.size()));
+    for (int64_t s = 0; s < ngroups; ++s)
+      for (int64_t i = 0; i < nparams; ++i)
+        acc[s][i] = buf_.narrow(0, s * per_slot_ + off_[i], p[i].numel()).view(p[i].sizes());
+    for (int64_t s = ngroups - 1; s >= 0; --s) free_.push_back(s);
+    ready_.assign(ngroups, -1);
+    for (int64_t i = 0; i < nparams; ++i) sum_.push_back(at::empty(p[i].sizes(), at::TensorOptions().dtype(at::kFloat)));
+  }
+
+  int64_t take() {
+    int64_t s;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      TORCH_CHECK(!free_.empty(), "slvit_fast: internal error: no free accumulation slot");
+      s = free_.back();
+      free_.pop_back();
+    }
+    RECORD_FUNCTION("slvit_cpu::bwd_zero_slot", std::vector<c10::IValue>());
+    std::memset(buf_.data_ptr<float>() + s * per_slot_, 0, per_slot_ * sizeof(float));
+    return s;
+  }
+
+  void finish(int64_t group, int64_t slot) {
+    RECORD_FUNCTION("slvit_cpu::bwd_fold_slots", std::vector<c10::IValue>());
+    std::lock_guard<std::mutex> g(mu_);
+    ready_[group] = slot;
+    for (; next_ < ngroups_ && ready_[next_] >= 0; ++next_) {
+      fold(ready_[next_], next_ == 0);
+      free_.push_back(ready_[next_]);
+    }
+  }
+
+  // The sum of all groups (call after every group finished).
+  std::vector<Tensor> sum() {
+    TORCH_CHECK(next_ == ngroups_, "slvit_fast: internal error: ", ngroups_ - next_, " groups not folded");
+    return std::move(sum_);
+  }
+};
+
+// Backward: f(w, slot, b0, n) for every chunk of a group, in sample order, into the group's accumulation
+// slot (Slots: taken when the group starts, finished when it ends). Static schedule: a worker's samples
+// are its group, finished in worker order after the parallel region.
+template <class F>
+static void backward_chunks(const Cfg& c, const Schedule& s, Slots& slots, F f) {
+  if (!s.dynamic) {
+    std::vector<int64_t> slot(s.nw_bwd, -1);
+    for (int64_t w = 0; w < s.nw_bwd; ++w) slot[w] = slots.take();
+    for_train_chunks(c, [&](int64_t w, int64_t b0, int64_t n) { f(w, slot[w], b0, n); }, true);
+    for (int64_t w = 0; w < s.nw_bwd; ++w) slots.finish(w, slot[w]);
+    return;
+  }
+  run_claimed(s.nw_bwd, s.groups, [&](int64_t w, int64_t g) {
+    const int64_t slot = slots.take();
+    for (int64_t k = s.group_chunk[g]; k < s.group_chunk[g + 1]; ++k)
+      f(w, slot, s.chunk_b0[k], s.chunk_b0[k + 1] - s.chunk_b0[k]);
+    slots.finish(g, slot);
+  });
+}
+
 // The fused training forward: every worker runs its chunks of samples token-major on the GEMM tiles
 // (weights transposed once per call into B operands), writing the same saved tensors, in the same
 // layout, as forward_impl (so either backward reads them); the head runs once for the batch after the
@@ -422,15 +648,15 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
   }
   const int64_t head0 = (int64_t)p.size() - 4;
   const int64_t nsaved = (int64_t)sink.size();
-  int64_t nw, cs;
-  train_split(c, nw, cs, true);
+  const Schedule sch = make_schedule(c);
+  const int64_t cs = sch.cs;
   // per-sample (bias + position) rows repeated for a chunk: the embedding GEMM's add operand
   Tensor add_chunk = bias_pos.repeat({cs, 1}).contiguous();
-  std::vector<Tensor> scr(nw);
+  std::vector<Tensor> scr(sch.nw_fwd);
   const float scale = 1.0f / std::sqrt((float)c.kd);
   Tensor extraf = c.E ? extra->to(at::kFloat).contiguous() : Tensor();
 
-  for_train_chunks(c, [&](int64_t w, int64_t b0, int64_t S) {
+  forward_chunks(c, sch, [&](int64_t w, int64_t b0, int64_t S) {
     const int64_t n = S * T;
     Cfg cc = c;
     cc.B = S;
@@ -541,25 +767,25 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
       }
       t = t2;
     }
-  }, true);
+  });
   if (!save_all) sink[3].neg_();  // the mark: the first layer's rstd (saved[3]) negated (recompute_marked)
-  // head, batch-wide (ATen threads)
+  // head, batch-wide (fixed column blocks: head_mm)
   const Tensor &flat = sink[nsaved - 3], &z = sink[nsaved - 2], &a = sink[nsaved - 1];
-  at::addmm_out(const_cast<Tensor&>(z), p[head0 + 1], flat, p[head0].t());
+  head_mm(z, &p[head0 + 1], flat, p[head0].t(), sch.nw_fwd, sch.dynamic);
   Tensor av = a;
   if (c.act == 0) gelu_into(av, z); else at::relu_out(av, z);
   dropout_apply(fptr(a), c.B * c.hidden, 0, 1, c.thr_head, c.seed);  // saved dropped
-  at::addmm_out(out, p[head0 + 3], a, p[head0 + 2].t());
+  head_mm(out, &p[head0 + 3], a, p[head0 + 2].t(), sch.nw_fwd, sch.dynamic);
 }
 
-// The fused backward (exit_backward on AVX2+FMA CPUs): the head for the whole batch, then every worker
-// runs backward_chunk_fused over its chunks with its own accumulators acc[w].
+// The fused backward (exit_backward on AVX2+FMA CPUs): the head for the whole batch, then the workers run
+// backward_chunk_fused over the groups of chunks they claim, each group into its own accumulation slot,
+// and the slots are summed in group order (Schedule); acc is left with that one sum.
 void fused_backward(int isa, const Tensor& g, const Tensor& x, const c10::optional<Tensor>& extra,
                     const std::vector<Tensor>& p, at::TensorList saved, const BwdWeights& bw, const Cfg& c,
                     bool need_dx, Tensor& dx, Tensor& dextra, std::vector<std::vector<Tensor>>& acc) {
-  const auto fopt = at::TensorOptions().dtype(at::kFloat);
   const int64_t layer0 = 3 + (c.E ? 2 : 0);
-  // fused: GEMMs on the tiles; encoder/embedding gradients accumulated in place per worker (zeroed)
+  // GEMMs on the tiles; encoder/embedding gradients accumulated in place in the group's slot (zeroed)
   FusedBwdWeights fw;
   for (int64_t l = 0; l < c.layers; ++l) {
     const int64_t pi = layer0 + l * kPerLayer;
@@ -579,29 +805,34 @@ void fused_backward(int isa, const Tensor& g, const Tensor& x, const c10::option
   if (regather_pm) sv[3] = sv[3].neg();
   for (auto& t : sv)
     if (!has_slack(t)) t = slack_copy(t.to(at::kFloat));
-  int64_t nw, cs;
-  train_split(c, nw, cs, true);
-  acc.assign(nw, std::vector<Tensor>(p.size()));
-  for (auto& a : acc)
-    for (size_t i = 0; i + 4 < p.size(); ++i) a[i] = at::zeros(p[i].sizes(), fopt);
-  // the head for the whole batch at once (ATen, its own threads): per chunk it wrote and summed a full
-  // head-weight-sized gradient (1.7 MB at resnet152-b1) for a few samples each time
+  const Schedule sch = make_schedule(c);
+  const int64_t head0 = (int64_t)p.size() - 4;
+  Slots slots(p, head0, sch.groups);  // the encoder/embedding gradients, one slot per group
+  acc.assign(1, std::vector<Tensor>(p.size()));
+  // the head for the whole batch at once (fixed column blocks: head_mm): per chunk it wrote and summed a
+  // full head-weight-sized gradient (1.7 MB at resnet152-b1) for a few samples each time
   Tensor dt_all;
   {
-    const int64_t nsaved = (int64_t)sv.size(), head0 = (int64_t)p.size() - 4;
+    const auto fopt = at::TensorOptions().dtype(at::kFloat);
+    const int64_t nsaved = (int64_t)sv.size(), nw = sch.nw_bwd;
     const Tensor &flat = sv[nsaved - 3], &z = sv[nsaved - 2], &a = sv[nsaved - 1];
-    acc[0][head0 + 3] = g.sum(0);
-    acc[0][head0 + 2] = at::mm(g.t(), a);  // a saved after dropout
-    Tensor da = at::mm(g, p[head0 + 2]);
+    acc[0][head0 + 3] = colsum(g, sch.dynamic);
+    acc[0][head0 + 2] = at::empty({c.outputs, c.hidden}, fopt);
+    head_mm(acc[0][head0 + 2], nullptr, g.t(), a, nw, sch.dynamic);  // a saved after dropout
+    Tensor da = at::empty({c.B, c.hidden}, fopt);
+    head_mm(da, nullptr, g, p[head0 + 2], nw, sch.dynamic);
     dropout_apply(da.data_ptr<float>(), c.B * c.hidden, 0, 1, c.thr_head, c.seed);
-    Tensor dz = act_bwd(da, z, c.act);
-    acc[0][head0 + 1] = dz.sum(0);
-    acc[0][head0] = at::mm(dz.t(), flat);
-    dt_all = at::mm(dz, p[head0]).view({c.B * c.T, c.d});
+    Tensor dz = act_bwd(da, z, c.act).contiguous();
+    acc[0][head0 + 1] = colsum(dz, sch.dynamic);
+    acc[0][head0] = at::empty({c.hidden, c.T * c.d}, fopt);
+    head_mm(acc[0][head0], nullptr, dz.t(), flat, nw, sch.dynamic);
+    dt_all = at::empty({c.B, c.T * c.d}, fopt);
+    head_mm(dt_all, nullptr, dz, p[head0], nw, sch.dynamic);
+    dt_all = dt_all.view({c.B * c.T, c.d});
   }
-  std::vector<FusedBwdBufs> bufs(nw);
-  for_train_chunks(c, [&](int64_t w, int64_t b0, int64_t n) {
-    if (!bufs[w].keep.defined()) bufs[w] = fused_bwd_bufs(c, cs);
+  std::vector<FusedBwdBufs> bufs(sch.nw_bwd);
+  backward_chunks(c, sch, slots, [&](int64_t w, int64_t slot, int64_t b0, int64_t n) {
+    if (!bufs[w].keep.defined()) bufs[w] = fused_bwd_bufs(c, sch.cs);
     Cfg cc = c;
     cc.B = n;
     std::vector<Tensor> s;
@@ -615,8 +846,10 @@ void fused_backward(int isa, const Tensor& g, const Tensor& x, const c10::option
     Tensor dxr = need_dx ? dx.narrow(0, b0, n) : Tensor();
     Tensor der = c.E ? dextra.narrow(0, b0, n) : Tensor();
     backward_chunk_fused(isa, dt_all.narrow(0, b0 * c.T, n * c.T), xf.narrow(0, b0, n), ex, p, s, bw, fw, bufs[w], cc, need_dx ? &dxr : nullptr,
-                         c.E ? &der : nullptr, acc[w], b0, regather_pm);
-  }, true);
+                         c.E ? &der : nullptr, slots.acc[slot], b0, regather_pm);
+  });
+  std::vector<Tensor> sum = slots.sum();
+  for (int64_t i = 0; i < head0; ++i) acc[0][i] = std::move(sum[i]);
 }
 #endif
 
