@@ -223,27 +223,75 @@ struct FusedBwdWeights {
 struct FusedBwdBufs {
   Tensor keep;
   // pm: the chunk's patch matrix, gathered again from x; hpre / hact / qkv: recomputed
-  float *dm, *dh, *dy, *dO, *dqkv, *scr, *mask, *pm, *hpre, *hact, *qkv;
+  float *dm, *dh, *dy, *dO, *dqkv, *scr, *mask, *pm, *hpre, *hact, *qkv, *dt1;
 };
 
 static FusedBwdBufs fused_bwd_bufs(const Cfg& c, int64_t cs) {
   const int64_t n = cs * c.T;
   auto r = [](int64_t v) { return (v + kSlack + 15) / 16 * 16; };
   const int64_t nmask = c.thr_attn > 0 ? cs * c.heads * c.T * c.T : 0;
-  const int64_t sizes[11] = {r(n * c.d), r(n * c.mlp), r(n * c.d), r(n * c.A), r(n * 3 * c.A),
+  const int64_t sizes[12] = {r(n * c.d), r(n * c.mlp), r(n * c.d), r(n * c.A), r(n * 3 * c.A),
                              r(slvit_train::attn_scratch_floats(c.T, c.kd)), r(nmask), r(cs * c.Np * c.P),
-                             r(n * c.mlp), r(n * c.mlp), r(n * 3 * c.A)};
+                             r(n * c.mlp), r(n * c.mlp), r(n * 3 * c.A), r(n * c.d)};
   int64_t total = 0;
   for (int64_t v : sizes) total += v;
   FusedBwdBufs b;
   b.keep = at::empty({total}, at::TensorOptions().dtype(at::kFloat));
   float* q = fptr(b.keep);
-  float** dst[11] = {&b.dm, &b.dh, &b.dy, &b.dO, &b.dqkv, &b.scr, &b.mask, &b.pm, &b.hpre, &b.hact, &b.qkv};
-  for (int i = 0; i < 11; ++i) {
+  float** dst[12] = {&b.dm, &b.dh, &b.dy, &b.dO, &b.dqkv, &b.scr, &b.mask, &b.pm, &b.hpre, &b.hact, &b.qkv, &b.dt1};
+  for (int i = 0; i < 12; ++i) {
     *dst[i] = q;
     q += sizes[i];
   }
   return b;
+}
+
+// LayerNorm of n rows of d floats on the calling thread, as ATen's native_layer_norm (biased variance,
+// rstd = 1 / sqrt(var + eps)), with no op dispatch, allocation or parallel region per chunk (through ATen
+// the two per layer and chunk cost ~70 us each at resnet152-b1, ~4% of a 1-thread step).
+static void ln_forward(const float* x, int64_t n, int64_t d, const float* g, const float* b, double eps, float* y,
+                       float* mean, float* rstd) {
+  const float inv_d = 1.f / (float)d;
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * d;
+    float sum = 0.f;
+    for (int64_t k = 0; k < d; ++k) sum += xr[k];
+    const float mu = sum * inv_d;
+    float var = 0.f;
+    for (int64_t k = 0; k < d; ++k) var += (xr[k] - mu) * (xr[k] - mu);
+    const float rs = 1.f / std::sqrt(var * inv_d + (float)eps);
+    mean[r] = mu;
+    rstd[r] = rs;
+    float* yr = y + r * d;
+    for (int64_t k = 0; k < d; ++k) yr[k] = (xr[k] - mu) * rs * g[k] + b[k];
+  }
+}
+
+// Its backward: dx = rstd (dy g - mean(dy g) - xhat mean(dy g xhat)) (+ res, the residual gradient,
+// when given), dgamma += sum of dy xhat and dbeta += sum of dy over the rows (in row order).
+static void ln_backward(const float* dy, const float* x, const float* mean, const float* rstd, const float* g, int64_t n,
+                        int64_t d, const float* res, float* dx, float* dgamma, float* dbeta) {
+  const float inv_d = 1.f / (float)d;
+  for (int64_t r = 0; r < n; ++r) {
+    const float *dyr = dy + r * d, *xr = x + r * d;
+    const float mu = mean[r], rs = rstd[r];
+    float s1 = 0.f, s2 = 0.f;
+    for (int64_t k = 0; k < d; ++k) {
+      const float xh = (xr[k] - mu) * rs, gy = dyr[k] * g[k];
+      s1 += gy;
+      s2 += gy * xh;
+      dgamma[k] += dyr[k] * xh;
+      dbeta[k] += dyr[k];
+    }
+    s1 *= inv_d;
+    s2 *= inv_d;
+    float* dxr = dx + r * d;
+    const float* rr = res ? res + r * d : nullptr;
+    for (int64_t k = 0; k < d; ++k) {
+      const float v = rs * (dyr[k] * g[k] - s1 - (xr[k] - mu) * rs * s2);
+      dxr[k] = rr ? v + rr[k] : v;
+    }
+  }
 }
 
 // The fused backward of one chunk (c.B samples from b0): same inputs/outputs as backward_chunk, token-major
@@ -253,7 +301,6 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
                                  const std::vector<Tensor>& p, const std::vector<Tensor>& saved, const BwdWeights& bw,
                                  const FusedBwdWeights& fw, const FusedBwdBufs& buf, const Cfg& c, Tensor* dx_rows,
                                  Tensor* dextra_rows, std::vector<Tensor>& acc, int64_t b0, bool regather_pm) {
-  const auto fopt = at::TensorOptions().dtype(at::kFloat);
   const int64_t n = c.B * c.T, d = c.d, A = c.A, A3 = 3 * c.A, mlp = c.mlp;
   Tensor dt = dt_rows;  // gradient of the last layer's output (the head's backward ran for the batch)
 
@@ -264,7 +311,7 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
     const Tensor* s = &saved[1 + l * kSavedPerLayer];
     const Tensor &t_in = s[0], &mean1 = s[1], &rstd1 = s[2], &y1 = s[3], &qkv = s[4], &P = s[5], &o = s[6],
                  &t1 = s[7], &mean2 = s[8], &rstd2 = s[9], &y2 = s[10], &hpre = s[11], &hact = s[12];
-    const Tensor &g1 = p[pi], &be1 = p[pi + 1], &g2 = p[pi + 10], &be2 = p[pi + 11];
+    const Tensor &g1 = p[pi], &g2 = p[pi + 10];
 
     // the MLP hidden activations: saved (ATen-path layout) or recomputed from the saved y2
     const float* hpre_p = fptr(hpre);
@@ -309,19 +356,19 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
       RECORD_FUNCTION("slvit_cpu::bwd_dy2", std::vector<c10::IValue>());
       tile_gemm(isa, n, d, mlp, buf.dh, mlp, 1, fptr(fw.W1[l]), d, buf.dy, d, false);  // dy2 = dh W1
     }
-    Tensor dy2 = at::from_blob(buf.dy, {n, d}, fopt);
-    auto l2 = at::native_layer_norm_backward(dy2, t1, {d}, mean2, rstd2, g2, be2, {true, true, true});
-    acc[pi + 10].add_(std::get<1>(l2));
-    acc[pi + 11].add_(std::get<2>(l2));
-    Tensor dt1 = std::get<0>(l2);
-    if (c.residual) dt1.add_(dt);
+    {
+      RECORD_FUNCTION("slvit_cpu::bwd_ln2", std::vector<c10::IValue>());
+      ln_backward(buf.dy, fptr(t1), fptr(mean2), fptr(rstd2), fptr(g2), n, d, c.residual ? fptr(dt) : nullptr, buf.dt1,
+                  fptr(acc[pi + 10]), fptr(acc[pi + 11]));
+    }
+    float* dt1 = buf.dt1;
 
     // attention block
-    colsum_add(fptr(dt1), n, d, d, fptr(acc[pi + 9]));
+    colsum_add(dt1, n, d, d, fptr(acc[pi + 9]));
     {
       RECORD_FUNCTION("slvit_cpu::bwd_dWo_dO", std::vector<c10::IValue>());
-      dw_gemm(isa, d, A, n, fptr(dt1), d, fptr(o), A, fptr(acc[pi + 8]));  // dWo += dt1^T o
-      tile_gemm(isa, n, A, d, fptr(dt1), d, 1, fptr(fw.Wo[l]), A, buf.dO, A, false);     // dO = dt1 Wo
+      dw_gemm(isa, d, A, n, dt1, d, fptr(o), A, fptr(acc[pi + 8]));  // dWo += dt1^T o
+      tile_gemm(isa, n, A, d, dt1, d, 1, fptr(fw.Wo[l]), A, buf.dO, A, false);     // dO = dt1 Wo
     }
     float* mask = nullptr;
     if (c.thr_attn > 0) {
@@ -351,11 +398,9 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
       colsum_add(buf.dqkv + j * A, n, A, A3, fptr(acc[pi + 3 + 2 * j]));
     }
     tile_gemm(isa, n, d, A3, buf.dqkv, A3, 1, fptr(fw.Wqkv[l]), d, buf.dy, d, false);  // dy1 = dqkv Wqkv
-    Tensor dy1 = at::from_blob(buf.dy, {n, d}, fopt);
-    auto l1 = at::native_layer_norm_backward(dy1, t_in, {d}, mean1, rstd1, g1, be1, {true, true, true});
-    acc[pi].add_(std::get<1>(l1));
-    acc[pi + 1].add_(std::get<2>(l1));
-    dt = std::get<0>(l1).add_(dt1);
+    // the layer input's gradient, into dt's rows (dt itself is no longer needed)
+    ln_backward(buf.dy, fptr(t_in), fptr(mean1), fptr(rstd1), fptr(g1), n, d, dt1, fptr(dt), fptr(acc[pi]),
+                fptr(acc[pi + 1]));
   }
 
   // embedding (dt: gradient of the embedding's output after its dropout)
@@ -711,7 +756,10 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
       Tensor y1 = view(sk + 3), mean1 = view(sk + 1), rstd1 = view(sk + 2), qkv = view(sk + 4), P = view(sk + 5),
              o = view(sk + 6), t1 = view(sk + 7), mean2 = view(sk + 8), rstd2 = view(sk + 9), y2 = view(sk + 10),
              hpre = view(sk + 11), hact = view(sk + 12);
-      at::native_layer_norm_out(y1, mean1, rstd1, t, {d}, p[q], p[q + 1], eps);
+      {
+        RECORD_FUNCTION("slvit_cpu::fwd_ln1", std::vector<c10::IValue>());
+        ln_forward(fptr(t), n, d, fptr(p[q]), fptr(p[q + 1]), eps, fptr(y1), fptr(mean1), fptr(rstd1));
+      }
       float* qkvp = save_all ? fptr(qkv) : qbuf;  // not saved: the backward recomputes it from y1
       {
         RECORD_FUNCTION("slvit_cpu::fwd_qkv", std::vector<c10::IValue>());
@@ -738,7 +786,10 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
         for (int64_t r = 0; r < n; ++r)
           for (int64_t f = 0; f < d; ++f) t1p[r * d + f] += bo[f];
       }
-      at::native_layer_norm_out(y2, mean2, rstd2, t1, {d}, p[q + 10], p[q + 11], eps);
+      {
+        RECORD_FUNCTION("slvit_cpu::fwd_ln2", std::vector<c10::IValue>());
+        ln_forward(fptr(t1), n, d, fptr(p[q + 10]), fptr(p[q + 11]), eps, fptr(y2), fptr(mean2), fptr(rstd2));
+      }
       // fc1 + GELU: into the saved hpre / hact (SAVE_ALL), else with GELU in the epilogue into this
       // worker's buffer (the backward recomputes hpre from the saved y2: a K = d GEMM on L2-resident
       // rows instead of writing and re-reading 2 x n x mlp floats)
