@@ -192,6 +192,22 @@ static void tile_gemm(int isa, int64_t rows, int64_t cols, int64_t K, const floa
 }
 
 static float* fptr(const Tensor& t) { return t.data_ptr<float>(); }
+// A chunk's rows of a saved tensor are raw pointers (a narrow() per saved tensor and chunk cost ~3 us
+// each through ATen, ~3% of a 1-thread step); fptr spells both the same.
+static float* fptr(float* p) { return p; }
+
+// Base pointer and floats per sample of tensors whose first dimension runs over the batch's samples.
+struct SampleRows {
+  std::vector<float*> base;
+  std::vector<int64_t> per;
+  SampleRows(const std::vector<Tensor>& ts, int64_t B) {
+    for (const Tensor& t : ts) {
+      base.push_back(fptr(t));
+      per.push_back(t.numel() / B);
+    }
+  }
+  float* at(int64_t k, int64_t b0) const { return base[k] + b0 * per[k]; }
+};
 
 // Weight gradient C (rows x cols) += dY^T X over ntok token rows: dY (ntok x rows, row stride ldy) read
 // transposed through the A strides, X (ntok x cols, ldb) the B operand. Token blocks of 32: each pass
@@ -298,7 +314,7 @@ static void ln_backward(const float* dy, const float* x, const float* mean, cons
 // on the GEMM tiles; the weight and bias gradients of the encoder and embedding are accumulated in place
 // into this worker's acc (pre-zeroed), the rest (head, LayerNorm affine, position, extra) through acc_add.
 static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x_rows, const c10::optional<Tensor>& extra,
-                                 const std::vector<Tensor>& p, const std::vector<Tensor>& saved, const BwdWeights& bw,
+                                 const std::vector<Tensor>& p, float* const* saved, const BwdWeights& bw,
                                  const FusedBwdWeights& fw, const FusedBwdBufs& buf, const Cfg& c, Tensor* dx_rows,
                                  Tensor* dextra_rows, std::vector<Tensor>& acc, int64_t b0, bool regather_pm) {
   const int64_t n = c.B * c.T, d = c.d, A = c.A, A3 = 3 * c.A, mlp = c.mlp;
@@ -308,9 +324,9 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
   const int64_t layer0 = 3 + (c.E ? 2 : 0);
   for (int64_t l = c.layers - 1; l >= 0; --l) {
     const int64_t pi = layer0 + l * kPerLayer;
-    const Tensor* s = &saved[1 + l * kSavedPerLayer];
-    const Tensor &t_in = s[0], &mean1 = s[1], &rstd1 = s[2], &y1 = s[3], &qkv = s[4], &P = s[5], &o = s[6],
-                 &t1 = s[7], &mean2 = s[8], &rstd2 = s[9], &y2 = s[10], &hpre = s[11], &hact = s[12];
+    float* const* s = saved + 1 + l * kSavedPerLayer;  // this chunk's rows of the layer's saved tensors
+    float *t_in = s[0], *mean1 = s[1], *rstd1 = s[2], *y1 = s[3], *qkv = s[4], *P = s[5], *o = s[6], *t1 = s[7],
+          *mean2 = s[8], *rstd2 = s[9], *y2 = s[10], *hpre = s[11], *hact = s[12];
     const Tensor &g1 = p[pi], &g2 = p[pi + 10];
 
     // the MLP hidden activations: saved (ATen-path layout) or recomputed from the saved y2
@@ -701,6 +717,7 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
   const float scale = 1.0f / std::sqrt((float)c.kd);
   Tensor extraf = c.E ? extra->to(at::kFloat).contiguous() : Tensor();
 
+  const SampleRows sink_rows(sink, c.B);
   forward_chunks(c, sch, [&](int64_t w, int64_t b0, int64_t S) {
     const int64_t n = S * T;
     Cfg cc = c;
@@ -716,18 +733,15 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
     float* pmbuf = ascr + nascr + (c.thr_attn > 0 ? cs * c.heads * T * T : 0);
     float* hbuf = pmbuf + cs * Np * c.P + kSlack;  // the MLP hidden activations when they are not saved
     float* qbuf = hbuf + cs * T * mlp + kSlack;     // Q/K/V when they are not saved
-    auto view = [&](int64_t k) {  // this chunk's rows of saved tensor k
-      const int64_t per = sink[k].size(0) / c.B;
-      return sink[k].narrow(0, b0 * per, S * per);
-    };
+    auto rows = [&](int64_t k) { return sink_rows.at(k, b0); };  // this chunk's rows of saved tensor k
     // 1. patches (into this worker's buffer, not saved) -> embedding + bias + position; extra tokens; dropout
-    Tensor pm = save_all ? view(0) : at::from_blob(pmbuf, {S * Np, c.P}, fopt);
+    float* pm = save_all ? rows(0) : pmbuf;
     Tensor xc = xf.narrow(0, b0, S);
     {
       RECORD_FUNCTION("slvit_cpu::patch_gather", std::vector<c10::IValue>());
       patch_permute_layout(false, cl, xc.data_ptr<float>(), xc.strides().data(), fptr(pm), cc);
     }
-    Tensor t = view(1);
+    float* t = rows(1);
     {
       RECORD_FUNCTION("slvit_cpu::fwd_embed", std::vector<c10::IValue>());
       if (c.E == 0) {
@@ -753,9 +767,9 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
     for (int64_t l = 0; l < c.layers; ++l) {
       const int64_t q = pi + l * kPerLayer;
       const int64_t sk = 1 + l * kSavedPerLayer;
-      Tensor y1 = view(sk + 3), mean1 = view(sk + 1), rstd1 = view(sk + 2), qkv = view(sk + 4), P = view(sk + 5),
-             o = view(sk + 6), t1 = view(sk + 7), mean2 = view(sk + 8), rstd2 = view(sk + 9), y2 = view(sk + 10),
-             hpre = view(sk + 11), hact = view(sk + 12);
+      float *y1 = rows(sk + 3), *mean1 = rows(sk + 1), *rstd1 = rows(sk + 2), *qkv = rows(sk + 4), *P = rows(sk + 5),
+            *o = rows(sk + 6), *t1 = rows(sk + 7), *mean2 = rows(sk + 8), *rstd2 = rows(sk + 9), *y2 = rows(sk + 10),
+            *hpre = rows(sk + 11), *hact = rows(sk + 12);
       {
         RECORD_FUNCTION("slvit_cpu::fwd_ln1", std::vector<c10::IValue>());
         ln_forward(fptr(t), n, d, fptr(p[q]), fptr(p[q + 1]), eps, fptr(y1), fptr(mean1), fptr(rstd1));
@@ -805,7 +819,7 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
                   slvit_fused::kGelu);
       }
       dropout_apply(hid, n * mlp, b0 * T * mlp, 3 + 3 * l, c.thr_drop, c.seed);
-      Tensor t2 = l + 1 < c.layers ? view(sk + kSavedPerLayer) : view(nsaved - 3).view({n, d});
+      float* t2 = l + 1 < c.layers ? rows(sk + kSavedPerLayer) : rows(nsaved - 3);
       {
         RECORD_FUNCTION("slvit_cpu::fwd_fc2", std::vector<c10::IValue>());
         tile_gemm(isa, n, d, mlp, hid, mlp, 1, fptr(lw[l].W2T), d, fptr(t2), d, false, 1, 0, 0, fptr(p[q + 15]), 0);
@@ -882,21 +896,18 @@ void fused_backward(int isa, const Tensor& g, const Tensor& x, const c10::option
     dt_all = dt_all.view({c.B * c.T, c.d});
   }
   std::vector<FusedBwdBufs> bufs(sch.nw_bwd);
+  const SampleRows sv_rows(sv, c.B);
   backward_chunks(c, sch, slots, [&](int64_t w, int64_t slot, int64_t b0, int64_t n) {
     if (!bufs[w].keep.defined()) bufs[w] = fused_bwd_bufs(c, sch.cs);
     Cfg cc = c;
     cc.B = n;
-    std::vector<Tensor> s;
-    s.reserve(sv.size());
-    for (const Tensor& t : sv) {
-      const int64_t per_sample = t.size(0) / c.B;
-      s.push_back(t.narrow(0, b0 * per_sample, n * per_sample));
-    }
+    std::vector<float*> s(sv.size());
+    for (size_t k = 0; k < sv.size(); ++k) s[k] = sv_rows.at(k, b0);
     c10::optional<Tensor> ex;
     if (c.E) ex = extra->narrow(0, b0, n);
     Tensor dxr = need_dx ? dx.narrow(0, b0, n) : Tensor();
     Tensor der = c.E ? dextra.narrow(0, b0, n) : Tensor();
-    backward_chunk_fused(isa, dt_all.narrow(0, b0 * c.T, n * c.T), xf.narrow(0, b0, n), ex, p, s, bw, fw, bufs[w], cc, need_dx ? &dxr : nullptr,
+    backward_chunk_fused(isa, dt_all.narrow(0, b0 * c.T, n * c.T), xf.narrow(0, b0, n), ex, p, s.data(), bw, fw, bufs[w], cc, need_dx ? &dxr : nullptr,
                          c.E ? &der : nullptr, slots.acc[slot], b0, regather_pm);
   });
   std::vector<Tensor> sum = slots.sum();
