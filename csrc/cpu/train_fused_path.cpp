@@ -556,6 +556,7 @@ static void forward_chunks(const Cfg& c, const Schedule& s, F f) {
 // count - MKL's own threading splits the work by the thread count, and its last bits follow the split.
 // Column blocks of the forward GEMMs are row blocks of the head weight: no worker streams all of it.
 static constexpr int64_t kHeadBlocks = 4;
+static constexpr double kHeadParallelFlops = 4e6;
 // (fixed = false: the static schedule's one ATen call on ATen's threads.)
 static void head_mm(Tensor out, const Tensor* bias, const Tensor& a, const Tensor& bt, int64_t nw, bool fixed = true) {
   if (!fixed) {
@@ -563,6 +564,9 @@ static void head_mm(Tensor out, const Tensor* bias, const Tensor& a, const Tenso
     return;
   }
   const int64_t N = out.size(1), nb = std::min(kHeadBlocks, N);
+  // a small GEMM (the output layer's three, ~0.3 MFLOP at resnet152-b1) stays on the calling thread: a
+  // parallel region's wake-up and barrier cost more, milliseconds when the cores are shared
+  if (2.0 * (double)out.size(0) * (double)N * (double)a.size(1) < kHeadParallelFlops) nw = 1;
   run_claimed(std::min(nw, nb), nb, [&](int64_t, int64_t j) {
     const int64_t lo = N * j / nb, n = N * (j + 1) / nb - lo;
     Tensor o = out.narrow(1, lo, n);
@@ -588,12 +592,21 @@ static Tensor colsum(const Tensor& m, bool fixed = true) {
 // 0..g have finished, by whichever worker finishes the last of them - so the sum is ((s0 + s1) + s2) +
 // ... element by element whatever the timing, and a slot is folded while it is still in cache (a fold
 // of all slots after the parallel region read 13 cold slots per resnet152-b1 step: ~4 ms at 1 thread).
+// A worker never waits for another's fold (fold_mu_ is only try-locked; the folder re-checks for newly
+// ready groups after unlocking): on shared cores a folder can be descheduled mid-fold for milliseconds.
 class Slots {
   Tensor buf_;
-  int64_t per_slot_ = 0, ngroups_ = 0, next_ = 0;
+  int64_t per_slot_ = 0, ngroups_ = 0, next_ = 0;  // next_: the first group not folded yet
   std::vector<int64_t> off_, free_, ready_;
   std::vector<Tensor> sum_;
-  std::mutex mu_;
+  std::mutex mu_;       // free_, ready_, next_ (short sections)
+  std::mutex fold_mu_;  // held by the one worker folding
+
+  // the slot of group next_ when it is ready to fold, else -1
+  int64_t foldable() {
+    std::lock_guard<std::mutex> g(mu_);
+    return next_ < ngroups_ ? ready_[next_] : -1;
+  }
 
   void fold(int64_t slot, bool first) {
     const float* base = buf_.data_ptr<float>() + slot * per_slot_;
@@ -644,11 +657,19 @@ class Slots {
 
   void finish(int64_t group, int64_t slot) {
     RECORD_FUNCTION("slvit_cpu::bwd_fold_slots", std::vector<c10::IValue>());
-    std::lock_guard<std::mutex> g(mu_);
-    ready_[group] = slot;
-    for (; next_ < ngroups_ && ready_[next_] >= 0; ++next_) {
-      fold(ready_[next_], next_ == 0);
-      free_.push_back(ready_[next_]);
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      ready_[group] = slot;
+    }
+    while (foldable() >= 0) {
+      if (!fold_mu_.try_lock()) return;  // the folder will see this group when it re-checks
+      for (int64_t s; (s = foldable()) >= 0;) {
+        fold(s, next_ == 0);  // (next_ changes only here, under fold_mu_)
+        std::lock_guard<std::mutex> g(mu_);
+        free_.push_back(s);
+        ++next_;
+      }
+      fold_mu_.unlock();
     }
   }
 
