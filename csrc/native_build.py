@@ -88,7 +88,9 @@ def _extensions() -> list:
         info["skipped"]["cpu"] = info["skipped"]["emu"] = info["skipped"]["cuda"] = "no C++ compiler"
         return []
     common = ["-O3", "-std=c++20", "-fvisibility=hidden"]
-    cpu_sources = [_rel("cpu", "slvit_cpu.cpp"), _rel("cpu", "module_cpu.cpp")]
+    # train_fused_path.cpp: the fused training path (its kernels are entered only on AVX2+FMA CPUs) and the
+    # saved activations' allocation both training paths use, so it is built on every machine
+    cpu_sources = [_rel("cpu", "slvit_cpu.cpp"), _rel("cpu", "train_fused_path.cpp"), _rel("cpu", "module_cpu.cpp")]
     cpu_macros = []
     if platform.machine().lower() in ("x86_64", "amd64"):
         # fused AVX2/FMA inference kernels; entered only after a run-time CPU check

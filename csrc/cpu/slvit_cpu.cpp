@@ -6,8 +6,9 @@
 //
 // Inference (save=false) on AVX2+FMA CPUs runs the fused kernels of fused_avx2.cpp (fused_forward
 // below); training (save=true, returns the activations for the backward) on AVX2+FMA CPUs runs the
-// fused training path (train_forward_fused / backward_chunk_fused: the same GEMM tiles, attention in
-// fused_train.cpp, SLVIT_FAST_CPU_TRAIN_FUSED); the rest of this file is the ATen/BLAS path: training
+// fused training path (train_fused_path.cpp: train_forward_fused / fused_backward on the same GEMM tiles,
+// attention in fused_train.cpp, SLVIT_FAST_CPU_TRAIN_FUSED; what the two files share: train_common.h);
+// the rest of this file is the ATen/BLAS path: training
 // without the fused kernels and the inference fallback (inference_forward: the same building blocks in
 // a bounded workspace, large batches in chunks).
 //
@@ -51,6 +52,7 @@
 
 #include "blas_dispatch.h"
 #include "cpu_entry.h"
+#include "train_common.h"
 
 #ifdef SLVIT_FUSED_AVX2
 #include "fused_avx2.h"
@@ -64,10 +66,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <cctype>
-#include <map>
 #include <memory>
-#include <sys/mman.h>
-#include <mutex>
 #include <string>
 #include <vector>
 
@@ -75,29 +74,11 @@ namespace slvit_cpu {
 
 using at::Tensor;
 
-static constexpr int64_t kSingleThreadRows = 256;  // B*T token rows below which one thread is faster
-
 // Heads per at::parallel_for chunk: only split the (sample, head) loop when each chunk has ~1 MFLOP.
 static int64_t head_grain(int64_t T, int64_t kd) {
   const int64_t flops = 2 * T * T * kd;
   return std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(flops, 1));
 }
-
-// ----------------------------------------------------------------------------------------------
-struct Cfg {
-  int64_t ph, pw, d, heads, kd, mlp, hidden, outputs, E, De;
-  bool residual;
-  int64_t act;  // 0 gelu, 1 relu
-  int64_t layers;
-  // dropout (training; cfg[13..16] when present): keep thresholds as fractions of 2^32 and the seed
-  int64_t thr_drop = 0, thr_attn = 0, thr_head = 0, seed = 0;
-  // derived
-  int64_t B, C, H, W, gh, gw, Np, T, P, A;
-};
-
-static constexpr int64_t kCfgLen = 13;
-static constexpr int64_t kPerLayer = 16;  // params per encoder layer
-static constexpr int64_t kSavedPerLayer = 13;
 
 static Cfg make_cfg(const Tensor& x, const c10::optional<Tensor>& extra, at::IntArrayRef cfg) {
   TORCH_CHECK(cfg.size() == kCfgLen || cfg.size() == kCfgLen + 4, "slvit_fast: cfg must have ", kCfgLen,
@@ -296,7 +277,7 @@ static bool avx2_elementwise() {
 #endif
 }
 
-static void gelu_into(Tensor& out, const Tensor& in) {
+void gelu_into(Tensor& out, const Tensor& in) {
   RECORD_FUNCTION("slvit_cpu::gelu", std::vector<c10::IValue>());
 #ifdef SLVIT_FUSED_AVX2
   if (avx2_elementwise() && train_kernel("gelu", true) && in.is_contiguous() && out.is_contiguous()) {
@@ -327,7 +308,7 @@ static Tensor gelu_grad(const Tensor& g, const Tensor& z) {
   return at::gelu_backward(g, z);
 }
 
-static Tensor act_bwd(const Tensor& g, const Tensor& z, int64_t act) {
+Tensor act_bwd(const Tensor& g, const Tensor& z, int64_t act) {
   return act == 0 ? gelu_grad(g, z) : g.mul(z.gt(0).to(g.scalar_type()));
 }
 
@@ -676,7 +657,7 @@ static inline uint32_t lowbias32(uint32_t x) {
 static bool dropout_on(const Cfg& c) { return c.thr_drop > 0 || c.thr_attn > 0 || c.thr_head > 0; }
 
 // data[k] *= keep(idx0 + k) ? scale : 0 for k < n (data contiguous).
-static void dropout_apply(float* data, int64_t n, int64_t idx0, int64_t site, int64_t thr, uint64_t seed) {
+void dropout_apply(float* data, int64_t n, int64_t idx0, int64_t site, int64_t thr, uint64_t seed) {
   if (thr <= 0) return;
   const double rate = (double)thr / 4294967296.0;
   const float scale = thr >= (int64_t(1) << 32) ? 0.f : (float)(1.0 / (1.0 - rate));
@@ -908,9 +889,13 @@ static Tensor inference_forward(const Tensor& x, const c10::optional<Tensor>& ex
 // Chunks of ~512 token rows keep a chunk's activations near the core (L2) between ops; the fused
 // path (train_fused_isa) takes ~256 (its widest chunk buffer, n x mlp, then stays within L2).
 // SLVIT_FAST_CPU_TRAIN_CHUNK (tests): samples per chunk, and every thread used even for small problems.
-static void train_split(const Cfg& c, int64_t& nw, int64_t& cs, bool fused = false) {
+int64_t forced_train_chunk() {
   const char* env = std::getenv("SLVIT_FAST_CPU_TRAIN_CHUNK");
-  const int64_t forced = env && *env ? std::atoll(env) : 0;
+  return env && *env ? std::atoll(env) : 0;
+}
+
+void train_split(const Cfg& c, int64_t& nw, int64_t& cs, bool fused) {
+  const int64_t forced = forced_train_chunk();
   const bool small = c.B * c.T < kSingleThreadRows && forced <= 0;
   nw = (small || at::in_parallel_region()) ? 1 : std::min<int64_t>(at::get_num_threads(), c.B);
   nw = std::max<int64_t>(nw, 1);
@@ -919,151 +904,22 @@ static void train_split(const Cfg& c, int64_t& nw, int64_t& cs, bool fused = fal
                   : std::max<int64_t>(1, std::min<int64_t>((c.B + nw - 1) / nw, rows / std::max<int64_t>(c.T, 1)));
 }
 
-// Runs f(w, b0, n) for the chunks of worker w's samples, all workers in one parallel region (with the
-// caller's grad/inference mode; BLAS single-threaded inside).
-template <class F>
-static void for_train_chunks(const Cfg& c, F f, bool fused = false) {
-  int64_t nw, cs;
-  train_split(c, nw, cs, fused);
-  auto worker = [&](int64_t w) {
-    const int64_t lo = c.B * w / nw, hi = c.B * (w + 1) / nw;
-    for (int64_t b0 = lo; b0 < hi; b0 += cs) f(w, b0, std::min(cs, hi - b0));
-  };
-  if (nw == 1) {
-    SingleThreadScope single(true);
-    worker(0);
-    return;
-  }
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, nw, 1, [&](int64_t lo, int64_t hi) {
-    at::ThreadLocalStateGuard tls(caller_state);
-    SequentialBlas seq;
-    for (int64_t w = lo; w < hi; ++w) worker(w);
-  });
-}
-
 static int64_t train_workers(const Cfg& c, bool fused = false) {
   int64_t nw, cs;
   train_split(c, nw, cs, fused);
   return nw;
 }
 
-// A float32 tensor of `shape` (contiguous) followed by kSlack readable floats: the AVX2 GEMM tiles of
-// the fused training path read B operands up to the next 16-column boundary, so a saved activation
-// they read as B may be over-read past its last row (results discarded).
-static constexpr int64_t kSlack = 16;
-static Tensor empty_slack(at::IntArrayRef shape) {
-  int64_t n = 1;
-  for (auto v : shape) n *= v;
-  return at::empty({n + kSlack}, at::TensorOptions().dtype(at::kFloat)).narrow(0, 0, n).view(shape);
-}
-// Saved activations of the fused training path come from a process-wide cache of freed blocks (exact
-// byte sizes): a training step's ~80 MB of fresh saved tensors (resnet152-b1, batch 64) cost a page
-// fault and a kernel page clear per 4 KiB on first touch - measured as much as the math of the writes
-// themselves - while a block freed by the previous step's backward is already mapped. The cache holds
-// at most SLVIT_FAST_CPU_TRAIN_POOL_MB (default 256; 0 = off) of free blocks; a block freed beyond
-// that goes back to the OS. Blocks are returned from whichever thread drops the last reference.
-class SavedPool {
-  std::mutex mu_;
-  std::multimap<size_t, void*> free_;
-  size_t cached_ = 0;
+// For the fused training path (train_fused_path.cpp, declared in train_common.h): the patch gather /
+// scatter of x's memory layout, and which layout x has.
+bool x_channels_inner(const Tensor& x) { return channels_inner(x); }
 
- public:
-  static size_t cap_bytes() {
-    const char* env = std::getenv("SLVIT_FAST_CPU_TRAIN_POOL_MB");
-    if (!env || !*env) return size_t(256) << 20;
-    char* end = nullptr;
-    const double mb = std::strtod(env, &end);
-    TORCH_CHECK(end != env && *end == 0 && mb >= 0 && mb < 1e6,
-                "slvit_fast: SLVIT_FAST_CPU_TRAIN_POOL_MB must be a number of megabytes (0 to 1e6), got '", env, "'");
-    return (size_t)(mb * (1 << 20));
+void patch_permute_layout(bool scatter, bool cl, float* x, const int64_t* xs, float* pm, const Cfg& c) {
+  if (cl) {
+    if (scatter) patch_permute<true>(x, xs, pm, c); else patch_permute<false>(x, xs, pm, c);
+  } else {
+    if (scatter) patch_permute_cij<true>(x, xs, pm, c); else patch_permute_cij<false>(x, xs, pm, c);
   }
-  void* take(size_t bytes) {
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      auto it = free_.find(bytes);
-      if (it != free_.end()) {
-        void* p = it->second;
-        free_.erase(it);
-        cached_ -= bytes;
-        return p;
-      }
-    }
-    void* p = nullptr;
-    TORCH_CHECK(posix_memalign(&p, 64, bytes) == 0, "slvit_fast: out of memory allocating ", bytes, " bytes");
-    return p;
-  }
-  void give(void* p, size_t bytes) {
-    const size_t cap = cap_bytes_nothrow();
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      if (cached_ + bytes <= cap) {
-        free_.emplace(bytes, p);
-        cached_ += bytes;
-        return;
-      }
-    }
-    std::free(p);
-  }
-  static size_t cap_bytes_nothrow() {
-    try {
-      return cap_bytes();
-    } catch (...) {
-      return 0;  // a bad value is reported by the next forward; a deleter must not throw
-    }
-  }
-};
-
-static SavedPool& saved_pool() {
-  static SavedPool* pool = new SavedPool();  // never destroyed: tensors may be freed during exit
-  return *pool;
-}
-
-// empty_slack from the pool (see SavedPool), or a plain allocation when the pool is off.
-static Tensor pooled_slack(at::IntArrayRef shape) {
-  if (SavedPool::cap_bytes() == 0) return empty_slack(shape);
-  int64_t n = 1;
-  for (auto v : shape) n *= v;
-  const size_t bytes = ((size_t)(n + kSlack) * sizeof(float) + 4095) / 4096 * 4096;
-  void* p = saved_pool().take(bytes);
-  Tensor t = at::from_blob(p, {n + kSlack}, [bytes](void* q) { saved_pool().give(q, bytes); },
-                           at::TensorOptions().dtype(at::kFloat));
-  return t.narrow(0, 0, n).view(shape);
-}
-
-static bool has_slack(const Tensor& t) {
-  return t.is_contiguous() && t.scalar_type() == at::kFloat &&
-         t.storage().nbytes() >= (size_t)(t.storage_offset() + t.numel() + kSlack) * sizeof(float);
-}
-
-// The fused forward does not compute into the saved patch matrix, Q/K/V and MLP hidden activations
-// (saved[0] and each layer's qkv, hpre, hact; shapes kept for the ops' fake implementation): both
-// backwards gather the patches again from x and recompute qkv = Wqkv y1 + b from the saved y1,
-// hpre = W1 y2 + c1 and hact = dropout(GELU(hpre)) from the saved y2 (K = d GEMMs), chunk by chunk in L2
-// (fused) or once for the batch (ATen path), instead of writing and re-reading 66 MB (resnet152-b1,
-// batch 64). Those tensors are fresh anonymous mappings never written (zeros: the op stays a function of
-// its inputs, as opcheck requires, at no page-fault cost), and the saved set is marked by storing the
-// first layer's LayerNorm rstd negated (rstd = 1/sqrt(var + eps) is never negative in the ATen path's
-// saved set; a mark in the values survives copies of the saved tensors).
-static Tensor zero_mapped(at::IntArrayRef shape) {
-  int64_t n = 1;
-  for (auto v : shape) n *= v;
-  const size_t bytes = ((size_t)(n + kSlack) * sizeof(float) + 4095) / 4096 * 4096;
-  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  TORCH_CHECK(p != MAP_FAILED, "slvit_fast: out of memory mapping ", bytes, " bytes");
-  Tensor t = at::from_blob(p, {n + kSlack}, [bytes](void* q) { munmap(q, bytes); },
-                           at::TensorOptions().dtype(at::kFloat));
-  return t.narrow(0, 0, n).view(shape);
-}
-
-// True when saved rstd (the first layer's) carries the fused forward's mark: its first non-NaN value is
-// negative (all NaN: unmarked).
-static bool recompute_marked(const Tensor& rstd1) {
-  const Tensor r = rstd1.contiguous();
-  const float* v = r.data_ptr<float>();
-  for (int64_t i = 0; i < r.numel(); ++i)
-    if (!std::isnan(v[i])) return v[i] < 0.f;
-  return false;
 }
 
 // SLVIT_FAST_CPU_TRAIN_FUSED: the fused training path (fused_train.h: the inference kernels' GEMM tiles,
@@ -1094,12 +950,6 @@ static int train_fused_isa() {
 
 // Training forward: the saved activations are allocated for the batch once and each chunk's forward
 // writes its rows of them (forward_impl with a sink).
-#ifdef SLVIT_FUSED_AVX2
-static void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& extra,
-                                const std::vector<Tensor>& p, const Cfg& c, double eps, std::vector<Tensor>& sink,
-                                Tensor& out, bool save_all);
-#endif
-
 static std::vector<Tensor> train_forward(const Tensor& x, const c10::optional<Tensor>& extra,
                                          const std::vector<Tensor>& p, const Cfg& c, double eps, int isa) {
   const bool fused = isa >= 0;
@@ -1160,7 +1010,7 @@ std::vector<Tensor> exit_forward(const Tensor& x, const c10::optional<Tensor>& e
 }
 
 // Gradient accumulation per worker: the first contribution is kept (owned, contiguous), later ones added.
-static void acc_add(std::vector<Tensor>& acc, int64_t i, const Tensor& g) {
+void acc_add(std::vector<Tensor>& acc, int64_t i, const Tensor& g) {
   if (!acc[i].defined())
     // (a tensor that does not own its whole storage - a slice - is copied: outputs must not alias; is_view()
     // is not reliable inside an op, where views get no autograd metadata)
@@ -1171,13 +1021,6 @@ static void acc_add(std::vector<Tensor>& acc, int64_t i, const Tensor& g) {
   else
     acc[i].add_(g);
 }
-
-// Weights the backward of every chunk uses, built once per call.
-struct BwdWeights {
-  std::vector<Tensor> Wqkv;  // per layer: cat(Wq, Wk, Wv)
-  Tensor Wp;                 // patch-embedding weight in the gather's column order
-  bool cl;                   // x channels-innermost: pm in (ph, pw, C) order, else (C, ph, pw)
-};
 
 // Backward of the samples of one chunk (c.B of them): s are the chunk's rows of the saved tensors,
 // parameter gradients are added to acc (this worker's), dx / dextra rows written when defined.
@@ -1339,411 +1182,6 @@ static void backward_chunk(const Tensor& g, const c10::optional<Tensor>& extra, 
   }
 }
 
-#ifdef SLVIT_FUSED_AVX2
-// ---- fused training path: GEMMs on the inference kernels' tiles (fused_train.h) ---------------------
-// C (rows x cols, ldc) (+)= A B on the tiles of `isa`; A[r][k] at A + r*a_rs + k*a_ks, B row-major (ldb);
-// the K loop may run over nseg segments (A, B jump by a_seg, b_seg). accumulate: C += A B in place
-// (the epilogue adds C itself), how the per-worker weight gradients are summed over chunks.
-static void tile_gemm(int isa, int64_t rows, int64_t cols, int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
-                      const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate, int64_t nseg = 1,
-                      int64_t a_seg = 0, int64_t b_seg = 0, const float* add = nullptr, int64_t ld_add = 0,
-                      int act = slvit_fused::kNone) {
-  if (rows <= 0 || cols <= 0) return;
-  slvit_fused::Shape sh;
-  sh.K = K; sh.a_rs = a_rs; sh.a_ks = a_ks; sh.ldb = ldb; sh.ldc = ldc;
-  sh.nseg = nseg; sh.a_seg = a_seg; sh.b_seg = b_seg;
-  slvit_fused::Epi e;
-  e.act = act;
-  if (accumulate) {
-    e.add = C;
-    e.ld_add = ldc;
-  } else if (add) {
-    e.add = add;
-    e.ld_add = ld_add;
-  }
-  if (K <= 0) {  // an empty product: C = add (or unchanged when accumulating)
-    if (!accumulate)
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t cc = 0; cc < cols; ++cc) C[r * ldc + cc] = add ? add[r * ld_add + cc] : 0.f;
-    return;
-  }
-  slvit_fused::gemm_tiles(isa, 0, rows, cols, sh, A, B, C, e);
-}
-
-static float* fptr(const Tensor& t) { return t.data_ptr<float>(); }
-
-// Weight gradient C (rows x cols) += dY^T X over ntok token rows: dY (ntok x rows, row stride ldy) read
-// transposed through the A strides, X (ntok x cols, ldb) the B operand. Token blocks of 32: each pass
-// streams 32 whole rows of X in memory order (reading a 32-column strip of all ntok rows instead, one
-// cache line per row 4-8 KB apart, left the patch-embedding gradient waiting on memory), and the
-// accumulator C stays in L2 between passes.
-static void dw_gemm(int isa, int64_t rows, int64_t cols, int64_t ntok, const float* dY, int64_t ldy, const float* X,
-                    int64_t ldb, float* C) {
-  constexpr int64_t kTok = 32;
-  for (int64_t k0 = 0; k0 < ntok; k0 += kTok)
-    tile_gemm(isa, rows, cols, std::min(kTok, ntok - k0), dY + k0 * ldy, 1, ldy, X + k0 * ldb, ldb, C, cols, true);
-}
-using slvit_train::colsum_add;
-
-// A contiguous float32 copy of w with kSlack readable floats after it (weights read as a B operand).
-static Tensor slack_copy(const Tensor& w) {
-  Tensor t = empty_slack(w.sizes());
-  t.copy_(w);
-  return t;
-}
-
-// Weights of the fused backward, built once per call (B operands need kSlack floats after them).
-struct FusedBwdWeights {
-  // per layer; W1T, WqkvT / bqkv: B operands and bias of fc1 and Q/K/V, to recompute hpre and qkv
-  std::vector<Tensor> Wqkv, W1, W2, Wo, W1T, WqkvT, bqkv;
-};
-
-// Per-worker buffers of one chunk of the fused backward (reused across the worker's chunks).
-struct FusedBwdBufs {
-  Tensor keep;
-  // pm: the chunk's patch matrix, gathered again from x; hpre / hact / qkv: recomputed
-  float *dm, *dh, *dy, *dO, *dqkv, *scr, *mask, *pm, *hpre, *hact, *qkv;
-};
-
-static FusedBwdBufs fused_bwd_bufs(const Cfg& c, int64_t cs) {
-  const int64_t n = cs * c.T;
-  auto r = [](int64_t v) { return (v + kSlack + 15) / 16 * 16; };
-  const int64_t nmask = c.thr_attn > 0 ? cs * c.heads * c.T * c.T : 0;
-  const int64_t sizes[11] = {r(n * c.d), r(n * c.mlp), r(n * c.d), r(n * c.A), r(n * 3 * c.A),
-                             r(slvit_train::attn_scratch_floats(c.T, c.kd)), r(nmask), r(cs * c.Np * c.P),
-                             r(n * c.mlp), r(n * c.mlp), r(n * 3 * c.A)};
-  int64_t total = 0;
-  for (int64_t v : sizes) total += v;
-  FusedBwdBufs b;
-  b.keep = at::empty({total}, at::TensorOptions().dtype(at::kFloat));
-  float* q = fptr(b.keep);
-  float** dst[11] = {&b.dm, &b.dh, &b.dy, &b.dO, &b.dqkv, &b.scr, &b.mask, &b.pm, &b.hpre, &b.hact, &b.qkv};
-  for (int i = 0; i < 11; ++i) {
-    *dst[i] = q;
-    q += sizes[i];
-  }
-  return b;
-}
-
-// The fused backward of one chunk (c.B samples from b0): same inputs/outputs as backward_chunk, token-major
-// on the GEMM tiles; the weight and bias gradients of the encoder and embedding are accumulated in place
-// into this worker's acc (pre-zeroed), the rest (head, LayerNorm affine, position, extra) through acc_add.
-static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x_rows, const c10::optional<Tensor>& extra,
-                                 const std::vector<Tensor>& p, const std::vector<Tensor>& saved, const BwdWeights& bw,
-                                 const FusedBwdWeights& fw, const FusedBwdBufs& buf, const Cfg& c, Tensor* dx_rows,
-                                 Tensor* dextra_rows, std::vector<Tensor>& acc, int64_t b0, bool regather_pm) {
-  const auto fopt = at::TensorOptions().dtype(at::kFloat);
-  const int64_t n = c.B * c.T, d = c.d, A = c.A, A3 = 3 * c.A, mlp = c.mlp;
-  Tensor dt = dt_rows;  // gradient of the last layer's output (the head's backward ran for the batch)
-
-  const float scale = 1.0f / std::sqrt((float)c.kd);
-  const int64_t layer0 = 3 + (c.E ? 2 : 0);
-  for (int64_t l = c.layers - 1; l >= 0; --l) {
-    const int64_t pi = layer0 + l * kPerLayer;
-    const Tensor* s = &saved[1 + l * kSavedPerLayer];
-    const Tensor &t_in = s[0], &mean1 = s[1], &rstd1 = s[2], &y1 = s[3], &qkv = s[4], &P = s[5], &o = s[6],
-                 &t1 = s[7], &mean2 = s[8], &rstd2 = s[9], &y2 = s[10], &hpre = s[11], &hact = s[12];
-    const Tensor &g1 = p[pi], &be1 = p[pi + 1], &g2 = p[pi + 10], &be2 = p[pi + 11];
-
-    // the MLP hidden activations: saved (ATen-path layout) or recomputed from the saved y2
-    const float* hpre_p = fptr(hpre);
-    const float* hact_p = fptr(hact);
-    if (regather_pm) {
-      RECORD_FUNCTION("slvit_cpu::bwd_recompute_fc1", std::vector<c10::IValue>());
-      tile_gemm(isa, n, mlp, d, fptr(y2), d, 1, fptr(fw.W1T[l]), mlp, buf.hpre, mlp, false, 1, 0, 0, fptr(p[pi + 13]),
-                0);
-      slvit_fused::gelu_forward(buf.hpre, buf.hact, n * mlp);
-      dropout_apply(buf.hact, n * mlp, b0 * c.T * mlp, 3 + 3 * l, c.thr_drop, c.seed);
-      hpre_p = buf.hpre;
-      hact_p = buf.hact;
-    }
-    // MLP block. dm: gradient of the fc2 output before its dropout (the residual path is not dropped)
-    const float* dm = fptr(dt);
-    if (c.thr_drop > 0) {
-      std::memcpy(buf.dm, dm, n * d * sizeof(float));
-      dropout_apply(buf.dm, n * d, b0 * c.T * d, 4 + 3 * l, c.thr_drop, c.seed);
-      dm = buf.dm;
-    }
-    colsum_add(dm, n, d, d, fptr(acc[pi + 15]));
-    // dW2 += dm^T hact;  dh = (dm W2) * dropout mask * gelu'(hpre)
-    {
-      RECORD_FUNCTION("slvit_cpu::bwd_dW2", std::vector<c10::IValue>());
-      dw_gemm(isa, d, mlp, n, dm, d, hact_p, mlp, fptr(acc[pi + 14]));
-    }
-    {
-      RECORD_FUNCTION("slvit_cpu::bwd_dh", std::vector<c10::IValue>());
-      tile_gemm(isa, n, mlp, d, dm, d, 1, fptr(fw.W2[l]), mlp, buf.dh, mlp, false);
-    }
-    dropout_apply(buf.dh, n * mlp, b0 * c.T * mlp, 3 + 3 * l, c.thr_drop, c.seed);
-    {
-      RECORD_FUNCTION("slvit_cpu::gelu_backward", std::vector<c10::IValue>());
-      slvit_fused::gelu_backward(buf.dh, hpre_p, buf.dh, n * mlp);
-    }
-    colsum_add(buf.dh, n, mlp, mlp, fptr(acc[pi + 13]));
-    {
-      RECORD_FUNCTION("slvit_cpu::bwd_dW1", std::vector<c10::IValue>());
-      dw_gemm(isa, mlp, d, n, buf.dh, mlp, fptr(y2), d, fptr(acc[pi + 12]));  // dW1 += dh^T y2
-    }
-    {
-      RECORD_FUNCTION("slvit_cpu::bwd_dy2", std::vector<c10::IValue>());
-      tile_gemm(isa, n, d, mlp, buf.dh, mlp, 1, fptr(fw.W1[l]), d, buf.dy, d, false);  // dy2 = dh W1
-    }
-    Tensor dy2 = at::from_blob(buf.dy, {n, d}, fopt);
-    auto l2 = at::native_layer_norm_backward(dy2, t1, {d}, mean2, rstd2, g2, be2, {true, true, true});
-    acc[pi + 10].add_(std::get<1>(l2));
-    acc[pi + 11].add_(std::get<2>(l2));
-    Tensor dt1 = std::get<0>(l2);
-    if (c.residual) dt1.add_(dt);
-
-    // attention block
-    colsum_add(fptr(dt1), n, d, d, fptr(acc[pi + 9]));
-    {
-      RECORD_FUNCTION("slvit_cpu::bwd_dWo_dO", std::vector<c10::IValue>());
-      dw_gemm(isa, d, A, n, fptr(dt1), d, fptr(o), A, fptr(acc[pi + 8]));  // dWo += dt1^T o
-      tile_gemm(isa, n, A, d, fptr(dt1), d, 1, fptr(fw.Wo[l]), A, buf.dO, A, false);     // dO = dt1 Wo
-    }
-    float* mask = nullptr;
-    if (c.thr_attn > 0) {
-      const int64_t nm = c.B * c.heads * c.T * c.T;
-      std::fill_n(buf.mask, nm, 1.f);
-      dropout_apply(buf.mask, nm, b0 * c.heads * c.T * c.T, 2 + 3 * l, c.thr_attn, c.seed);
-      mask = buf.mask;
-    }
-    {
-      RECORD_FUNCTION("slvit_cpu::attn_backward", std::vector<c10::IValue>());
-      slvit_train::AttnChunk ac;
-      ac.isa = isa; ac.S = c.B; ac.T = c.T; ac.heads = c.heads; ac.kd = c.kd; ac.A = A; ac.scale = scale;
-      const float* qkvp = fptr(qkv);
-      if (regather_pm) {  // Q/K/V were not saved: recompute them from the saved y1 (a K = d GEMM)
-        tile_gemm(isa, n, A3, d, fptr(y1), d, 1, fptr(fw.WqkvT[l]), A3, buf.qkv, A3, false, 1, 0, 0,
-                  fptr(fw.bqkv[l]), 0);
-        qkvp = buf.qkv;
-      }
-      ac.qkv = qkvp; ac.P = fptr(P); ac.mask = mask; ac.o = nullptr; ac.dO = buf.dO; ac.dqkv = buf.dqkv;
-      ac.scratch = buf.scr;
-      slvit_train::attn_backward_chunk(ac);
-    }
-    RECORD_FUNCTION("slvit_cpu::bwd_dWqkv_dy1", std::vector<c10::IValue>());
-    for (int j = 0; j < 3; ++j) {
-      // dW{q,k,v} += dqkv[:, jA:(j+1)A]^T y1;  db{q,k,v} += column sums
-      dw_gemm(isa, A, d, n, buf.dqkv + j * A, A3, fptr(y1), d, fptr(acc[pi + 2 + 2 * j]));
-      colsum_add(buf.dqkv + j * A, n, A, A3, fptr(acc[pi + 3 + 2 * j]));
-    }
-    tile_gemm(isa, n, d, A3, buf.dqkv, A3, 1, fptr(fw.Wqkv[l]), d, buf.dy, d, false);  // dy1 = dqkv Wqkv
-    Tensor dy1 = at::from_blob(buf.dy, {n, d}, fopt);
-    auto l1 = at::native_layer_norm_backward(dy1, t_in, {d}, mean1, rstd1, g1, be1, {true, true, true});
-    acc[pi].add_(std::get<1>(l1));
-    acc[pi + 1].add_(std::get<2>(l1));
-    dt = std::get<0>(l1).add_(dt1);
-  }
-
-  // embedding (dt: gradient of the embedding's output after its dropout)
-  float* dtp = fptr(dt);
-  dropout_apply(dtp, n * d, b0 * c.T * d, 0, c.thr_drop, c.seed);
-  {
-    float* dpos = fptr(acc[2]);
-    for (int64_t b = 0; b < c.B; ++b) {
-      const float* src = dtp + b * c.T * d;
-      for (int64_t k = 0; k < c.Np * d; ++k) dpos[k] += src[k];
-      colsum_add(src, c.Np, d, d, fptr(acc[1]));
-    }
-  }
-  // dWp += dtp^T pm over the patch tokens of each sample, in pm's column order; the chunk's patch matrix
-  // is gathered again from x (the forward did not save it) into this worker's buffer, kept in L2
-  const float* pmp = fptr(saved[0]);
-  if (regather_pm) {
-    RECORD_FUNCTION("slvit_cpu::patch_gather", std::vector<c10::IValue>());
-    if (bw.cl)
-      patch_permute<false>(x_rows.data_ptr<float>(), x_rows.strides().data(), buf.pm, c);
-    else
-      patch_permute_cij<false>(x_rows.data_ptr<float>(), x_rows.strides().data(), buf.pm, c);
-    pmp = buf.pm;
-  }
-  RECORD_FUNCTION("slvit_cpu::bwd_dWp", std::vector<c10::IValue>());
-  for (int64_t b = 0; b < c.B; ++b)
-    dw_gemm(isa, d, c.P, c.Np, dtp + b * c.T * d, d, pmp + b * c.Np * c.P, c.P, fptr(acc[0]));
-  Tensor dt3 = dt.view({c.B, c.T, d});
-  if (dx_rows) {
-    Tensor dpm = at::mm(dt3.narrow(1, 0, c.Np).contiguous().view({c.B * c.Np, d}), bw.Wp);
-    if (bw.cl)
-      patch_permute<true>(dx_rows->data_ptr<float>(), dx_rows->strides().data(), dpm.data_ptr<float>(), c);
-    else
-      patch_permute_cij<true>(dx_rows->data_ptr<float>(), dx_rows->strides().data(), dpm.data_ptr<float>(), c);
-  }
-  if (c.E) {
-    Tensor dte = dt3.narrow(1, c.Np, c.E).contiguous().view({c.B * c.E, d});
-    Tensor extraf = extra->to(at::kFloat).contiguous().view({c.B * c.E, c.De});
-    acc_add(acc, 3, at::mm(dte.t(), extraf));
-    acc_add(acc, 4, dte.sum(0));
-    dextra_rows->copy_(at::mm(dte, p[3]).view({c.B, c.E, c.De}));
-  }
-}
-
-// The fused training forward: every worker runs its chunks of samples token-major on the GEMM tiles
-// (weights transposed once per call into B operands), writing the same saved tensors, in the same
-// layout, as forward_impl (so either backward reads them); the head runs once for the batch after the
-// parallel region (per chunk it streamed the whole head weight for a few rows).
-static void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& extra,
-                                const std::vector<Tensor>& p, const Cfg& c, double eps, std::vector<Tensor>& sink,
-                                Tensor& out, bool save_all) {
-  const auto fopt = at::TensorOptions().dtype(at::kFloat);
-  const int64_t d = c.d, A = c.A, A3 = 3 * c.A, mlp = c.mlp, T = c.T, Np = c.Np;
-  Tensor xf = x.to(at::kFloat);
-  const bool cl = channels_inner(xf);
-  // B operands (transposed weights, with slack) and bias vectors, once per call
-  int64_t pi = 0;
-  const Tensor &Wp0 = p[pi++], &bp = p[pi++], &pos = p[pi++];
-  Tensor Wp = cl ? Wp0 : Wp0.view({d, c.ph, c.pw, c.C}).permute({0, 3, 1, 2}).contiguous().view({d, c.P});
-  Tensor WpT = slack_copy(Wp.t());
-  Tensor bias_pos = pos.add(bp).contiguous();  // (Np, d)
-  Tensor We, be;
-  if (c.E) { We = p[pi++]; be = p[pi++]; }
-  struct LW { Tensor WqkvT, bqkv, WoT, W1T, W2T; };
-  std::vector<LW> lw(c.layers);
-  for (int64_t l = 0; l < c.layers; ++l) {
-    const int64_t q = pi + l * kPerLayer;
-    lw[l].WqkvT = slack_copy(at::cat({p[q + 2], p[q + 4], p[q + 6]}, 0).t());
-    lw[l].bqkv = at::cat({p[q + 3], p[q + 5], p[q + 7]}, 0);
-    lw[l].WoT = slack_copy(p[q + 8].t());
-    lw[l].W1T = slack_copy(p[q + 12].t());
-    lw[l].W2T = slack_copy(p[q + 14].t());
-  }
-  const int64_t head0 = (int64_t)p.size() - 4;
-  const int64_t nsaved = (int64_t)sink.size();
-  int64_t nw, cs;
-  train_split(c, nw, cs, true);
-  // per-sample (bias + position) rows repeated for a chunk: the embedding GEMM's add operand
-  Tensor add_chunk = bias_pos.repeat({cs, 1}).contiguous();
-  std::vector<Tensor> scr(nw);
-  const float scale = 1.0f / std::sqrt((float)c.kd);
-  Tensor extraf = c.E ? extra->to(at::kFloat).contiguous() : Tensor();
-
-  for_train_chunks(c, [&](int64_t w, int64_t b0, int64_t S) {
-    const int64_t n = S * T;
-    Cfg cc = c;
-    cc.B = S;
-    if (!scr[w].defined()) {
-      const int64_t nmask = c.thr_attn > 0 ? cs * c.heads * T * T : 0;
-      scr[w] = at::empty({slvit_train::attn_scratch_floats(T, c.kd) + nmask + cs * Np * c.P + cs * T * (mlp + A3) +
-                          3 * kSlack + 64}, fopt);
-    }
-    float* ascr = fptr(scr[w]);
-    const int64_t nascr = slvit_train::attn_scratch_floats(T, c.kd);
-    float* mask = c.thr_attn > 0 ? ascr + nascr : nullptr;
-    float* pmbuf = ascr + nascr + (c.thr_attn > 0 ? cs * c.heads * T * T : 0);
-    float* hbuf = pmbuf + cs * Np * c.P + kSlack;  // the MLP hidden activations when they are not saved
-    float* qbuf = hbuf + cs * T * mlp + kSlack;     // Q/K/V when they are not saved
-    auto view = [&](int64_t k) {  // this chunk's rows of saved tensor k
-      const int64_t per = sink[k].size(0) / c.B;
-      return sink[k].narrow(0, b0 * per, S * per);
-    };
-    // 1. patches (into this worker's buffer, not saved) -> embedding + bias + position; extra tokens; dropout
-    Tensor pm = save_all ? view(0) : at::from_blob(pmbuf, {S * Np, c.P}, fopt);
-    Tensor xc = xf.narrow(0, b0, S);
-    {
-      RECORD_FUNCTION("slvit_cpu::patch_gather", std::vector<c10::IValue>());
-      if (cl)
-        patch_permute<false>(xc.data_ptr<float>(), xc.strides().data(), fptr(pm), cc);
-      else
-        patch_permute_cij<false>(xc.data_ptr<float>(), xc.strides().data(), fptr(pm), cc);
-    }
-    Tensor t = view(1);
-    {
-      RECORD_FUNCTION("slvit_cpu::fwd_embed", std::vector<c10::IValue>());
-      if (c.E == 0) {
-        tile_gemm(isa, n, d, c.P, fptr(pm), c.P, 1, fptr(WpT), d, fptr(t), d, false, 1, 0, 0, fptr(add_chunk), d);
-      } else {
-        for (int64_t b = 0; b < S; ++b)
-          tile_gemm(isa, Np, d, c.P, fptr(pm) + b * Np * c.P, c.P, 1, fptr(WpT), d, fptr(t) + b * T * d, d, false, 1,
-                    0, 0, fptr(bias_pos), d);
-        const float *Wep = fptr(We), *bep = fptr(be), *exp_ = fptr(extraf);
-        for (int64_t b = 0; b < S; ++b)
-          for (int64_t e = 0; e < c.E; ++e) {
-            const float* ex = exp_ + ((b0 + b) * c.E + e) * c.De;
-            float* row = fptr(t) + (b * T + Np + e) * d;
-            for (int64_t f = 0; f < d; ++f) {
-              float acc = bep[f];
-              for (int64_t k = 0; k < c.De; ++k) acc += Wep[f * c.De + k] * ex[k];
-              row[f] = acc;
-            }
-          }
-      }
-    }
-    dropout_apply(fptr(t), n * d, b0 * T * d, 0, c.thr_drop, c.seed);
-    for (int64_t l = 0; l < c.layers; ++l) {
-      const int64_t q = pi + l * kPerLayer;
-      const int64_t sk = 1 + l * kSavedPerLayer;
-      Tensor y1 = view(sk + 3), mean1 = view(sk + 1), rstd1 = view(sk + 2), qkv = view(sk + 4), P = view(sk + 5),
-             o = view(sk + 6), t1 = view(sk + 7), mean2 = view(sk + 8), rstd2 = view(sk + 9), y2 = view(sk + 10),
-             hpre = view(sk + 11), hact = view(sk + 12);
-      at::native_layer_norm_out(y1, mean1, rstd1, t, {d}, p[q], p[q + 1], eps);
-      float* qkvp = save_all ? fptr(qkv) : qbuf;  // not saved: the backward recomputes it from y1
-      {
-        RECORD_FUNCTION("slvit_cpu::fwd_qkv", std::vector<c10::IValue>());
-        tile_gemm(isa, n, A3, d, fptr(y1), d, 1, fptr(lw[l].WqkvT), A3, qkvp, A3, false, 1, 0, 0, fptr(lw[l].bqkv), 0);
-      }
-      if (mask) {
-        const int64_t nm = S * c.heads * T * T;
-        std::fill_n(mask, nm, 1.f);
-        dropout_apply(mask, nm, b0 * c.heads * T * T, 2 + 3 * l, c.thr_attn, c.seed);
-      }
-      {
-        RECORD_FUNCTION("slvit_cpu::attn_forward", std::vector<c10::IValue>());
-        slvit_train::AttnChunk ac;
-        ac.isa = isa; ac.S = S; ac.T = T; ac.heads = c.heads; ac.kd = c.kd; ac.A = A; ac.scale = scale;
-        ac.qkv = qkvp; ac.P = fptr(P); ac.mask = mask; ac.o = fptr(o); ac.dO = nullptr; ac.dqkv = nullptr;
-        ac.scratch = ascr;
-        slvit_train::attn_forward_chunk(ac);
-      }
-      {
-        RECORD_FUNCTION("slvit_cpu::fwd_out_proj", std::vector<c10::IValue>());
-        tile_gemm(isa, n, d, A, fptr(o), A, 1, fptr(lw[l].WoT), d, fptr(t1), d, false, 1, 0, 0, fptr(t), d);
-        const float* bo = fptr(p[q + 9]);
-        float* t1p = fptr(t1);
-        for (int64_t r = 0; r < n; ++r)
-          for (int64_t f = 0; f < d; ++f) t1p[r * d + f] += bo[f];
-      }
-      at::native_layer_norm_out(y2, mean2, rstd2, t1, {d}, p[q + 10], p[q + 11], eps);
-      // fc1 + GELU: into the saved hpre / hact (SAVE_ALL), else with GELU in the epilogue into this
-      // worker's buffer (the backward recomputes hpre from the saved y2: a K = d GEMM on L2-resident
-      // rows instead of writing and re-reading 2 x n x mlp floats)
-      float* hid = save_all ? fptr(hact) : hbuf;
-      if (save_all) {
-        RECORD_FUNCTION("slvit_cpu::fwd_fc1", std::vector<c10::IValue>());
-        tile_gemm(isa, n, mlp, d, fptr(y2), d, 1, fptr(lw[l].W1T), mlp, fptr(hpre), mlp, false, 1, 0, 0,
-                  fptr(p[q + 13]), 0);
-        slvit_fused::gelu_forward(fptr(hpre), hid, n * mlp);
-      } else {
-        RECORD_FUNCTION("slvit_cpu::fwd_fc1", std::vector<c10::IValue>());
-        tile_gemm(isa, n, mlp, d, fptr(y2), d, 1, fptr(lw[l].W1T), mlp, hid, mlp, false, 1, 0, 0, fptr(p[q + 13]), 0,
-                  slvit_fused::kGelu);
-      }
-      dropout_apply(hid, n * mlp, b0 * T * mlp, 3 + 3 * l, c.thr_drop, c.seed);
-      Tensor t2 = l + 1 < c.layers ? view(sk + kSavedPerLayer) : view(nsaved - 3).view({n, d});
-      {
-        RECORD_FUNCTION("slvit_cpu::fwd_fc2", std::vector<c10::IValue>());
-        tile_gemm(isa, n, d, mlp, hid, mlp, 1, fptr(lw[l].W2T), d, fptr(t2), d, false, 1, 0, 0, fptr(p[q + 15]), 0);
-      }
-      dropout_apply(fptr(t2), n * d, b0 * T * d, 4 + 3 * l, c.thr_drop, c.seed);
-      if (c.residual) {
-        float* t2p = fptr(t2);
-        const float* t1p = fptr(t1);
-        for (int64_t k = 0; k < n * d; ++k) t2p[k] += t1p[k];
-      }
-      t = t2;
-    }
-  }, true);
-  if (!save_all) sink[3].neg_();  // the mark: the first layer's rstd (saved[3]) negated (recompute_marked)
-  // head, batch-wide (ATen threads)
-  const Tensor &flat = sink[nsaved - 3], &z = sink[nsaved - 2], &a = sink[nsaved - 1];
-  at::addmm_out(const_cast<Tensor&>(z), p[head0 + 1], flat, p[head0].t());
-  Tensor av = a;
-  if (c.act == 0) gelu_into(av, z); else at::relu_out(av, z);
-  dropout_apply(fptr(a), c.B * c.hidden, 0, 1, c.thr_head, c.seed);  // saved dropped
-  at::addmm_out(out, p[head0 + 3], a, p[head0 + 2].t());
-}
-#endif
-
 std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const c10::optional<Tensor>& extra,
                                   at::TensorList params, at::TensorList saved, at::IntArrayRef cfg, double eps,
                                   bool need_dx) {
@@ -1773,64 +1211,7 @@ std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const
   const int isa = train_fused_isa();
 #ifdef SLVIT_FUSED_AVX2
   if (isa >= 0) {
-    // fused: GEMMs on the tiles; encoder/embedding gradients accumulated in place per worker (zeroed)
-    FusedBwdWeights fw;
-    for (int64_t l = 0; l < c.layers; ++l) {
-      const int64_t pi = layer0 + l * kPerLayer;
-      fw.Wqkv.push_back(slack_copy(bw.Wqkv[l]));
-      fw.Wo.push_back(slack_copy(p[pi + 8]));
-      fw.W1.push_back(slack_copy(p[pi + 12]));
-      fw.W2.push_back(slack_copy(p[pi + 14]));
-      fw.W1T.push_back(slack_copy(p[pi + 12].t()));
-      fw.WqkvT.push_back(slack_copy(bw.Wqkv[l].t()));
-      fw.bqkv.push_back(at::cat({p[pi + 3], p[pi + 5], p[pi + 7]}, 0));
-    }
-    Tensor xf = x.to(at::kFloat);
-    // saved activations read as B operands need slack after them (ours have it; a copy made elsewhere may not)
-    std::vector<Tensor> sv(saved.begin(), saved.end());
-    // the fused forward left patches, Q/K/V and the MLP hidden activations to the backward
-    const bool regather_pm = recompute_marked(sv[3]);
-    if (regather_pm) sv[3] = sv[3].neg();
-    for (auto& t : sv)
-      if (!has_slack(t)) t = slack_copy(t.to(at::kFloat));
-    int64_t nw, cs;
-    train_split(c, nw, cs, true);
-    acc.assign(nw, std::vector<Tensor>(p.size()));
-    for (auto& a : acc)
-      for (size_t i = 0; i + 4 < p.size(); ++i) a[i] = at::zeros(p[i].sizes(), fopt);
-    // the head for the whole batch at once (ATen, its own threads): per chunk it wrote and summed a full
-    // head-weight-sized gradient (1.7 MB at resnet152-b1) for a few samples each time
-    Tensor dt_all;
-    {
-      const int64_t nsaved = (int64_t)sv.size(), head0 = (int64_t)p.size() - 4;
-      const Tensor &flat = sv[nsaved - 3], &z = sv[nsaved - 2], &a = sv[nsaved - 1];
-      acc[0][head0 + 3] = g.sum(0);
-      acc[0][head0 + 2] = at::mm(g.t(), a);  // a saved after dropout
-      Tensor da = at::mm(g, p[head0 + 2]);
-      dropout_apply(da.data_ptr<float>(), c.B * c.hidden, 0, 1, c.thr_head, c.seed);
-      Tensor dz = act_bwd(da, z, c.act);
-      acc[0][head0 + 1] = dz.sum(0);
-      acc[0][head0] = at::mm(dz.t(), flat);
-      dt_all = at::mm(dz, p[head0]).view({c.B * c.T, c.d});
-    }
-    std::vector<FusedBwdBufs> bufs(nw);
-    for_train_chunks(c, [&](int64_t w, int64_t b0, int64_t n) {
-      if (!bufs[w].keep.defined()) bufs[w] = fused_bwd_bufs(c, cs);
-      Cfg cc = c;
-      cc.B = n;
-      std::vector<Tensor> s;
-      s.reserve(sv.size());
-      for (const Tensor& t : sv) {
-        const int64_t per_sample = t.size(0) / c.B;
-        s.push_back(t.narrow(0, b0 * per_sample, n * per_sample));
-      }
-      c10::optional<Tensor> ex;
-      if (c.E) ex = extra->narrow(0, b0, n);
-      Tensor dxr = need_dx ? dx.narrow(0, b0, n) : Tensor();
-      Tensor der = c.E ? dextra.narrow(0, b0, n) : Tensor();
-      backward_chunk_fused(isa, dt_all.narrow(0, b0 * c.T, n * c.T), xf.narrow(0, b0, n), ex, p, s, bw, fw, bufs[w], cc, need_dx ? &dxr : nullptr,
-                           c.E ? &der : nullptr, acc[w], b0, regather_pm);
-    }, true);
+    fused_backward(isa, g, x, extra, p, saved, bw, c, need_dx, dx, dextra, acc);
   } else
 #endif
   {
