@@ -97,6 +97,8 @@ def _extensions() -> list:
         cpu_sources.append(_rel("cpu", "fused_avx512.cpp"))
         # kernels of the fused training path (attention per chunk between GEMMs on the same tiles)
         cpu_sources.append(_rel("cpu", "fused_train.cpp"))
+        # vector patch gather / scatter of the training path (patch_permute in slvit_cpu.cpp)
+        cpu_sources.append(_rel("cpu", "patch_rows.cpp"))
         cpu_macros.append(("SLVIT_FUSED_AVX2", "1"))
     # -fopenmp: at::parallel_for is a header template that is only parallel when the including file
     # is compiled with OpenMP; the link resolves to the libgomp.so.1 torch already loaded (same soname).
