@@ -72,18 +72,98 @@ inline void gemm(int isa, int64_t rows, int64_t cols, int64_t K, const float* A,
   slvit_fused::gemm_tiles(isa, 0, rows, cols, sh, A, B, C, e);
 }
 
-// dst (cols x ldd) = src^T for src (rows x cols, lds); columns of dst past `rows` up to ldd are zeroed
-// (the AVX2 tiles read B up to the next 16-column boundary).
+// dst (cols x ldd) = src^T for src (rows x cols, lds); columns of dst past `rows` up to the next
+// 16-column boundary are zeroed (the AVX2 tiles read B up to it unless told to mask). 8 x 8 blocks transposed in registers (the
+// scalar loop was a third of the attention forward's own time); row and column tails scalar (a load past
+// column `cols` could leave the buffer on the last row).
 void transpose_pad(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  const int64_t r8 = rows & ~int64_t(7), c8 = cols & ~int64_t(7);
+  for (int64_t c0 = 0; c0 < c8; c0 += 8) {
+    for (int64_t r0 = 0; r0 < r8; r0 += 8) {
+      const float* s = src + r0 * lds + c0;
+      __m256 a0 = _mm256_loadu_ps(s), a1 = _mm256_loadu_ps(s + lds), a2 = _mm256_loadu_ps(s + 2 * lds),
+             a3 = _mm256_loadu_ps(s + 3 * lds), a4 = _mm256_loadu_ps(s + 4 * lds), a5 = _mm256_loadu_ps(s + 5 * lds),
+             a6 = _mm256_loadu_ps(s + 6 * lds), a7 = _mm256_loadu_ps(s + 7 * lds);
+      const __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+      const __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+      const __m256 t4 = _mm256_unpacklo_ps(a4, a5), t5 = _mm256_unpackhi_ps(a4, a5);
+      const __m256 t6 = _mm256_unpacklo_ps(a6, a7), t7 = _mm256_unpackhi_ps(a6, a7);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* d = dst + c0 * ldd + r0;
+      _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(d + ldd, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(d + 2 * ldd, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(d + 3 * ldd, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(d + 4 * ldd, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(d + 5 * ldd, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(d + 6 * ldd, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(d + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
+    }
+    for (int64_t c = c0; c < c0 + 8; ++c)
+      for (int64_t r = r8; r < rows; ++r) dst[c * ldd + r] = src[r * lds + c];
+  }
+  for (int64_t c = c8; c < cols; ++c)
+    for (int64_t r = 0; r < rows; ++r) dst[c * ldd + r] = src[r * lds + c];
+  // zero padding up to the next 16-column boundary (what the unmasked AVX2 tiles read; gemm() masks)
+  const int64_t pad_end = (rows + 15) / 16 * 16 < ldd ? (rows + 15) / 16 * 16 : ldd;
+  const __m256 z = _mm256_setzero_ps();
   for (int64_t c = 0; c < cols; ++c) {
     float* d = dst + c * ldd;
-    for (int64_t r = 0; r < rows; ++r) d[r] = src[r * lds + c];
-    for (int64_t r = rows; r < ldd; ++r) d[r] = 0.f;
+    if (rows + 16 <= ldd) {
+      _mm256_storeu_ps(d + rows, z);
+      _mm256_storeu_ps(d + rows + 8, z);
+    } else {
+      for (int64_t r = rows; r < pad_end; ++r) d[r] = 0.f;
+    }
+  }
+}
+
+// Row softmax for T <= 64: a row's exponentials stay in (up to) 8 registers between the sum and the
+// scaling, so P is stored once (the general loop below stores, reloads and stores again: the store was
+// the forward's hottest instruction at T = 49). Same exp and the same summation order as the loop.
+void softmax_rows_short(const float* Sc, int64_t lds, float* P, int64_t T) {
+  const int64_t nv = (T + 7) / 8, tail = T - (nv - 1) * 8;  // vectors per row, lanes of the last (1..8)
+  const __m256i tm = tail_mask(tail);
+  const __m256 ninf = _mm256_set1_ps(-INFINITY);
+  for (int64_t i = 0; i < T; ++i) {
+    const float* s = Sc + i * lds;
+    float* p = P + i * T;
+    __m256 v[8];
+    __m256 mx = ninf;
+    for (int k = 0; k < 8; ++k) {
+      if (k + 1 < nv) {
+        v[k] = _mm256_loadu_ps(s + 8 * k);
+      } else if (k + 1 == nv) {
+        v[k] = _mm256_blendv_ps(ninf, _mm256_maskload_ps(s + 8 * k, tm), _mm256_castsi256_ps(tm));
+      } else {
+        break;
+      }
+      mx = _mm256_max_ps(v[k], mx);
+    }
+    const __m256 rmax = _mm256_set1_ps(hmax(mx));
+    __m256 sum = _mm256_setzero_ps();
+    for (int k = 0; k < 8 && k < nv; ++k) {
+      v[k] = exp_ps(_mm256_sub_ps(v[k], rmax));
+      if (k + 1 == nv) v[k] = _mm256_and_ps(v[k], _mm256_castsi256_ps(tm));
+      sum = _mm256_add_ps(sum, v[k]);
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / hsum(sum));
+    for (int k = 0; k < 8 && k < nv; ++k) {
+      if (k + 1 < nv) _mm256_storeu_ps(p + 8 * k, _mm256_mul_ps(v[k], inv));
+      else _mm256_maskstore_ps(p + 8 * k, tm, _mm256_mul_ps(v[k], inv));
+    }
   }
 }
 
 // Row softmax of a T x T score block (row stride lds) into P (row stride T).
 void softmax_rows(const float* Sc, int64_t lds, float* P, int64_t T) {
+  if (T <= 64) {
+    softmax_rows_short(Sc, lds, P, T);
+    return;
+  }
   const int64_t full = T & ~int64_t(7), tail = T - full;
   const __m256i tm = tail_mask(tail);
   const __m256 ninf = _mm256_set1_ps(-INFINITY);
