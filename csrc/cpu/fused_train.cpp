@@ -72,6 +72,32 @@ inline void gemm(int isa, int64_t rows, int64_t cols, int64_t K, const float* A,
   slvit_fused::gemm_tiles(isa, 0, rows, cols, sh, A, B, C, e);
 }
 
+// C[r][j] = alpha * A_r . Bt_j for rows r < rows and columns j in [c0, c1): A rows lda apart, Bt rows
+// (the B operand's columns) ldbt apart, K contiguous floats each.
+void dot_cols(int64_t rows, int64_t c0, int64_t c1, int64_t K, const float* A, int64_t lda, const float* Bt,
+              int64_t ldbt, float* C, int64_t ldc, float alpha) {
+  const int64_t k8 = K & ~int64_t(7);
+  const __m256i tm = tail_mask(K - k8);
+  for (int64_t j = c0; j < c1; ++j) {
+    const float* bt = Bt + j * ldbt;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* ar = A + r * lda;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t k = 0; k < k8; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(ar + k), _mm256_loadu_ps(bt + k), acc);
+      if (k8 < K) acc = _mm256_fmadd_ps(_mm256_maskload_ps(ar + k8, tm), _mm256_maskload_ps(bt + k8, tm), acc);
+      C[r * ldc + j] = alpha * hsum(acc);
+    }
+  }
+}
+
+// The T x T products (scores, dP) on the tiles spend a whole 16-column block on the last T % 16 columns
+// (T = 49: 15 of 64 computed columns are padding). When only a few columns are left over, the tiles take
+// the first T - T % 16 and the rest are dot products.
+inline int64_t tile_cols(int64_t T) {
+  const int64_t rem = T % 16;
+  return T > 16 && rem > 0 && rem <= 3 ? T - rem : T;
+}
+
 // dst (cols x ldd) = src^T for src (rows x cols, lds); columns of dst past `rows` up to the next
 // 16-column boundary are zeroed (the AVX2 tiles read B up to it unless told to mask). 8 x 8 blocks transposed in registers (the
 // scalar loop was a third of the attention forward's own time); row and column tails scalar (a load past
@@ -131,7 +157,7 @@ void softmax_rows_short(const float* Sc, int64_t lds, float* P, int64_t T) {
   for (int64_t i = 0; i < T; ++i) {
     const float* s = Sc + i * lds;
     float* p = P + i * T;
-    __m256 v[8];
+    __m256 v[8] = {ninf, ninf, ninf, ninf, ninf, ninf, ninf, ninf};  // (-Wmaybe-uninitialized: lanes past nv unused)
     __m256 mx = ninf;
     for (int k = 0; k < 8; ++k) {
       if (k + 1 < nv) {
@@ -246,6 +272,7 @@ int64_t attn_scratch_floats(int64_t T, int64_t kd) {
 
 void attn_forward_chunk(const AttnChunk& a) {
   const int64_t T = a.T, kd = a.kd, A3 = 3 * a.A, Tp = round_up(T, 16) + 16;
+  const int64_t Tc = tile_cols(T);
   const Scratch s = carve(a);
   for (int64_t b = 0; b < a.S; ++b)
     for (int64_t h = 0; h < a.heads; ++h) {
@@ -255,7 +282,8 @@ void attn_forward_chunk(const AttnChunk& a) {
       float* P = a.P + (b * a.heads + h) * T * T;
       if (b + 1 < a.S) prefetch_part(a.qkv + (b + 1) * T * A3, T * A3, h, a.heads);
       transpose_pad(k, A3, T, kd, s.T1, Tp);                        // K^T: kd x T
-      gemm(a.isa, T, T, kd, q, A3, 1, s.T1, Tp, s.T2, Tp, a.scale);  // scores[i][j] = s q_i . k_j
+      gemm(a.isa, T, Tc, kd, q, A3, 1, s.T1, Tp, s.T2, Tp, a.scale);  // scores[i][j] = s q_i . k_j
+      dot_cols(T, Tc, T, kd, q, A3, k, A3, s.T2, Tp, a.scale);       // (columns past the tiles' blocks)
       softmax_rows(s.T2, Tp, P, T);
       const float* Pu = P;
       if (a.mask) {
@@ -269,6 +297,7 @@ void attn_forward_chunk(const AttnChunk& a) {
 
 void attn_backward_chunk(const AttnChunk& a) {
   const int64_t T = a.T, kd = a.kd, A3 = 3 * a.A, Tp = round_up(T, 16) + 16;
+  const int64_t Tc = tile_cols(T);
   const Scratch s = carve(a);
   for (int64_t b = 0; b < a.S; ++b)
     for (int64_t h = 0; h < a.heads; ++h) {
@@ -294,7 +323,8 @@ void attn_backward_chunk(const AttnChunk& a) {
       }
       gemm(a.isa, T, kd, T, Pu, 1, T, dO, a.A, dv, A3);  // dv_j = sum_i Pd[i][j] dO_i
       transpose_pad(v, A3, T, kd, s.T1, Tp);              // V^T: kd x T
-      gemm(a.isa, T, T, kd, dO, a.A, 1, s.T1, Tp, s.T2, Tp);  // dP[i][j] = dO_i . v_j
+      gemm(a.isa, T, Tc, kd, dO, a.A, 1, s.T1, Tp, s.T2, Tp);  // dP[i][j] = dO_i . v_j
+      dot_cols(T, Tc, T, kd, dO, a.A, v, A3, s.T2, Tp, 1.f);     // (columns past the tiles' blocks)
       softmax_backward_rows(P, m, s.T2, Tp, T);               // -> dS
       gemm(a.isa, T, kd, T, s.T2, Tp, 1, k, A3, dq, A3, a.scale);  // dq_i = s sum_j dS[i][j] k_j
       gemm(a.isa, T, kd, T, s.T2, 1, Tp, q, A3, dk, A3, a.scale);  // dk_j = s sum_i dS[i][j] q_i
