@@ -88,7 +88,8 @@ def _extensions() -> list:
         info["skipped"]["cpu"] = info["skipped"]["emu"] = info["skipped"]["cuda"] = "no C++ compiler"
         return []
     common = ["-O3", "-std=c++20", "-fvisibility=hidden"]
-    cpu_sources = [_rel("cpu", "slvit_cpu.cpp"), _rel("cpu", "module_cpu.cpp")]
+    # grad_pool.cpp: the training backward's dx blocks (cache of freed blocks)
+    cpu_sources = [_rel("cpu", "slvit_cpu.cpp"), _rel("cpu", "module_cpu.cpp"), _rel("cpu", "grad_pool.cpp")]
     cpu_macros = []
     if platform.machine().lower() in ("x86_64", "amd64"):
         # fused AVX2/FMA inference kernels; entered only after a run-time CPU check

@@ -51,6 +51,7 @@
 
 #include "blas_dispatch.h"
 #include "cpu_entry.h"
+#include "grad_pool.h"
 
 #ifdef SLVIT_FUSED_AVX2
 #include "fused_avx2.h"
@@ -1802,7 +1803,7 @@ std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const
   }
   bw.cl = channels_inner(x);
   bw.Wp = bw.cl ? p[0] : p[0].view({c.d, c.ph, c.pw, c.C}).permute({0, 3, 1, 2}).contiguous().view({c.d, c.P});
-  Tensor dx = need_dx ? at::empty_like(x, fopt) : Tensor();
+  Tensor dx = need_dx ? pooled_grad_like(x) : Tensor();  // grad_pool.h: no fresh pages every step
   Tensor dextra = c.E ? at::empty({c.B, c.E, c.De}, fopt) : Tensor();
 
   std::vector<std::vector<Tensor>> acc;
