@@ -89,8 +89,10 @@ def _extensions() -> list:
         return []
     common = ["-O3", "-std=c++20", "-fvisibility=hidden"]
     # train_fused_path.cpp: the fused training path (its kernels are entered only on AVX2+FMA CPUs) and the
-    # saved activations' allocation both training paths use, so it is built on every machine
-    cpu_sources = [_rel("cpu", "slvit_cpu.cpp"), _rel("cpu", "train_fused_path.cpp"), _rel("cpu", "module_cpu.cpp")]
+    # saved activations' allocation both training paths use, so it is built on every machine;
+    # grad_pool.cpp: the training backward's dx blocks (cache of freed blocks)
+    cpu_sources = [_rel("cpu", "slvit_cpu.cpp"), _rel("cpu", "train_fused_path.cpp"), _rel("cpu", "module_cpu.cpp"),
+                   _rel("cpu", "grad_pool.cpp")]
     cpu_macros = []
     if platform.machine().lower() in ("x86_64", "amd64"):
         # fused AVX2/FMA inference kernels; entered only after a run-time CPU check
@@ -99,6 +101,8 @@ def _extensions() -> list:
         cpu_sources.append(_rel("cpu", "fused_avx512.cpp"))
         # kernels of the fused training path (attention per chunk between GEMMs on the same tiles)
         cpu_sources.append(_rel("cpu", "fused_train.cpp"))
+        # vector patch gather / scatter of the training path (patch_permute in slvit_cpu.cpp)
+        cpu_sources.append(_rel("cpu", "patch_rows.cpp"))
         cpu_macros.append(("SLVIT_FUSED_AVX2", "1"))
     # -fopenmp: at::parallel_for is a header template that is only parallel when the including file
     # is compiled with OpenMP; the link resolves to the libgomp.so.1 torch already loaded (same soname).

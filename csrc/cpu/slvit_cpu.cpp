@@ -53,11 +53,13 @@
 #include "blas_dispatch.h"
 #include "cpu_entry.h"
 #include "train_common.h"
+#include "grad_pool.h"
 
 #ifdef SLVIT_FUSED_AVX2
 #include "fused_avx2.h"
 #include "fused_tiles.h"
 #include "fused_train.h"
+#include "patch_rows.h"
 #endif
 
 #include <algorithm>
@@ -157,11 +159,39 @@ static std::vector<Tensor> float_params(at::TensorList params, const Cfg& c) {
   return out;
 }
 
+// The vector kernels of patch_rows.cpp (AVX2) gather / scatter the layouts they support (unit stride
+// along the copied run); everything else runs the scalar loops below. SLVIT_FAST_CPU_PATCH_SCALAR=1
+// (test / benchmark knob; unset, empty or 0 = off) forces the scalar loops. Returns true when the vector
+// kernel did the work.
+template <bool kScatter>
+static bool patch_rows_vector(float* x, const int64_t* xs, float* pm, const Cfg& c, bool channel_major) {
+#ifdef SLVIT_FUSED_AVX2
+  static const bool cpu_ok = slvit_fused::cpu_supported();
+  if (!cpu_ok) return false;
+  const char* env = std::getenv("SLVIT_FAST_CPU_PATCH_SCALAR");
+  if (env && *env) {
+    TORCH_CHECK(std::strcmp(env, "0") == 0 || std::strcmp(env, "1") == 0,
+                "slvit_fast: SLVIT_FAST_CPU_PATCH_SCALAR must be 0 or 1, got '", env, "'");
+    if (env[0] == '1') return false;
+  }
+  const slvit_patch::Geom g{c.C, c.H, c.W, c.ph, c.pw, xs[0], xs[1], xs[2], xs[3]};
+  const auto o = channel_major ? slvit_patch::kChannelMajor : slvit_patch::kPixelMajor;
+  if (!slvit_patch::rows_vectorized(g, o)) return false;
+  at::parallel_for(0, c.B * c.gh, 1, [&](int64_t lo, int64_t hi) {
+    if (kScatter) slvit_patch::scatter_rows(pm, g, o, x, lo, hi); else slvit_patch::gather_rows(x, g, o, pm, lo, hi);
+  });
+  return true;
+#else
+  return false;
+#endif
+}
+
 // Patch gather (B,C,H,W) any strides -> (B*Np, P) in (ph, pw, C) order; scatter is its inverse
 // (every x element belongs to exactly one patch slot, so the backward is a pure permutation).
 template <bool kScatter>
 static void patch_permute(float* x, const int64_t* xs, float* pm, const Cfg& c) {
   RECORD_FUNCTION(kScatter ? "slvit_cpu::patch_scatter" : "slvit_cpu::patch_gather", std::vector<c10::IValue>());
+  if (patch_rows_vector<kScatter>(x, xs, pm, c, false)) return;
   const int64_t sb = xs[0], sc = xs[1], sh = xs[2], sw = xs[3];
   const bool channels_inner = sc < sw;  // channels_last: walk channels innermost
   at::parallel_for(0, c.B * c.gh, 1, [&](int64_t lo, int64_t hi) {
@@ -211,6 +241,7 @@ static void patch_permute(float* x, const int64_t* xs, float* pm, const Cfg& c) 
 template <bool kScatter>
 static void patch_permute_cij(float* x, const int64_t* xs, float* pm, const Cfg& c) {
   RECORD_FUNCTION(kScatter ? "slvit_cpu::patch_scatter" : "slvit_cpu::patch_gather", std::vector<c10::IValue>());
+  if (patch_rows_vector<kScatter>(x, xs, pm, c, true)) return;
   const int64_t sb = xs[0], sc = xs[1], sh = xs[2], sw = xs[3];
   at::parallel_for(0, c.B * c.gh, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t bg = lo; bg < hi; ++bg) {
@@ -1204,7 +1235,7 @@ std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const
   }
   bw.cl = channels_inner(x);
   bw.Wp = bw.cl ? p[0] : p[0].view({c.d, c.ph, c.pw, c.C}).permute({0, 3, 1, 2}).contiguous().view({c.d, c.P});
-  Tensor dx = need_dx ? at::empty_like(x, fopt) : Tensor();
+  Tensor dx = need_dx ? pooled_grad_like(x) : Tensor();  // grad_pool.h: no fresh pages every step
   Tensor dextra = c.E ? at::empty({c.B, c.E, c.De}, fopt) : Tensor();
 
   std::vector<std::vector<Tensor>> acc;

@@ -1,0 +1,75 @@
+"""The feature-map gradient dx of backend "cpu"'s training backward comes from a cache of freed blocks
+(csrc/cpu/grad_pool.cpp): glibc maps every allocation above its mmap threshold (at most 32 MiB) afresh,
+so a large dx used to cost a page fault per 4 KiB every step. Checked here: dx keeps x's layout and is
+right while an earlier step's dx is still alive (no block handed out twice), and a step with a 40 MB dx
+no longer faults its pages in again (on the old code every step faulted all of them in).
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+
+import pytest
+import torch
+
+from kernel_cases import SMALL_HIDDEN, TOLERANCES, assert_paired_close, randomize_
+from slvit_fast import SLViTConfig, SLViTExit
+from slvit_fast.backends import cpu_backend
+
+reason = cpu_backend.BACKEND.unavailable_reason(torch.empty(1, 1, 1, 1))
+pytestmark = pytest.mark.skipif(reason is not None, reason=f"cpu backend not built: {reason}")
+
+
+def _dx(m: SLViTExit, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    m(x).backward(grad_out.to(x.dtype))
+    return x.grad
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel_slice"])
+def test_dx_values_and_layout_with_earlier_dx_alive(layout):
+    config = SLViTConfig(in_channels=5, feature_size=(12, 12), patch_size=4, embed_dim=16, num_heads=2, key_dim=8,
+                         **SMALL_HIDDEN)
+    base = randomize_(SLViTExit(config, backend="torch").double(), 0).train()
+    ours = copy.deepcopy(base).float()
+    ours.backend = "cpu"
+    ref32 = copy.deepcopy(base).float()
+    g = torch.Generator().manual_seed(1)
+    kept = []
+    for step in range(3):
+        x = torch.randn(3, 5, 12, 12, generator=g, dtype=torch.float64)
+        grad_out = torch.randn(3, config.num_outputs, generator=g, dtype=torch.float64)
+        x32 = x.float()
+        if layout == "channels_last":
+            x32 = x32.contiguous(memory_format=torch.channels_last)
+        elif layout == "channel_slice":
+            big = torch.zeros(3, 8, 12, 12)
+            big[:, 2:7] = x32
+            x32 = big[:, 2:7]
+        dx = _dx(ours, x32, grad_out)
+        if layout == "channels_last":
+            assert dx.stride() == x32.stride(), f"dx strides {dx.stride()} != x strides {x32.stride()}"
+        assert_paired_close(f"dx step {step}", dx, _dx(ref32, x.float(), grad_out), _dx(base, x, grad_out),
+                            TOLERANCES[torch.float32])
+        kept.append((dx, dx.clone()))
+    for dx, copy_ in kept:  # a later step must not have written into an earlier step's (live) dx
+        assert torch.equal(dx, copy_)
+
+
+def test_large_dx_is_not_faulted_in_every_step():
+    # x (and dx) 40 MiB: above glibc's largest mmap threshold; a tiny exit so the step is quick; 256 tokens
+    # per sample make the training chunks one sample each, so no other buffer of the step is that large
+    config = SLViTConfig(in_channels=160, feature_size=(64, 64), patch_size=4, embed_dim=16, num_heads=1, key_dim=8,
+                         **SMALL_HIDDEN)
+    m = SLViTExit(config, backend="cpu").train()
+    x = torch.randn(16, 160, 64, 64, requires_grad=True)
+    dx_pages = x.numel() * 4 // 4096
+    faults = []
+    for _ in range(4):
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        m(x).sum().backward()
+        x.grad = None
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+    assert min(faults[1:]) < dx_pages // 4, (
+        f"minor page faults per step {faults} (dx is {dx_pages} pages): dx is mapped afresh every step")
