@@ -1,4 +1,4 @@
-// Kernels of the fused CPU training path (slvit_cpu.cpp: train_forward / exit_backward with
+// Kernels of the fused CPU training path (train_fused_path.cpp: the forward and backward with
 // SLVIT_FAST_CPU_TRAIN_FUSED on), plain C++ API, no torch types. Their GEMMs run on the inference
 // kernels' micro-tiles (fused_tiles.h: gemm_tiles, AVX2 6 x 16 or AVX-512 12 x 32); this file adds
 // what sits between the GEMMs: attention's softmax and its backward, column sums.
