@@ -90,9 +90,9 @@ def _extensions() -> list:
     common = ["-O3", "-std=c++20", "-fvisibility=hidden"]
     # train_fused_path.cpp: the fused training path (its kernels are entered only on AVX2+FMA CPUs) and the
     # saved activations' allocation both training paths use, so it is built on every machine;
-    # grad_pool.cpp: the training backward's dx blocks (cache of freed blocks)
+    # block_pool.cpp: the training path's cache of freed blocks (saved activations, dx)
     cpu_sources = [_rel("cpu", "slvit_cpu.cpp"), _rel("cpu", "train_fused_path.cpp"), _rel("cpu", "module_cpu.cpp"),
-                   _rel("cpu", "grad_pool.cpp")]
+                   _rel("cpu", "block_pool.cpp")]
     cpu_macros = []
     if platform.machine().lower() in ("x86_64", "amd64"):
         # fused AVX2/FMA inference kernels; entered only after a run-time CPU check

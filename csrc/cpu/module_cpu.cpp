@@ -16,6 +16,7 @@
 //     path then raises its usual error).
 //   entry_stats() -> (fast calls, validations, declined calls)
 //   _fused_debug(legacy_phases, profile) -> Tensor   (tests and profiling; see cpu_entry.h)
+//   _train_pool_bytes() -> int   (tests: bytes of free blocks in the training path's cache, block_pool.h)
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -31,6 +32,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "block_pool.h"
 #include "cpu_entry.h"
 
 namespace {
@@ -438,6 +440,10 @@ PyObject* entry_stats(PyObject*, PyObject*) {
                        (unsigned long long)g_declined);
 }
 
+PyObject* train_pool_bytes(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(slvit_cpu::block_pool_cached_bytes());
+}
+
 PyObject* fused_debug(PyObject*, PyObject* args) {
   long long legacy, profile;
   if (!PyArg_ParseTuple(args, "LL", &legacy, &profile)) return nullptr;
@@ -453,6 +459,8 @@ PyMethodDef methods[] = {
     {"exit_infer", (PyCFunction)(void (*)(void))exit_infer, METH_FASTCALL,
      "exit_infer(module, x, extra) -> Tensor | None: fused inference forward of an SLViTExit (None: use the op)"},
     {"entry_stats", entry_stats, METH_NOARGS, "(fast calls, validations, declined calls) of exit_infer"},
+    {"_train_pool_bytes", train_pool_bytes, METH_NOARGS,
+     "bytes of free blocks the training path's block cache holds (block_pool.h)"},
     {"_fused_debug", fused_debug, METH_VARARGS,
      "_fused_debug(legacy_phases, profile) -> per-phase cycle counters (-1 leaves a knob unchanged)"},
     {nullptr, nullptr, 0, nullptr}};

@@ -53,7 +53,7 @@
 #include "blas_dispatch.h"
 #include "cpu_entry.h"
 #include "train_common.h"
-#include "grad_pool.h"
+#include "block_pool.h"
 
 #ifdef SLVIT_FUSED_AVX2
 #include "fused_avx2.h"
@@ -1235,7 +1235,7 @@ std::vector<Tensor> exit_backward(const Tensor& grad_out, const Tensor& x, const
   }
   bw.cl = channels_inner(x);
   bw.Wp = bw.cl ? p[0] : p[0].view({c.d, c.ph, c.pw, c.C}).permute({0, 3, 1, 2}).contiguous().view({c.d, c.P});
-  Tensor dx = need_dx ? pooled_grad_like(x) : Tensor();  // grad_pool.h: no fresh pages every step
+  Tensor dx = need_dx ? pooled_grad_like(x) : Tensor();  // block_pool.h: no fresh pages every step
   Tensor dextra = c.E ? at::empty({c.B, c.E, c.De}, fopt) : Tensor();
 
   std::vector<std::vector<Tensor>> acc;

@@ -23,6 +23,7 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/record_function.h>
 
+#include "block_pool.h"
 #include "train_common.h"
 
 #ifdef SLVIT_FUSED_AVX2
@@ -51,76 +52,16 @@ Tensor empty_slack(at::IntArrayRef shape) {
   for (auto v : shape) n *= v;
   return at::empty({n + kSlack}, at::TensorOptions().dtype(at::kFloat)).narrow(0, 0, n).view(shape);
 }
-// Saved activations of the fused training path come from a process-wide cache of freed blocks (exact
-// byte sizes): a training step's ~80 MB of fresh saved tensors (resnet152-b1, batch 64) cost a page
-// fault and a kernel page clear per 4 KiB on first touch - measured as much as the math of the writes
-// themselves - while a block freed by the previous step's backward is already mapped. The cache holds
-// at most SLVIT_FAST_CPU_TRAIN_POOL_MB (default 256; 0 = off) of free blocks; a block freed beyond
-// that goes back to the OS. Blocks are returned from whichever thread drops the last reference.
-class SavedPool {
-  std::mutex mu_;
-  std::multimap<size_t, void*> free_;
-  size_t cached_ = 0;
-
- public:
-  static size_t cap_bytes() {
-    const char* env = std::getenv("SLVIT_FAST_CPU_TRAIN_POOL_MB");
-    if (!env || !*env) return size_t(256) << 20;
-    char* end = nullptr;
-    const double mb = std::strtod(env, &end);
-    TORCH_CHECK(end != env && *end == 0 && mb >= 0 && mb < 1e6,
-                "slvit_fast: SLVIT_FAST_CPU_TRAIN_POOL_MB must be a number of megabytes (0 to 1e6), got '", env, "'");
-    return (size_t)(mb * (1 << 20));
-  }
-  void* take(size_t bytes) {
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      auto it = free_.find(bytes);
-      if (it != free_.end()) {
-        void* p = it->second;
-        free_.erase(it);
-        cached_ -= bytes;
-        return p;
-      }
-    }
-    void* p = nullptr;
-    TORCH_CHECK(posix_memalign(&p, 64, bytes) == 0, "slvit_fast: out of memory allocating ", bytes, " bytes");
-    return p;
-  }
-  void give(void* p, size_t bytes) {
-    const size_t cap = cap_bytes_nothrow();
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      if (cached_ + bytes <= cap) {
-        free_.emplace(bytes, p);
-        cached_ += bytes;
-        return;
-      }
-    }
-    std::free(p);
-  }
-  static size_t cap_bytes_nothrow() {
-    try {
-      return cap_bytes();
-    } catch (...) {
-      return 0;  // a bad value is reported by the next forward; a deleter must not throw
-    }
-  }
-};
-
-static SavedPool& saved_pool() {
-  static SavedPool* pool = new SavedPool();  // never destroyed: tensors may be freed during exit
-  return *pool;
-}
-
-// empty_slack from the pool (see SavedPool), or a plain allocation when the pool is off.
+// empty_slack with its block from the training path's cache of freed blocks (block_pool.h: a step's
+// ~80 MB of fresh saved tensors would otherwise be faulted in page by page every step), or a plain
+// allocation when the cache is off.
 Tensor pooled_slack(at::IntArrayRef shape) {
-  if (SavedPool::cap_bytes() == 0) return empty_slack(shape);
+  if (block_pool_cap_bytes() == 0) return empty_slack(shape);
   int64_t n = 1;
   for (auto v : shape) n *= v;
   const size_t bytes = ((size_t)(n + kSlack) * sizeof(float) + 4095) / 4096 * 4096;
-  void* p = saved_pool().take(bytes);
-  Tensor t = at::from_blob(p, {n + kSlack}, [bytes](void* q) { saved_pool().give(q, bytes); },
+  void* p = block_pool_take(bytes);
+  Tensor t = at::from_blob(p, {n + kSlack}, [bytes](void* q) { block_pool_give(q, bytes); },
                            at::TensorOptions().dtype(at::kFloat));
   return t.narrow(0, 0, n).view(shape);
 }
@@ -602,15 +543,16 @@ static Tensor colsum(const Tensor& m, bool fixed = true) {
 // 0..g have finished, by whichever worker finishes the last of them - so the sum is ((s0 + s1) + s2) +
 // ... element by element whatever the timing, and a slot is folded while it is still in cache (a fold
 // of all slots after the parallel region read 13 cold slots per resnet152-b1 step: ~4 ms at 1 thread).
-// A worker never waits for another's fold (fold_mu_ is only try-locked; the folder re-checks for newly
-// ready groups after unlocking): on shared cores a folder can be descheduled mid-fold for milliseconds.
+// A worker never waits for another's fold (the folding_ flag is only claimed with a compare-exchange,
+// which unlike try_lock cannot fail spuriously; the folder re-checks for newly ready groups after
+// releasing it): on shared cores a folder can be descheduled mid-fold for milliseconds.
 class Slots {
   Tensor buf_;
   int64_t per_slot_ = 0, ngroups_ = 0, next_ = 0;  // next_: the first group not folded yet
   std::vector<int64_t> off_, free_, ready_;
   std::vector<Tensor> sum_;
   std::mutex mu_;       // free_, ready_, next_ (short sections)
-  std::mutex fold_mu_;  // held by the one worker folding
+  std::atomic<bool> folding_{false};  // set by the one worker folding (acquire/release orders sum_)
 
   // the slot of group next_ when it is ready to fold, else -1
   int64_t foldable() {
@@ -672,14 +614,16 @@ class Slots {
       ready_[group] = slot;
     }
     while (foldable() >= 0) {
-      if (!fold_mu_.try_lock()) return;  // the folder will see this group when it re-checks
+      bool idle = false;
+      if (!folding_.compare_exchange_strong(idle, true, std::memory_order_acquire))
+        return;  // the folder will see this group when it re-checks
       for (int64_t s; (s = foldable()) >= 0;) {
-        fold(s, next_ == 0);  // (next_ changes only here, under fold_mu_)
+        fold(s, next_ == 0);  // (next_ changes only here, while folding_ is held)
         std::lock_guard<std::mutex> g(mu_);
         free_.push_back(s);
         ++next_;
       }
-      fold_mu_.unlock();
+      folding_.store(false, std::memory_order_release);
     }
   }
 

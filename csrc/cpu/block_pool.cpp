@@ -1,6 +1,6 @@
-// Cache of feature-map gradient blocks (see grad_pool.h).
+// One cache of freed blocks for the CPU training path's large buffers (see block_pool.h).
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
-#include "grad_pool.h"
+#include "block_pool.h"
 
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
@@ -14,21 +14,17 @@
 namespace slvit_cpu {
 namespace {
 
-// SLVIT_FAST_CPU_TRAIN_POOL_MB, parsed like slvit_cpu.cpp's saved-activation pool (the same knob caps
-// each cache). nothrow: a deleter must not throw (a bad value is reported by the next allocation).
-size_t cap_bytes(bool nothrow) {
+// SLVIT_FAST_CPU_TRAIN_POOL_MB in bytes, or -1 when the value is malformed.
+int64_t parse_cap() {
   const char* env = std::getenv("SLVIT_FAST_CPU_TRAIN_POOL_MB");
-  if (!env || !*env) return size_t(256) << 20;
+  if (!env || !*env) return int64_t(256) << 20;
   char* end = nullptr;
   const double mb = std::strtod(env, &end);
-  const bool ok = end != env && *end == 0 && mb >= 0 && mb < 1e6;
-  if (!ok && nothrow) return 0;
-  TORCH_CHECK(ok, "slvit_fast: SLVIT_FAST_CPU_TRAIN_POOL_MB must be a number of megabytes (0 to 1e6), got '", env,
-              "'");
-  return (size_t)(mb * (1 << 20));
+  if (end == env || *end != 0 || !(mb >= 0 && mb < 1e6)) return -1;
+  return (int64_t)(mb * (1 << 20));
 }
 
-class GradPool {
+class BlockPool {
   std::mutex mu_;
   std::multimap<size_t, void*> free_;
   size_t cached_ = 0;
@@ -49,11 +45,11 @@ class GradPool {
     TORCH_CHECK(posix_memalign(&p, 64, bytes) == 0, "slvit_fast: out of memory allocating ", bytes, " bytes");
     return p;
   }
-  void give(void* p, size_t bytes) {
-    const size_t cap = cap_bytes(true);
+  void give(void* p, size_t bytes) noexcept {
+    const int64_t cap = parse_cap();  // a bad value keeps nothing; the next allocation reports it
     {
       std::lock_guard<std::mutex> g(mu_);
-      if (cached_ + bytes <= cap) {
+      if (cap > 0 && cached_ + bytes <= (size_t)cap) {
         free_.emplace(bytes, p);
         cached_ += bytes;
         return;
@@ -61,18 +57,33 @@ class GradPool {
     }
     std::free(p);
   }
+  size_t cached() {
+    std::lock_guard<std::mutex> g(mu_);
+    return cached_;
+  }
 };
 
-GradPool& pool() {
-  static GradPool* p = new GradPool();  // never destroyed: gradients may be freed during exit
+BlockPool& pool() {
+  static BlockPool* p = new BlockPool();  // never destroyed: tensors may be freed during exit
   return *p;
 }
 
 }  // namespace
 
+size_t block_pool_cap_bytes() {
+  const int64_t cap = parse_cap();
+  TORCH_CHECK(cap >= 0, "slvit_fast: SLVIT_FAST_CPU_TRAIN_POOL_MB must be a number of megabytes (0 to 1e6), got '",
+              std::getenv("SLVIT_FAST_CPU_TRAIN_POOL_MB"), "'");
+  return (size_t)cap;
+}
+
+void* block_pool_take(size_t bytes) { return pool().take(bytes); }
+void block_pool_give(void* p, size_t bytes) noexcept { pool().give(p, bytes); }
+size_t block_pool_cached_bytes() { return pool().cached(); }
+
 at::Tensor pooled_grad_like(const at::Tensor& x) {
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
-  if (cap_bytes(false) == 0 || x.numel() == 0) return at::empty_like(x, fopt);
+  if (block_pool_cap_bytes() == 0 || x.numel() == 0) return at::empty_like(x, fopt);
   std::vector<int64_t> strides(x.dim());
   if (x.is_non_overlapping_and_dense()) {
     strides.assign(x.strides().begin(), x.strides().end());
@@ -92,8 +103,8 @@ at::Tensor pooled_grad_like(const at::Tensor& x) {
     }
   }
   const size_t bytes = ((size_t)x.numel() * sizeof(float) + 4095) / 4096 * 4096;
-  void* p = pool().take(bytes);
-  return at::from_blob(p, x.sizes(), strides, [bytes](void* q) { pool().give(q, bytes); }, fopt);
+  void* p = block_pool_take(bytes);
+  return at::from_blob(p, x.sizes(), strides, [bytes](void* q) { block_pool_give(q, bytes); }, fopt);
 }
 
 }  // namespace slvit_cpu

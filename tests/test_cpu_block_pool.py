@@ -1,14 +1,18 @@
-"""The feature-map gradient dx of backend "cpu"'s training backward comes from a cache of freed blocks
-(csrc/cpu/grad_pool.cpp): glibc maps every allocation above its mmap threshold (at most 32 MiB) afresh,
+"""The feature-map gradient dx of backend "cpu"'s training backward comes from the training path's cache of
+freed blocks (csrc/cpu/block_pool.cpp, shared with the saved activations): glibc maps every allocation above its mmap threshold (at most 32 MiB) afresh,
 so a large dx used to cost a page fault per 4 KiB every step. Checked here: dx keeps x's layout and is
 right while an earlier step's dx is still alive (no block handed out twice), and a step with a 40 MB dx
-no longer faults its pages in again (on the old code every step faulted all of them in).
+no longer faults its pages in again (on the old code every step faulted all of them in), and the cache's
+bound holds for dx and the saved activations together.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -73,3 +77,31 @@ def test_large_dx_is_not_faulted_in_every_step():
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
     assert min(faults[1:]) < dx_pages // 4, (
         f"minor page faults per step {faults} (dx is {dx_pages} pages): dx is mapped afresh every step")
+
+
+_BOUND_PROBE = r"""
+import json, torch
+from slvit_fast import SLViTConfig, SLViTExit, _C_cpu
+torch.manual_seed(0)
+config = SLViTConfig(in_channels=32, feature_size=(32, 32), patch_size=4, embed_dim=16, num_heads=2, key_dim=8,
+                     mlp_dim=32, head_hidden=16, num_outputs=3)
+m = SLViTExit(config, backend="cpu").train()
+held = []
+for batch in [9, 13, 9, 17, 5, 13, 17, 9, 21, 5]:  # varying sizes: blocks of many byte sizes are freed
+    x = torch.randn(batch, 32, 32, 32, requires_grad=True)
+    m(x).sum().backward()
+    x.grad = None
+    held.append(_C_cpu._train_pool_bytes())
+print(json.dumps(held))
+"""
+
+
+def test_one_bound_for_saved_activations_and_dx():
+    """SLVIT_FAST_CPU_TRAIN_POOL_MB bounds the free blocks of both uses together (dx here is 0.6-2.8 MB,
+    each step's saved activations a few MB more): a cache per use kept up to twice the bound."""
+    env = {**__import__("os").environ, "SLVIT_FAST_CPU_TRAIN_POOL_MB": "3"}
+    out = subprocess.run([sys.executable, "-c", _BOUND_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    held = json.loads(out.stdout.strip().splitlines()[-1])
+    assert max(held) <= 3 << 20, f"bytes cached after each step {held} exceed the 3 MB bound"
+    assert max(held) > 1 << 20, f"bytes cached after each step {held}: the cache kept (almost) nothing"
