@@ -25,6 +25,7 @@ from .multi_exit import MultiExitNetwork
 from .shape_probe import feature_shapes
 from .attach import attach_exits
 from .calibration import calibrate_fractions
+from .inference_prep import FoldReport, fold_batchnorm, prepare_for_inference
 from . import accounting, analysis, calibration, export, policies, presets  # noqa: E402  (slvit_fast.policies, ...)
 
 # Budget calibration moved from policies to calibration (which imports policies); its names stay
@@ -49,4 +50,7 @@ __all__ = [
     "feature_shapes",
     "attach_exits",
     "calibrate_fractions",
+    "prepare_for_inference",
+    "fold_batchnorm",
+    "FoldReport",
 ]

@@ -71,6 +71,10 @@ from .shape_probe import probe, shape_of, unknown_path
 
 __all__ = ["MultiExitNetwork", "EarlyExitResult"]
 
+# set on a backbone whose BatchNorms were folded into its convolutions (slvit_fast.inference_prep): such a
+# backbone has no BatchNorm left to train, so train() refuses to unfreeze it
+BATCHNORM_FOLDED_ATTR = "_slvit_fast_batchnorm_folded"
+
 
 def _version_of(obj: Any) -> int | None:
     """A tensor's in-place version counter; None for non-tensors and inference-mode tensors (no counter)."""
@@ -244,6 +248,10 @@ class MultiExitNetwork(nn.Module):
         load_exits(self, path)
 
     def train(self, mode: bool = True) -> "MultiExitNetwork":
+        if mode and not self.freeze_backbone and getattr(self.backbone, BATCHNORM_FOLDED_ATTR, False):
+            raise RuntimeError("train(): this backbone's BatchNorms were folded into its convolutions for "
+                               "inference (prepare_for_inference / fold_batchnorm), so it cannot be trained; "
+                               "rebuild it from its weights, or keep freeze_backbone=True to train the exits only")
         super().train(mode)
         if self.freeze_backbone:
             self.backbone.eval()  # BatchNorm statistics / Dropout of a frozen backbone never change

@@ -144,11 +144,16 @@ def test_early_exit_throughput_on_a_channels_last_backbone():
     with pytest.raises(ValueError, match="memory_format='nhwc'"):
         run_early_exit_throughput("resnet18", 4, fractions=(0.5,), input_size=64, memory_format="nhwc")
     rows = [run_early_exit_throughput("resnet18", 8, fractions=(0.5,), input_size=64, repeats=1,
-                                      memory_format=fmt)[0] for fmt in ("contiguous", "channels_last")]
-    assert [r.memory_format for r in rows] == ["contiguous", "channels_last"]
+                                      memory_format=fmt, fold_batchnorm=fold)[0]
+            for fmt, fold in (("contiguous", False), ("channels_last", False), ("channels_last", True))]
+    assert [(r.memory_format, r.bn_folded) for r in rows] == [
+        ("contiguous", False), ("channels_last", False), ("channels_last", True)]
     for r in rows:
         assert r.early_fraction == 0.5 and r.flop_predicted_speedup > 1.0 and r.early_exit_images_per_s > 0
+    # folding changes no FLOP count (BatchNorm is not counted), so the three rows share one prediction
+    assert rows[0].flop_predicted_speedup == rows[1].flop_predicted_speedup == rows[2].flop_predicted_speedup
     report = BenchReport(machine="test", matmul_gflops=1.0)
     report.throughput = [r.to_dict() for r in rows]
     labels = [t["target"] for t in evaluate_targets(report) if t["target"].startswith("early-exit")]
-    assert len(labels) == 2 and "contiguous)" in labels[0] and "channels_last)" in labels[1]
+    assert len(labels) == 3 and "contiguous)" in labels[0] and "channels_last)" in labels[1]
+    assert "channels_last, BatchNorm folded)" in labels[2]

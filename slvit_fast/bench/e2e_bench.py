@@ -15,6 +15,7 @@ import torch
 
 from .. import presets
 from ..accounting import summary
+from ..inference_prep import prepare_for_inference
 from ..policies import MaxSoftmax
 from .timing import time_interleaved
 
@@ -105,6 +106,8 @@ class ThroughputRow:
     fraction_of_flop_prediction: float | None = None
     # the backbone's (and its inputs') memory format in this row: "contiguous" (NCHW) or "channels_last"
     memory_format: str = "contiguous"
+    # True: the backbone's BatchNorms were folded into its convolutions (slvit_fast.prepare_for_inference)
+    bn_folded: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,18 +116,24 @@ class ThroughputRow:
 @torch.inference_mode()
 def run_early_exit_throughput(backbone: str = "resnet152", batch: int = 64, fractions=(0.25, 0.5, 0.75),
                               input_size=None, repeats: int = 3, memory_format: str = "contiguous",
-                              ) -> list[ThroughputRow]:
+                              fold_batchnorm: bool = False) -> list[ThroughputRow]:
     """Images/s of ``early_exit`` vs the full backbone, thresholds set so ``fractions`` leave at exit 0.
 
     ``memory_format="channels_last"`` converts the network and its image inputs (both timed sides alike).
     On CPU it is the faster layout for convolutions, most of all for the early, memory-bound layers that
     every sample runs before the first exit: their share of the backbone's time sets how much of the
-    FLOP-predicted speedup an early exit can realize."""
+    FLOP-predicted speedup an early exit can realize. ``fold_batchnorm=True`` prepares the network with
+    :func:`slvit_fast.prepare_for_inference` (BatchNorms folded into the convolutions, which removes a
+    pass over every early feature map), again for both timed sides."""
     formats = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
     if memory_format not in formats:
         raise ValueError(f"memory_format={memory_format!r}: expected one of {sorted(formats)}")
     fmt = formats[memory_format]
-    net = presets.build(backbone, input_size=input_size).eval().to(memory_format=fmt)
+    net = presets.build(backbone, input_size=input_size).eval()
+    if fold_batchnorm:
+        prepare_for_inference(net, memory_format=memory_format)
+    else:
+        net.to(memory_format=fmt)
     inputs = tuple(t.contiguous(memory_format=fmt) if t.dim() == 4 else t
                    for t in _as_tuple(presets.example_input(backbone, batch, input_size=net.input_size)))
     outs = net(*inputs)
@@ -144,5 +153,5 @@ def run_early_exit_throughput(backbone: str = "resnet152", batch: int = 64, frac
         predicted = getattr(result, "flops_speedup", None)
         fraction = ee_ips / full_ips / predicted if predicted else None
         rows.append(ThroughputRow(backbone, batch, frac, early, full_ips, ee_ips, ee_ips / full_ips, predicted,
-                                  fraction, memory_format))
+                                  fraction, memory_format, fold_batchnorm))
     return rows

@@ -97,7 +97,7 @@ def evaluate_targets(report: BenchReport) -> list[dict]:
     for r in report.throughput:
         if abs(r["target_early_fraction"] - frac) < 1e-9:
             v = r.get("fraction_of_flop_prediction")
-            layout = r.get("memory_format", "contiguous")
+            layout = r.get("memory_format", "contiguous") + (", BatchNorm folded" if r.get("bn_folded") else "")
             row = {"target": f"early-exit throughput, {frac:.0%} leaving at b1 ({r['backbone']} batch {r['batch']}, "
                              f"{layout}): share of the FLOP-predicted speedup", "goal": goal, "measured": v,
                    "met": None if v is None else v >= goal}
@@ -169,7 +169,8 @@ def format_report(report: BenchReport) -> str:
             predicted = r.get("flop_predicted_speedup")
             pred = "" if not predicted else (f"; FLOPs predict {predicted:.2f}x, measured "
                                              f"{r['fraction_of_flop_prediction']:.0%} of it")
-            out.append(f"  {r['backbone']} batch {r['batch']} {r.get('memory_format', 'contiguous')}: "
+            out.append(f"  {r['backbone']} batch {r['batch']} {r.get('memory_format', 'contiguous')}"
+                       f"{' bn-folded' if r.get('bn_folded') else ''}: "
                        f"{r['early_fraction']:.0%} exit early -> "
                        f"{r['early_exit_images_per_s']:.2f} img/s vs full backbone {r['full_images_per_s']:.2f} "
                        f"({r['speedup']:.2f}x{pred})")
@@ -244,6 +245,12 @@ def run_bench(presets: list[str], batches: list[int], train_batches: list[int], 
         report.throughput += [r.to_dict() for r in run_early_exit_throughput(
             throughput_backbone, throughput_batch, fractions=(EARLY_EXIT_TARGET[0],), input_size=throughput_input,
             repeats=3, memory_format="channels_last")]
+        # and on the network as README recommends for CPU inference: BatchNorms folded, channels_last
+        log(f"[bench] early-exit throughput: {throughput_backbone} batch {throughput_batch}, channels_last, "
+            "BatchNorm folded (prepare_for_inference)")
+        report.throughput += [r.to_dict() for r in run_early_exit_throughput(
+            throughput_backbone, throughput_batch, fractions=(EARLY_EXIT_TARGET[0],), input_size=throughput_input,
+            repeats=3, memory_format="channels_last", fold_batchnorm=True)]
     report.targets = evaluate_targets(report)
     report.seconds = time.perf_counter() - t0
     if json_path:
