@@ -235,7 +235,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .workflow.rundir import write_json
 
     _setup_logging()
-    report = evaluate_run(args.run, args.data, timing_repeats=args.timing_repeats)
+    report = evaluate_run(args.run, args.data, timing_repeats=args.timing_repeats,
+                          prepare_inference=args.prepare_inference)
     if args.json:
         write_json(args.json, report)
     return 0
@@ -356,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the data (same path/format as for train; the same test split is used)")
     p.add_argument("--json", help="also write the evaluation report here")
     p.add_argument("--timing-repeats", type=int, default=3)
+    p.add_argument("--prepare-inference", action="store_true",
+                   help="evaluate the network as deployed on CPU: BatchNorms folded into the convolutions and "
+                        "channels_last (slvit_fast.prepare_for_inference); faster early exit, same answers up to "
+                        "float rounding")
     p.set_defaults(func=_cmd_evaluate)
     p = sub.add_parser("gpu-report", help="compile every Triton and CUDA kernel for sm_80/sm_90 (no GPU needed): "
                        "registers, shared memory, spill bytes, tensor-core instructions, occupancy; plus an H100 roofline "

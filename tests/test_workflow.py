@@ -184,6 +184,18 @@ def test_cli_train_and_evaluate_on_an_image_folder(image_folder, tmp_path, capsy
         assert phase in result.stdout, phase
     assert "Traceback" not in result.stderr and "random weights" not in result.stderr
     _assert_evaluate_reproduces(out, image_folder, report, tmp_path)
+    # the same run evaluated as deployed on CPU: BatchNorms folded, channels_last, same answers
+    result = _cli("evaluate", "--run", str(out), "--data", str(image_folder), "--json", str(tmp_path / "prep.json"),
+                  "--timing-repeats", "1", "--prepare-inference")
+    assert result.returncode == 0, result.stderr
+    prepared = json.loads((tmp_path / "prep.json").read_text())
+    assert prepared["prepared"]["memory_format"] == "channels_last" and prepared["prepared"]["batchnorms_folded"] >= 15
+    assert "BatchNorms folded" in result.stdout
+    assert prepared["early_exit"]["matches_brute_force"] is True
+    n = report["test_samples"]
+    assert abs(prepared["early_exit"]["accuracy"] - report["early_exit"]["accuracy"]) <= 1 / n + 1e-9
+    for a, b in zip(prepared["exits"], report["exits"]):
+        assert abs(a["accuracy"] - b["accuracy"]) <= 1 / n + 1e-9
     # a damaged run directory is a one-line error too
     from slvit_fast.cli import main
 

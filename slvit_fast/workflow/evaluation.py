@@ -23,6 +23,7 @@ import torch
 
 from .. import accounting, analysis, policies
 from ..calibration import collect_outputs
+from ..inference_prep import prepare_for_inference
 
 __all__ = ["evaluate", "exit_rows"]
 
@@ -61,9 +62,18 @@ def _time_pair(fn_a, fn_b, batches: list[torch.Tensor], repeats: int) -> tuple[f
 
 
 def evaluate(net: Any, policy: policies.Policy, test_loader, *, input_size: Any = None, timing_repeats: int = 3,
-             curve_thresholds: Sequence[float] | None = None) -> dict[str, Any]:
-    """The ``report.json`` dictionary for ``net`` + ``policy`` on ``test_loader`` (module docstring)."""
+             curve_thresholds: Sequence[float] | None = None, prepare_inference: bool = False) -> dict[str, Any]:
+    """The ``report.json`` dictionary for ``net`` + ``policy`` on ``test_loader`` (module docstring).
+
+    ``prepare_inference=True`` first runs :func:`slvit_fast.prepare_for_inference` on ``net`` (in place:
+    BatchNorms folded, channels_last), so every figure, accuracy and wall-clock alike, is of the network
+    as it would be deployed on CPU; ``report["prepared"]`` records what it did."""
     net.eval()
+    prepared = None
+    if prepare_inference:
+        fold = prepare_for_inference(net)
+        prepared = {"batchnorms_folded": len(fold.folded), "batchnorms_kept": [p for p, _ in fold.skipped],
+                    "memory_format": fold.memory_format}
     input_size = input_size if input_size is not None else net.input_size
     outputs, labels, _ = collect_outputs(net, test_loader, "evaluate")
     accuracies = analysis.per_exit_accuracy(outputs, labels)
@@ -102,6 +112,7 @@ def evaluate(net: Any, policy: policies.Policy, test_loader, *, input_size: Any 
         curve_thresholds = sorted({i / 20 for i in range(21)} | {0.99, 0.999})
     curve = analysis.accuracy_flops_curve(outputs, labels, costs, thresholds=curve_thresholds)
     return {
+        "prepared": prepared,
         "test_samples": n,
         "input_size": list(input_size),
         "exits": rows,

@@ -309,8 +309,9 @@ def _resolve_weights(run_dir: Path, ref: str | None) -> str | None:
 
 
 def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, timing_repeats: int = 3,
-                 quiet: bool = False) -> dict[str, Any]:
-    """Rebuild a ``slvit-fast train`` run and evaluate it on the test split of ``data`` (same split)."""
+                 quiet: bool = False, prepare_inference: bool = False) -> dict[str, Any]:
+    """Rebuild a ``slvit-fast train`` run and evaluate it on the test split of ``data`` (same split);
+    ``prepare_inference``: evaluate the network as prepared for CPU inference (see ``evaluate``)."""
     d = Path(run_dir)
     run = R.read_run(d)
     images = D.load_images(data)
@@ -332,7 +333,7 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, timing_rep
     policy = R.policy_from_json(R.read_json(d / R.POLICY_FILE), str(d / R.POLICY_FILE))
     test = D.loader(prep.subset("test"), run["training"]["batch_size"])
     report = evaluate(net, policy, test, input_size=(3, run["input_size"], run["input_size"]),
-                      timing_repeats=timing_repeats)
+                      timing_repeats=timing_repeats, prepare_inference=prepare_inference)
     report.update(backbone=run["backbone"], exit_type=run["exit_type"])
     if not quiet:
         print(format_report(report, f"{run['backbone']} with {run['exit_type']} exits from {d}, "

@@ -50,8 +50,15 @@ def _early_lines(report: Mapping[str, Any], label: str = "") -> list[str]:
         f"{prefix}wall-clock (test split, batch {w['batch_size']}, {w['threads']} thread{'s' if w['threads'] != 1 else ''}, "
         f"best of {w['repeats']}): "
         f"backbone {w['backbone_ms_per_sample']:.3f} ms/sample, early exit {w['early_exit_ms_per_sample']:.3f} "
-        f"ms/sample -> {w['speedup']:.2f}x",
+        f"ms/sample -> {w['speedup']:.2f}x" + _prepared_note(report.get("prepared")),
     ]
+
+
+def _prepared_note(prepared: Mapping[str, Any] | None) -> str:
+    if not prepared:
+        return ""
+    return (f" (prepared for inference: {prepared['batchnorms_folded']} BatchNorms folded, "
+            f"{prepared['memory_format'] or 'memory format unchanged'})")
 
 
 def format_report(report: Mapping[str, Any], title: str = "") -> str:
