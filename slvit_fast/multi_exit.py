@@ -248,7 +248,8 @@ class MultiExitNetwork(nn.Module):
         load_exits(self, path)
 
     def train(self, mode: bool = True) -> "MultiExitNetwork":
-        if mode and not self.freeze_backbone and getattr(self.backbone, BATCHNORM_FOLDED_ATTR, False):
+        if mode and not self.freeze_backbone and any(getattr(m, BATCHNORM_FOLDED_ATTR, False)
+                                                      for m in self.backbone.modules()):
             raise RuntimeError("train(): this backbone's BatchNorms were folded into its convolutions for "
                                "inference (prepare_for_inference / fold_batchnorm), so it cannot be trained; "
                                "rebuild it from its weights, or keep freeze_backbone=True to train the exits only")

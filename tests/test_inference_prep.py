@@ -186,3 +186,148 @@ def test_half_precision_fold_is_computed_in_float64():
     sf.fold_batchnorm(seq)
     assert isinstance(seq[1], nn.Identity) and seq[0].weight.dtype == torch.float16
     assert torch.equal(seq[0].weight, w64.half())
+
+
+# -- what a dataflow check must not miss (hostile review, session 7) ----------------------------------------
+
+def _conv_bn(cin=3, c=4) -> nn.Sequential:
+    m = nn.Sequential(nn.Conv2d(cin, c, 3), nn.BatchNorm2d(c)).eval()
+    _randomize_batchnorms(m)
+    return m
+
+
+class _AliasedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)  # a handle to the BatchNorm inside `features`: one object, two names
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), self.bn, nn.ReLU())
+
+    def forward(self, x):
+        return self.features(x)
+
+
+class _WeightRead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):  # a second branch with conv's weights (shared-weight ASPP style); bn2's stats read
+        y = self.bn(self.conv(x)) + torch.nn.functional.conv2d(x, self.conv.weight, padding=2, dilation=2)
+        return y + self.bn2(self.conv2(x)) * self.bn2.running_var.mean()
+
+
+class _ProxyBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if isinstance(y, torch.Tensor):  # False on an fx proxy: the traced graph is not what runs
+            y = y + y.mean()
+        return self.bn(y)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("make, reason", [
+    (_AliasedBN, "several names"),
+    (_WeightRead, "read directly"),
+])
+def test_modules_reachable_or_read_elsewhere_are_not_folded(make, reason):
+    torch.manual_seed(0)
+    m = make().eval()
+    _randomize_batchnorms(m)
+    x = torch.randn(2, 3, 8, 8)
+    ref = m(x)
+    report = sf.fold_batchnorm(m)
+    assert not report.folded and all(reason in why for _, why in report.skipped), report
+    assert torch.equal(m(x), ref)
+
+
+@torch.no_grad()
+def test_a_conv_shared_with_an_exit_is_not_folded():
+    net = _net(2)
+    shared = net.backbone.layer1[1].conv1
+    net.exits[list(net.exits.keys())[0]].shared_conv = shared  # the exit holds the same module object
+    report = sf.fold_batchnorm(net)
+    assert dict(report.skipped)["layer1.1.bn1"].startswith("convolution 'layer1.1.conv1' is registered under several")
+    assert isinstance(net.backbone.layer1[1].bn1, nn.BatchNorm2d)
+
+
+@torch.no_grad()
+def test_hooks_and_patched_forwards_fx_cannot_see_are_respected():
+    x = torch.randn(2, 3, 8, 8)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda mod, i: None)
+    try:
+        m = _conv_bn()
+        with pytest.warns(UserWarning, match="global module hook"):
+            assert not sf.fold_batchnorm(m).folded
+    finally:
+        handle.remove()
+    m = _conv_bn()
+    original = m[1].forward
+    m[1].forward = lambda t: original(t) + 1
+    ref = m(x)
+    assert "patched" in sf.fold_batchnorm(m).skipped[0][1] and torch.equal(m(x), ref)
+
+
+@torch.no_grad()
+def test_example_inputs_catch_what_the_trace_cannot_and_undo_the_fold():
+    torch.manual_seed(0)
+    m = _ProxyBranch().eval()
+    _randomize_batchnorms(m)
+    x = torch.randn(2, 3, 8, 8)
+    ref = m(x)
+    w, b = m.conv.weight, m.conv.bias
+    with pytest.raises(RuntimeError, match="differ from the original.*undone"):
+        sf.fold_batchnorm(m, example_inputs=x)
+    assert isinstance(m.bn, nn.BatchNorm2d) and m.conv.weight is w and m.conv.bias is b
+    assert torch.equal(m(x), ref)
+    # on a network where the fold is right, the check passes and reports the difference it measured
+    net = _net(3)
+    xs = presets.example_input("resnet18", 3, input_size=64)
+    report = sf.prepare_for_inference(net, example_inputs=xs)
+    assert report.folded and report.checked_rel_diff < 1e-5 and "outputs checked" in str(report)
+
+
+@torch.no_grad()
+def test_conv3d_networks_get_channels_last_3d_and_the_fold():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv3d(2, 4, 3), nn.BatchNorm3d(4), nn.Flatten(), nn.LazyLinear(3)).eval()
+    _randomize_batchnorms(m)
+    x = torch.randn(2, 2, 5, 6, 7)
+    ref = m(x)
+    report = sf.prepare_for_inference(m)
+    assert report.folded == [("0", "1")]
+    assert m[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert _rel(ref, m(x)) < 1e-5
+
+
+def test_prepare_under_inference_mode_leaves_trainable_parameters():
+    m = _conv_bn()
+    m[0].weight.requires_grad_(True)
+    with torch.inference_mode():
+        sf.prepare_for_inference(m)
+    assert not m[0].weight.is_inference() and m[0].weight.is_contiguous(memory_format=torch.channels_last)
+    m(torch.randn(1, 3, 8, 8)).sum().backward()
+    assert m[0].weight.grad is not None
+
+
+def test_keep_is_validated_and_a_string_is_one_path():
+    m = _conv_bn()
+    with pytest.raises(ValueError, match="keep='nope'"):
+        sf.fold_batchnorm(m, keep="nope")
+    report = sf.fold_batchnorm(m, keep="1")
+    assert not report.folded and "exit point" in report.skipped[0][1]
+
+
+def test_folding_inside_a_backbone_submodule_still_blocks_training_an_unfrozen_backbone():
+    torch.manual_seed(0)
+    net = presets.build("resnet18", input_size=64, freeze_backbone=False).eval()
+    sf.fold_batchnorm(net.backbone.layer1)
+    with pytest.raises(RuntimeError, match="folded"):
+        net.train()

@@ -106,7 +106,8 @@ class ThroughputRow:
     fraction_of_flop_prediction: float | None = None
     # the backbone's (and its inputs') memory format in this row: "contiguous" (NCHW) or "channels_last"
     memory_format: str = "contiguous"
-    # True: the backbone's BatchNorms were folded into its convolutions (slvit_fast.prepare_for_inference)
+    # True: BatchNorms of the backbone were folded into its convolutions (slvit_fast.prepare_for_inference;
+    # False when asked for but nothing could be folded, e.g. a backbone torch.fx cannot trace)
     bn_folded: bool = False
 
     def to_dict(self) -> dict:
@@ -130,8 +131,9 @@ def run_early_exit_throughput(backbone: str = "resnet152", batch: int = 64, frac
         raise ValueError(f"memory_format={memory_format!r}: expected one of {sorted(formats)}")
     fmt = formats[memory_format]
     net = presets.build(backbone, input_size=input_size).eval()
+    folded = False
     if fold_batchnorm:
-        prepare_for_inference(net, memory_format=memory_format)
+        folded = bool(prepare_for_inference(net, memory_format=memory_format).folded)
     else:
         net.to(memory_format=fmt)
     inputs = tuple(t.contiguous(memory_format=fmt) if t.dim() == 4 else t
@@ -153,5 +155,5 @@ def run_early_exit_throughput(backbone: str = "resnet152", batch: int = 64, frac
         predicted = getattr(result, "flops_speedup", None)
         fraction = ee_ips / full_ips / predicted if predicted else None
         rows.append(ThroughputRow(backbone, batch, frac, early, full_ips, ee_ips, ee_ips / full_ips, predicted,
-                                  fraction, memory_format, fold_batchnorm))
+                                  fraction, memory_format, folded))
     return rows

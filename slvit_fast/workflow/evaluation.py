@@ -82,6 +82,8 @@ def evaluate(net: Any, policy: policies.Policy, test_loader, *, input_size: Any 
     brute = policies.apply(policy, outputs, exit_costs=costs, backbone_flops=summary.backbone_flops)
 
     batches = _batches(test_loader)
+    if prepared and prepared["memory_format"] == "channels_last":  # inputs in the network's layout, as deployed
+        batches = [b.contiguous(memory_format=torch.channels_last) if b.dim() == 4 else b for b in batches]
     got_out, got_idx = [], []
     with torch.no_grad():
         for x in batches:
