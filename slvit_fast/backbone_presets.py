@@ -155,6 +155,8 @@ def _input_size(name: str, input_size: Any) -> Any:
     if input_size is None:
         return DEFAULT_INPUT[name]
     if name == "audiocsrnet":
+        if isinstance(input_size, int):  # the image side only
+            return ((3, input_size, input_size), DEFAULT_INPUT[name][1])
         if isinstance(input_size[0], int):  # (H, W) of the image only
             return ((3, *input_size[-2:]), DEFAULT_INPUT[name][1])
         return tuple(tuple(s) for s in input_size)

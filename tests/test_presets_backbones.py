@@ -163,3 +163,11 @@ def test_exit_paths_and_name_errors():
         presets.build("resnet18", exit_paths=["layer9"], input_size=32)
     assert presets.canonical_name("ResNet-18") == "resnet18"
     assert presets.canonical_name("mobilenetv3_large") == "mobilenet_v3_large"
+
+
+def test_audiocsrnet_takes_an_int_input_size_like_the_other_presets():
+    """An int is the image side (the audio input keeps its default shape), as for every other preset."""
+    net = presets.build("audiocsrnet", input_size=64)
+    assert net.input_size[0] == (3, 64, 64)
+    image, audio = presets.example_input("audiocsrnet", 2, input_size=64)
+    assert image.shape == (2, 3, 64, 64) and [o.shape for o in net(image, audio)][-1] == (2, 1)
