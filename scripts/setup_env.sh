@@ -23,6 +23,15 @@ VPY="$VENV/bin/python"
 deps_stamp="$VENV/.slvit_fast_deps"
 deps_hash="$(sha256sum "$REPO/pyproject.toml" "$REPO/scripts/setup_env.sh" | sha256sum | cut -c1-16)"
 if [ "$(cat "$deps_stamp" 2>/dev/null)" != "$deps_hash" ]; then
+  # torch's CUDA build and its libraries take ~6 GB: say so up front instead of pip's "[Errno 28] No space
+  # left on device" minutes into the download (a full disk once failed CI that way)
+  need_kb=$((8 * 1024 * 1024))
+  avail_kb="$(df -Pk "$(dirname "$VENV")" | awk 'NR == 2 {print $4}')"
+  if [ -n "$avail_kb" ] && [ "$avail_kb" -lt "$need_kb" ]; then
+    say "only $((avail_kb / 1024)) MB free on the disk holding $VENV; installing the dependencies needs ~8 GB" \
+        "(torch 2.14.1 CUDA build + torchvision + dev extras). Free space or set SLVIT_FAST_VENV to another disk."
+    exit 1
+  fi
   say "installing dependencies (torch 2.14.1 + torchvision 0.29.1 and the dev extras; a few minutes on a new machine)"
   "$VPY" -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel
   "$VPY" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
