@@ -274,16 +274,20 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
           *mean2 = s[8], *rstd2 = s[9], *y2 = s[10], *hpre = s[11], *hact = s[12];
     const Tensor &g1 = p[pi], &g2 = p[pi + 10];
 
-    // the MLP hidden activations: saved (ATen-path layout) or recomputed from the saved y2
+    // the MLP hidden activations: saved (ATen-path layout) or recomputed from the saved y2. Recomputed,
+    // GELU and its derivative come from one pass (one erf per element; the backward below evaluated it
+    // again from hpre): buf.hpre then holds gelu'(hpre) - hpre itself is needed for nothing else.
     const float* hpre_p = fptr(hpre);
     const float* hact_p = fptr(hact);
+    const float* dgelu = nullptr;  // gelu'(hpre) when recomputed
     if (regather_pm) {
       RECORD_FUNCTION("slvit_cpu::bwd_recompute_fc1", std::vector<c10::IValue>());
       tile_gemm(isa, n, mlp, d, fptr(y2), d, 1, fptr(fw.W1T[l]), mlp, buf.hpre, mlp, false, 1, 0, 0, fptr(p[pi + 13]),
                 0);
-      slvit_fused::gelu_forward(buf.hpre, buf.hact, n * mlp);
+      slvit_fused::gelu_forward_grad(isa, buf.hpre, buf.hact, buf.hpre, n * mlp);
       dropout_apply(buf.hact, n * mlp, b0 * c.T * mlp, 3 + 3 * l, c.thr_drop, c.seed);
-      hpre_p = buf.hpre;
+      hpre_p = nullptr;
+      dgelu = buf.hpre;
       hact_p = buf.hact;
     }
     // MLP block. dm: gradient of the fc2 output before its dropout (the residual path is not dropped)
@@ -306,9 +310,13 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
     dropout_apply(buf.dh, n * mlp, b0 * c.T * mlp, 3 + 3 * l, c.thr_drop, c.seed);
     {
       RECORD_FUNCTION("slvit_cpu::gelu_backward", std::vector<c10::IValue>());
-      slvit_fused::gelu_backward(buf.dh, hpre_p, buf.dh, n * mlp);
+      if (dgelu) {  // dh *= gelu'(hpre) and the fc1 bias gradient in one pass
+        slvit_train::mul_colsum_add(buf.dh, dgelu, n, mlp, fptr(acc[pi + 13]));
+      } else {
+        slvit_fused::gelu_backward(buf.dh, hpre_p, buf.dh, n * mlp);
+        colsum_add(buf.dh, n, mlp, mlp, fptr(acc[pi + 13]));
+      }
     }
-    colsum_add(buf.dh, n, mlp, mlp, fptr(acc[pi + 13]));
     {
       RECORD_FUNCTION("slvit_cpu::bwd_dW1", std::vector<c10::IValue>());
       dw_gemm(isa, mlp, d, n, buf.dh, mlp, fptr(y2), d, fptr(acc[pi + 12]));  // dW1 += dh^T y2
