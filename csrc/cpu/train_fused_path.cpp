@@ -694,8 +694,9 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
   const int64_t nsaved = (int64_t)sink.size();
   const Schedule sch = make_schedule(c);
   const int64_t cs = sch.cs;
-  // per-sample (bias + position) rows repeated for a chunk: the embedding GEMM's add operand
-  Tensor add_chunk = bias_pos.repeat({cs, 1}).contiguous();
+  // per-sample (bias + position) rows repeated for a chunk: the add operand of the embedding GEMM over a
+  // chunk's saved patch matrix (SAVE_ALL; otherwise the GEMM runs per sample on bias_pos itself)
+  Tensor add_chunk = save_all ? bias_pos.repeat({cs, 1}).contiguous() : Tensor();
   std::vector<Tensor> scr(sch.nw_fwd);
   const float scale = 1.0f / std::sqrt((float)c.kd);
   Tensor extraf = c.E ? extra->to(at::kFloat).contiguous() : Tensor();
@@ -707,25 +708,41 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
     cc.B = S;
     if (!scr[w].defined()) {
       const int64_t nmask = c.thr_attn > 0 ? cs * c.heads * T * T : 0;
-      scr[w] = at::empty({slvit_train::attn_scratch_floats(T, c.kd) + nmask + cs * Np * c.P + cs * T * (mlp + A3) +
+      // (one sample's patch rows: the gather goes sample by sample, or into the saved patch matrix)
+      scr[w] = at::empty({slvit_train::attn_scratch_floats(T, c.kd) + nmask + Np * c.P + cs * T * (mlp + A3) +
                           3 * kSlack + 64}, fopt);
     }
     float* ascr = fptr(scr[w]);
     const int64_t nascr = slvit_train::attn_scratch_floats(T, c.kd);
     float* mask = c.thr_attn > 0 ? ascr + nascr : nullptr;
     float* pmbuf = ascr + nascr + (c.thr_attn > 0 ? cs * c.heads * T * T : 0);
-    float* hbuf = pmbuf + cs * Np * c.P + kSlack;  // the MLP hidden activations when they are not saved
+    float* hbuf = pmbuf + Np * c.P + kSlack;  // the MLP hidden activations when they are not saved
     float* qbuf = hbuf + cs * T * mlp + kSlack;     // Q/K/V when they are not saved
     auto rows = [&](int64_t k) { return sink_rows.at(k, b0); };  // this chunk's rows of saved tensor k
     // 1. patches (into this worker's buffer, not saved) -> embedding + bias + position; extra tokens; dropout
     float* pm = save_all ? rows(0) : pmbuf;
     Tensor xc = xf.narrow(0, b0, S);
-    {
-      RECORD_FUNCTION("slvit_cpu::patch_gather", std::vector<c10::IValue>());
-      patch_permute_layout(false, cl, xc.data_ptr<float>(), xc.strides().data(), fptr(pm), cc);
-    }
     float* t = rows(1);
-    {
+    if (!save_all) {
+      // sample by sample, each sample's patch rows (400 KB at resnet152-b1) embedded right after they
+      // are gathered, while they are still in L2 (a whole chunk's, 1.6 MB, were partly evicted by the
+      // gather itself before the GEMM read them); the same per-element sums as one GEMM over the chunk
+      Cfg c1 = c;
+      c1.B = 1;
+      for (int64_t b = 0; b < S; ++b) {
+        {
+          RECORD_FUNCTION("slvit_cpu::patch_gather", std::vector<c10::IValue>());
+          patch_permute_layout(false, cl, xc.data_ptr<float>() + b * xc.stride(0), xc.strides().data(), pmbuf, c1);
+        }
+        RECORD_FUNCTION("slvit_cpu::fwd_embed", std::vector<c10::IValue>());
+        tile_gemm(isa, Np, d, c.P, pmbuf, c.P, 1, fptr(WpT), d, fptr(t) + b * T * d, d, false, 1, 0, 0,
+                  fptr(bias_pos), d);
+      }
+    } else {  // into the saved patch matrix, the chunk at once
+      {
+        RECORD_FUNCTION("slvit_cpu::patch_gather", std::vector<c10::IValue>());
+        patch_permute_layout(false, cl, xc.data_ptr<float>(), xc.strides().data(), fptr(pm), cc);
+      }
       RECORD_FUNCTION("slvit_cpu::fwd_embed", std::vector<c10::IValue>());
       if (c.E == 0) {
         tile_gemm(isa, n, d, c.P, fptr(pm), c.P, 1, fptr(WpT), d, fptr(t), d, false, 1, 0, 0, fptr(add_chunk), d);
@@ -733,18 +750,20 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
         for (int64_t b = 0; b < S; ++b)
           tile_gemm(isa, Np, d, c.P, fptr(pm) + b * Np * c.P, c.P, 1, fptr(WpT), d, fptr(t) + b * T * d, d, false, 1,
                     0, 0, fptr(bias_pos), d);
-        const float *Wep = fptr(We), *bep = fptr(be), *exp_ = fptr(extraf);
-        for (int64_t b = 0; b < S; ++b)
-          for (int64_t e = 0; e < c.E; ++e) {
-            const float* ex = exp_ + ((b0 + b) * c.E + e) * c.De;
-            float* row = fptr(t) + (b * T + Np + e) * d;
-            for (int64_t f = 0; f < d; ++f) {
-              float acc = bep[f];
-              for (int64_t k = 0; k < c.De; ++k) acc += Wep[f * c.De + k] * ex[k];
-              row[f] = acc;
-            }
-          }
       }
+    }
+    if (c.E) {  // the extra tokens' embedding
+      const float *Wep = fptr(We), *bep = fptr(be), *exp_ = fptr(extraf);
+      for (int64_t b = 0; b < S; ++b)
+        for (int64_t e = 0; e < c.E; ++e) {
+          const float* ex = exp_ + ((b0 + b) * c.E + e) * c.De;
+          float* row = fptr(t) + (b * T + Np + e) * d;
+          for (int64_t f = 0; f < d; ++f) {
+            float acc = bep[f];
+            for (int64_t k = 0; k < c.De; ++k) acc += Wep[f * c.De + k] * ex[k];
+            row[f] = acc;
+          }
+        }
     }
     dropout_apply(fptr(t), n * d, b0 * T * d, 0, c.thr_drop, c.seed);
     for (int64_t l = 0; l < c.layers; ++l) {
