@@ -174,12 +174,15 @@ static Tensor slack_copy(const Tensor& w) {
 struct FusedBwdWeights {
   // per layer; W1T, WqkvT / bqkv: B operands and bias of fc1 and Q/K/V, to recompute hpre and qkv
   std::vector<Tensor> Wqkv, W1, W2, Wo, W1T, WqkvT, bqkv;
+  Tensor Wp;  // the patch embedding's weight (d x P, gather column order): B operand of dx's patch rows
+
 };
 
 // Per-worker buffers of one chunk of the fused backward (reused across the worker's chunks).
 struct FusedBwdBufs {
   Tensor keep;
-  // pm: the chunk's patch matrix, gathered again from x; hpre / hact / qkv: recomputed
+  // pm: one sample's patch rows, gathered again from x, then its dx rows; hpre (then gelu'(hpre)) / hact /
+  // qkv: recomputed
   float *dm, *dh, *dy, *dO, *dqkv, *scr, *mask, *pm, *hpre, *hact, *qkv, *dt1;
 };
 
@@ -188,7 +191,7 @@ static FusedBwdBufs fused_bwd_bufs(const Cfg& c, int64_t cs) {
   auto r = [](int64_t v) { return (v + kSlack + 15) / 16 * 16; };
   const int64_t nmask = c.thr_attn > 0 ? cs * c.heads * c.T * c.T : 0;
   const int64_t sizes[12] = {r(n * c.d), r(n * c.mlp), r(n * c.d), r(n * c.A), r(n * 3 * c.A),
-                             r(slvit_train::attn_scratch_floats(c.T, c.kd)), r(nmask), r(cs * c.Np * c.P),
+                             r(slvit_train::attn_scratch_floats(c.T, c.kd)), r(nmask), r(c.Np * c.P),
                              r(n * c.mlp), r(n * c.mlp), r(n * 3 * c.A), r(n * c.d)};
   int64_t total = 0;
   for (int64_t v : sizes) total += v;
@@ -385,7 +388,10 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
   }
   // dWp += dtp^T pm over the patch tokens of each sample, in pm's column order; the patch rows are
   // gathered again from x (the forward did not save them) sample by sample into this worker's buffer, so
-  // each sample's rows (400 KB at resnet152-b1) are still in L2 for its GEMM (a chunk's 2 MB were not)
+  // each sample's rows (400 KB at resnet152-b1) are still in L2 for its GEMM (a chunk's 2 MB were not).
+  // dx, when wanted, the same way: the sample's patch-row gradient dtp Wp on the tiles into that buffer
+  // (its gathered rows are done with), scattered into dx while in L2 - an ATen mm for the chunk
+  // allocated and wrote 1.6 MB per chunk first
   const float* pmp = fptr(saved[0]);
   Cfg c1 = c;
   c1.B = 1;
@@ -397,14 +403,18 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
       patch_permute_layout(false, bw.cl, xb, x_rows.strides().data(), buf.pm, c1);
       pmb = buf.pm;
     }
-    RECORD_FUNCTION("slvit_cpu::bwd_dWp", std::vector<c10::IValue>());
-    dw_gemm(isa, d, c.P, c.Np, dtp + b * c.T * d, d, pmb, c.P, fptr(acc[0]));
+    {
+      RECORD_FUNCTION("slvit_cpu::bwd_dWp", std::vector<c10::IValue>());
+      dw_gemm(isa, d, c.P, c.Np, dtp + b * c.T * d, d, pmb, c.P, fptr(acc[0]));
+    }
+    if (dx_rows) {
+      RECORD_FUNCTION("slvit_cpu::bwd_dx", std::vector<c10::IValue>());
+      tile_gemm(isa, c.Np, c.P, d, dtp + b * c.T * d, d, 1, fptr(fw.Wp), c.P, buf.pm, c.P, false);
+      float* dxb = dx_rows->data_ptr<float>() + b * dx_rows->stride(0);
+      patch_permute_layout(true, bw.cl, dxb, dx_rows->strides().data(), buf.pm, c1);
+    }
   }
   Tensor dt3 = dt.view({c.B, c.T, d});
-  if (dx_rows) {
-    Tensor dpm = at::mm(dt3.narrow(1, 0, c.Np).contiguous().view({c.B * c.Np, d}), bw.Wp);
-    patch_permute_layout(true, bw.cl, dx_rows->data_ptr<float>(), dx_rows->strides().data(), dpm.data_ptr<float>(), c);
-  }
   if (c.E) {
     Tensor dte = dt3.narrow(1, c.Np, c.E).contiguous().view({c.B * c.E, d});
     Tensor extraf = extra->to(at::kFloat).contiguous().view({c.B * c.E, c.De});
@@ -864,6 +874,7 @@ void fused_backward(int isa, const Tensor& g, const Tensor& x, const c10::option
     fw.WqkvT.push_back(slack_copy(bw.Wqkv[l].t()));
     fw.bqkv.push_back(at::cat({p[pi + 3], p[pi + 5], p[pi + 7]}, 0));
   }
+  if (need_dx) fw.Wp = slack_copy(bw.Wp);
   Tensor xf = x.to(at::kFloat);
   // saved activations read as B operands need slack after them (ours have it; a copy made elsewhere may not)
   std::vector<Tensor> sv(saved.begin(), saved.end());
