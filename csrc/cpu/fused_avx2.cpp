@@ -858,6 +858,35 @@ inline __m256 gelu_grad_ps(__m256 g, __m256 x) {
   return _mm256_mul_ps(g, _mm256_fmadd_ps(x, pdf, cdf));
 }
 
+// GELU and its derivative in one pass (fused_avx2.h): y = gelu_ps(x) and dydx = Phi(x) + x phi(x) with
+// the ops of gelu_ps / gelu_grad_ps (one erf for both), so y and g * dydx are the bits gelu_forward and
+// gelu_backward give. The AVX-512 variant (fused_avx512.cpp) computes the same ops 16 lanes wide.
+inline void gelu_fg_ps(__m256 x, __m256& y, __m256& d) {
+  const __m256 e = erf_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)));
+  y = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.f), e));
+  const __m256 cdf = _mm256_fmadd_ps(_mm256_set1_ps(0.5f), e, _mm256_set1_ps(0.5f));
+  const __m256 pdf = _mm256_mul_ps(_mm256_set1_ps(0.39894228040143268f),
+                                   exp_ps(_mm256_mul_ps(_mm256_set1_ps(-0.5f), _mm256_mul_ps(x, x))));
+  d = _mm256_fmadd_ps(x, pdf, cdf);
+}
+
+void gelu_forward_grad(int isa, const float* x, float* y, float* dydx, int64_t n) {
+  if (isa == kIsaAvx512) return gelu_forward_grad_avx512(x, y, dydx, n);
+  int64_t i = 0;
+  __m256 yv, dv;
+  for (; i + 8 <= n; i += 8) {
+    gelu_fg_ps(_mm256_loadu_ps(x + i), yv, dv);  // x is read before dydx is written (dydx may be x)
+    _mm256_storeu_ps(y + i, yv);
+    _mm256_storeu_ps(dydx + i, dv);
+  }
+  if (i < n) {
+    const __m256i m = tail_mask((int)(n - i));
+    gelu_fg_ps(_mm256_maskload_ps(x + i, m), yv, dv);
+    _mm256_maskstore_ps(y + i, m, yv);
+    _mm256_maskstore_ps(dydx + i, m, dv);
+  }
+}
+
 void gelu_backward(const float* g, const float* x, float* dx, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)

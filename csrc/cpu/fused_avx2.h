@@ -60,6 +60,11 @@ const char* avx512_missing();
 // the same rational erf as the fused forward (|error| < 1e-7). Serial (callers split the work).
 void gelu_forward(const float* x, float* y, int64_t n);
 void gelu_backward(const float* g, const float* x, float* dx, int64_t n);
+// Both at once for the training backward's recompute: y = gelu(x) and dydx = gelu'(x) (one erf per
+// element instead of one in gelu_forward and another in gelu_backward); y is gelu_forward's bits and
+// g * dydx is gelu_backward's, on either `isa` (slvit_fused::Isa: AVX-512 runs the same ops 16 wide).
+// dydx may be x itself (in place); y must not overlap x otherwise.
+void gelu_forward_grad(int isa, const float* x, float* y, float* dydx, int64_t n);
 
 // Forward of one (sample, head) of attention for the training path (same operand layout as the
 // backward below): P = softmax(s Q K^T) row-wise into P (T x T, saved), O = (P*mask) V into o

@@ -47,8 +47,10 @@ inline __m512 exp512(__m512 x) {
 }
 
 // erf: the odd/even rational minimax approximation of fused_avx2.cpp's erf_ps (Eigen/XLA's float
-// erf), term for term, so both instruction sets give the same GELU up to rounding.
-inline __m512 erf512(__m512 x) {
+// erf), term for term, so both instruction sets give the same GELU up to rounding. erf512_ratio: the
+// numerator (times x) and the denominator, erf = their quotient (erf512 divides by reciprocal,
+// gelu_forward_grad_avx512 with a true divide).
+inline void erf512_ratio(__m512 x, __m512& xnum, __m512& den) {
   x = _mm512_min_ps(_mm512_set1_ps(4.f), x);  // constant first: NaN stays NaN
   x = _mm512_max_ps(_mm512_set1_ps(-4.f), x);
   const __m512 x2 = _mm512_mul_ps(x, x);
@@ -59,16 +61,22 @@ inline __m512 erf512(__m512 x) {
   num = _mm512_fmadd_ps(num, x2, _mm512_set1_ps(-7.34990630326855e-04f));
   num = _mm512_fmadd_ps(num, x2, _mm512_set1_ps(-2.95459980854025e-03f));
   num = _mm512_fmadd_ps(num, x2, _mm512_set1_ps(-1.60960333262415e-02f));
-  __m512 den = _mm512_set1_ps(-1.45660718464996e-05f);
+  den = _mm512_set1_ps(-1.45660718464996e-05f);
   den = _mm512_fmadd_ps(den, x2, _mm512_set1_ps(-2.13374055278905e-04f));
   den = _mm512_fmadd_ps(den, x2, _mm512_set1_ps(-1.68282697438203e-03f));
   den = _mm512_fmadd_ps(den, x2, _mm512_set1_ps(-7.37332916720468e-03f));
   den = _mm512_fmadd_ps(den, x2, _mm512_set1_ps(-1.42647390514189e-02f));
+  xnum = _mm512_mul_ps(x, num);
+}
+
+inline __m512 erf512(__m512 x) {
+  __m512 xnum, den;
+  erf512_ratio(x, xnum, den);
   // num / den as num * (1/den): a zmm divide issues once per ~10 cycles and GELU sits in the fc1
   // epilogue of every element; rcp14 plus one Newton step is within ~1 ulp of the quotient.
   __m512 r = _mm512_rcp14_ps(den);
   r = _mm512_mul_ps(r, _mm512_fnmadd_ps(den, r, _mm512_set1_ps(2.f)));
-  return _mm512_mul_ps(_mm512_mul_ps(x, num), r);
+  return _mm512_mul_ps(xnum, r);
 }
 
 inline __m512 gelu512(__m512 x) {
@@ -239,6 +247,22 @@ void gemm_sh_avx512(int64_t r0, int64_t r1, int64_t ncols, const Shape& sh, cons
                                         e.col_scale ? e.col_scale + c : nullptr);
     }
     c += 16 * nb;
+  }
+}
+
+void gelu_forward_grad_avx512(const float* x, float* y, float* dydx, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(m, x + i);  // read before dydx (which may be x) is written
+    __m512 xnum, den;
+    erf512_ratio(_mm512_mul_ps(v, _mm512_set1_ps(0.70710678118654752f)), xnum, den);
+    const __m512 e = _mm512_div_ps(xnum, den);  // a true divide: fused_avx2.cpp's erf_ps bits
+    _mm512_mask_storeu_ps(y + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v),
+                                                  _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+    const __m512 cdf = _mm512_fmadd_ps(_mm512_set1_ps(0.5f), e, _mm512_set1_ps(0.5f));
+    const __m512 pdf = _mm512_mul_ps(_mm512_set1_ps(0.39894228040143268f),
+                                     exp512(_mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(v, v))));
+    _mm512_mask_storeu_ps(dydx + i, m, _mm512_fmadd_ps(v, pdf, cdf));
   }
 }
 

@@ -79,4 +79,8 @@ void gather_px4_avx512(const float* const src[16], const int64_t sc[16], const i
 // T x ldS score tile, left unnormalised (St = exp(St - colmax), inv_sum[col] = 1 / sum); the same exp.
 void softmax_cols_avx512(float* St, int64_t T, int64_t ncol, int64_t ldS, float* inv_sum);
 
+// fused_avx2.cpp's gelu_forward_grad on 16-lane vectors: the same ops term for term (erf with a true
+// divide, not erf512's reciprocal), so the results are the AVX2 variant's bits.
+void gelu_forward_grad_avx512(const float* x, float* y, float* dydx, int64_t n);
+
 }  // namespace slvit_fused

@@ -338,4 +338,22 @@ void colsum_add(const float* X, int64_t rows, int64_t cols, int64_t ld, float* a
   }
 }
 
+void mul_colsum_add(float* G, const float* D, int64_t rows, int64_t cols, float* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* g = G + r * cols;
+    const float* d = D + r * cols;
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+      const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(g + c), _mm256_loadu_ps(d + c));
+      _mm256_storeu_ps(g + c, v);
+      _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), v));
+    }
+    for (; c < cols; ++c) {
+      const float v = g[c] * d[c];
+      g[c] = v;
+      acc[c] += v;
+    }
+  }
+}
+
 }  // namespace slvit_train

@@ -47,4 +47,9 @@ void attn_backward_chunk(const AttnChunk& a);
 // acc[c] += sum over rows r < rows of X[r*ld + c], c < cols (bias gradients).
 void colsum_add(const float* X, int64_t rows, int64_t cols, int64_t ld, float* acc);
 
+// G (rows x cols, contiguous) *= D elementwise, then acc[c] += the new column sums (in row order, as
+// colsum_add): the GELU backward's multiply by gelu'(hpre) (slvit_fused::gelu_forward_grad) and the fc1
+// bias gradient in one pass over G instead of two.
+void mul_colsum_add(float* G, const float* D, int64_t rows, int64_t cols, float* acc);
+
 }  // namespace slvit_train

@@ -17,6 +17,7 @@
 //   entry_stats() -> (fast calls, validations, declined calls)
 //   _fused_debug(legacy_phases, profile) -> Tensor   (tests and profiling; see cpu_entry.h)
 //   _train_pool_bytes() -> int   (tests: bytes of free blocks in the training path's cache, block_pool.h)
+//   _gelu_grad_kernels(x, g, isa, in_place) -> (y, d, dx, colsum)   (tests: the training backward's GELU kernels)
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -34,6 +35,13 @@
 
 #include "block_pool.h"
 #include "cpu_entry.h"
+#ifdef SLVIT_FUSED_AVX2
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+
+#include "fused_avx2.h"
+#include "fused_train.h"
+#endif
 
 namespace {
 
@@ -455,6 +463,53 @@ PyObject* fused_debug(PyObject*, PyObject* args) {
   }
 }
 
+// Test hook of the training backward's GELU kernels (tests/test_cpu_gelu_grad.py): for float32 contiguous
+// x and g of one shape (rows, cols) and the tiles' isa (0 avx2, 1 avx512), returns (y, d, dx, colsum):
+// y, d = slvit_fused::gelu_forward_grad(x) and dx = g * d, colsum = its column sums
+// (slvit_train::mul_colsum_add onto zeros). y and d are flat with kPad floats after the rows x cols
+// results, filled with -7 before the call (a write past n shows there); in_place: d is computed over a
+// copy of x (as the backward does, dydx == x).
+PyObject* gelu_grad_kernels(PyObject*, PyObject* args) {
+  PyObject *xo, *go;
+  long long isa, in_place;
+  if (!PyArg_ParseTuple(args, "OOLL", &xo, &go, &isa, &in_place)) return nullptr;
+  if (!THPVariable_Check(xo) || !THPVariable_Check(go)) {
+    PyErr_SetString(PyExc_TypeError, "_gelu_grad_kernels(x, g, isa): x and g must be tensors");
+    return nullptr;
+  }
+#ifdef SLVIT_FUSED_AVX2
+  const Tensor &x = THPVariable_Unpack(xo), &g = THPVariable_Unpack(go);
+  std::string err;
+  if (x.dim() != 2 || !x.sizes().equals(g.sizes()) || x.scalar_type() != at::kFloat || g.scalar_type() != at::kFloat ||
+      !x.is_contiguous() || !g.is_contiguous() || x.device().type() != at::kCPU || g.device().type() != at::kCPU)
+    err = "_gelu_grad_kernels: x and g must be contiguous float32 CPU tensors of one 2-D shape";
+  else if (!slvit_fused::cpu_supported())
+    err = "_gelu_grad_kernels: this CPU lacks AVX2/FMA";
+  else if (isa != slvit_fused::kIsaAvx2 && isa != slvit_fused::kIsaAvx512)
+    err = "_gelu_grad_kernels: isa must be 0 (avx2) or 1 (avx512), got " + std::to_string(isa);
+  else if (isa == slvit_fused::kIsaAvx512 && slvit_fused::avx512_missing())
+    err = std::string("_gelu_grad_kernels: avx512 tiles unavailable (missing ") + slvit_fused::avx512_missing() + ")";
+  if (!err.empty()) {
+    PyErr_SetString(PyExc_ValueError, err.c_str());
+    return nullptr;
+  }
+  const int64_t rows = x.size(0), cols = x.size(1), n = x.numel(), kPad = 32;
+  Tensor y = at::full({n + kPad}, -7.0, x.options()), d = at::full({n + kPad}, -7.0, x.options());
+  Tensor dx = g.clone(), cs = at::zeros({cols}, x.options());
+  const float* src = x.data_ptr<float>();
+  if (in_place) {
+    d.narrow(0, 0, n).copy_(x.view({n}));
+    src = d.data_ptr<float>();
+  }
+  slvit_fused::gelu_forward_grad((int)isa, src, y.data_ptr<float>(), d.data_ptr<float>(), n);
+  slvit_train::mul_colsum_add(dx.data_ptr<float>(), d.data_ptr<float>(), rows, cols, cs.data_ptr<float>());
+  return Py_BuildValue("(NNNN)", THPVariable_Wrap(y), THPVariable_Wrap(d), THPVariable_Wrap(dx), THPVariable_Wrap(cs));
+#else
+  PyErr_SetString(PyExc_RuntimeError, "_gelu_grad_kernels: built without the fused AVX2 kernels");
+  return nullptr;
+#endif
+}
+
 PyMethodDef methods[] = {
     {"exit_infer", (PyCFunction)(void (*)(void))exit_infer, METH_FASTCALL,
      "exit_infer(module, x, extra) -> Tensor | None: fused inference forward of an SLViTExit (None: use the op)"},
@@ -463,6 +518,8 @@ PyMethodDef methods[] = {
      "bytes of free blocks the training path's block cache holds (block_pool.h)"},
     {"_fused_debug", fused_debug, METH_VARARGS,
      "_fused_debug(legacy_phases, profile) -> per-phase cycle counters (-1 leaves a knob unchanged)"},
+    {"_gelu_grad_kernels", gelu_grad_kernels, METH_VARARGS,
+     "_gelu_grad_kernels(x, g, isa, in_place) -> (gelu(x), gelu'(x) (flat, padded), g * gelu'(x), column sums); tests"},
     {nullptr, nullptr, 0, nullptr}};
 
 struct PyModuleDef slvit_cpu_module = {PyModuleDef_HEAD_INIT, "_C_cpu", "slvit_fast fused CPU kernels", -1, methods};

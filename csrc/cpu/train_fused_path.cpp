@@ -174,12 +174,15 @@ static Tensor slack_copy(const Tensor& w) {
 struct FusedBwdWeights {
   // per layer; W1T, WqkvT / bqkv: B operands and bias of fc1 and Q/K/V, to recompute hpre and qkv
   std::vector<Tensor> Wqkv, W1, W2, Wo, W1T, WqkvT, bqkv;
+  Tensor Wp;  // the patch embedding's weight (d x P, gather column order): B operand of dx's patch rows
+
 };
 
 // Per-worker buffers of one chunk of the fused backward (reused across the worker's chunks).
 struct FusedBwdBufs {
   Tensor keep;
-  // pm: the chunk's patch matrix, gathered again from x; hpre / hact / qkv: recomputed
+  // pm: one sample's patch rows, gathered again from x, then its dx rows; hpre (then gelu'(hpre)) / hact /
+  // qkv: recomputed
   float *dm, *dh, *dy, *dO, *dqkv, *scr, *mask, *pm, *hpre, *hact, *qkv, *dt1;
 };
 
@@ -188,7 +191,7 @@ static FusedBwdBufs fused_bwd_bufs(const Cfg& c, int64_t cs) {
   auto r = [](int64_t v) { return (v + kSlack + 15) / 16 * 16; };
   const int64_t nmask = c.thr_attn > 0 ? cs * c.heads * c.T * c.T : 0;
   const int64_t sizes[12] = {r(n * c.d), r(n * c.mlp), r(n * c.d), r(n * c.A), r(n * 3 * c.A),
-                             r(slvit_train::attn_scratch_floats(c.T, c.kd)), r(nmask), r(cs * c.Np * c.P),
+                             r(slvit_train::attn_scratch_floats(c.T, c.kd)), r(nmask), r(c.Np * c.P),
                              r(n * c.mlp), r(n * c.mlp), r(n * 3 * c.A), r(n * c.d)};
   int64_t total = 0;
   for (int64_t v : sizes) total += v;
@@ -274,16 +277,20 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
           *mean2 = s[8], *rstd2 = s[9], *y2 = s[10], *hpre = s[11], *hact = s[12];
     const Tensor &g1 = p[pi], &g2 = p[pi + 10];
 
-    // the MLP hidden activations: saved (ATen-path layout) or recomputed from the saved y2
+    // the MLP hidden activations: saved (ATen-path layout) or recomputed from the saved y2. Recomputed,
+    // GELU and its derivative come from one pass (one erf per element; the backward below evaluated it
+    // again from hpre): buf.hpre then holds gelu'(hpre) - hpre itself is needed for nothing else.
     const float* hpre_p = fptr(hpre);
     const float* hact_p = fptr(hact);
+    const float* dgelu = nullptr;  // gelu'(hpre) when recomputed
     if (regather_pm) {
       RECORD_FUNCTION("slvit_cpu::bwd_recompute_fc1", std::vector<c10::IValue>());
       tile_gemm(isa, n, mlp, d, fptr(y2), d, 1, fptr(fw.W1T[l]), mlp, buf.hpre, mlp, false, 1, 0, 0, fptr(p[pi + 13]),
                 0);
-      slvit_fused::gelu_forward(buf.hpre, buf.hact, n * mlp);
+      slvit_fused::gelu_forward_grad(isa, buf.hpre, buf.hact, buf.hpre, n * mlp);
       dropout_apply(buf.hact, n * mlp, b0 * c.T * mlp, 3 + 3 * l, c.thr_drop, c.seed);
-      hpre_p = buf.hpre;
+      hpre_p = nullptr;
+      dgelu = buf.hpre;
       hact_p = buf.hact;
     }
     // MLP block. dm: gradient of the fc2 output before its dropout (the residual path is not dropped)
@@ -306,9 +313,13 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
     dropout_apply(buf.dh, n * mlp, b0 * c.T * mlp, 3 + 3 * l, c.thr_drop, c.seed);
     {
       RECORD_FUNCTION("slvit_cpu::gelu_backward", std::vector<c10::IValue>());
-      slvit_fused::gelu_backward(buf.dh, hpre_p, buf.dh, n * mlp);
+      if (dgelu) {  // dh *= gelu'(hpre) and the fc1 bias gradient in one pass
+        slvit_train::mul_colsum_add(buf.dh, dgelu, n, mlp, fptr(acc[pi + 13]));
+      } else {
+        slvit_fused::gelu_backward(buf.dh, hpre_p, buf.dh, n * mlp);
+        colsum_add(buf.dh, n, mlp, mlp, fptr(acc[pi + 13]));
+      }
     }
-    colsum_add(buf.dh, n, mlp, mlp, fptr(acc[pi + 13]));
     {
       RECORD_FUNCTION("slvit_cpu::bwd_dW1", std::vector<c10::IValue>());
       dw_gemm(isa, mlp, d, n, buf.dh, mlp, fptr(y2), d, fptr(acc[pi + 12]));  // dW1 += dh^T y2
@@ -377,7 +388,10 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
   }
   // dWp += dtp^T pm over the patch tokens of each sample, in pm's column order; the patch rows are
   // gathered again from x (the forward did not save them) sample by sample into this worker's buffer, so
-  // each sample's rows (400 KB at resnet152-b1) are still in L2 for its GEMM (a chunk's 2 MB were not)
+  // each sample's rows (400 KB at resnet152-b1) are still in L2 for its GEMM (a chunk's 2 MB were not).
+  // dx, when wanted, the same way: the sample's patch-row gradient dtp Wp on the tiles into that buffer
+  // (its gathered rows are done with), scattered into dx while in L2 - an ATen mm for the chunk
+  // allocated and wrote 1.6 MB per chunk first
   const float* pmp = fptr(saved[0]);
   Cfg c1 = c;
   c1.B = 1;
@@ -389,14 +403,18 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
       patch_permute_layout(false, bw.cl, xb, x_rows.strides().data(), buf.pm, c1);
       pmb = buf.pm;
     }
-    RECORD_FUNCTION("slvit_cpu::bwd_dWp", std::vector<c10::IValue>());
-    dw_gemm(isa, d, c.P, c.Np, dtp + b * c.T * d, d, pmb, c.P, fptr(acc[0]));
+    {
+      RECORD_FUNCTION("slvit_cpu::bwd_dWp", std::vector<c10::IValue>());
+      dw_gemm(isa, d, c.P, c.Np, dtp + b * c.T * d, d, pmb, c.P, fptr(acc[0]));
+    }
+    if (dx_rows) {
+      RECORD_FUNCTION("slvit_cpu::bwd_dx", std::vector<c10::IValue>());
+      tile_gemm(isa, c.Np, c.P, d, dtp + b * c.T * d, d, 1, fptr(fw.Wp), c.P, buf.pm, c.P, false);
+      float* dxb = dx_rows->data_ptr<float>() + b * dx_rows->stride(0);
+      patch_permute_layout(true, bw.cl, dxb, dx_rows->strides().data(), buf.pm, c1);
+    }
   }
   Tensor dt3 = dt.view({c.B, c.T, d});
-  if (dx_rows) {
-    Tensor dpm = at::mm(dt3.narrow(1, 0, c.Np).contiguous().view({c.B * c.Np, d}), bw.Wp);
-    patch_permute_layout(true, bw.cl, dx_rows->data_ptr<float>(), dx_rows->strides().data(), dpm.data_ptr<float>(), c);
-  }
   if (c.E) {
     Tensor dte = dt3.narrow(1, c.Np, c.E).contiguous().view({c.B * c.E, d});
     Tensor extraf = extra->to(at::kFloat).contiguous().view({c.B * c.E, c.De});
@@ -686,8 +704,9 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
   const int64_t nsaved = (int64_t)sink.size();
   const Schedule sch = make_schedule(c);
   const int64_t cs = sch.cs;
-  // per-sample (bias + position) rows repeated for a chunk: the embedding GEMM's add operand
-  Tensor add_chunk = bias_pos.repeat({cs, 1}).contiguous();
+  // per-sample (bias + position) rows repeated for a chunk: the add operand of the embedding GEMM over a
+  // chunk's saved patch matrix (SAVE_ALL; otherwise the GEMM runs per sample on bias_pos itself)
+  Tensor add_chunk = save_all ? bias_pos.repeat({cs, 1}).contiguous() : Tensor();
   std::vector<Tensor> scr(sch.nw_fwd);
   const float scale = 1.0f / std::sqrt((float)c.kd);
   Tensor extraf = c.E ? extra->to(at::kFloat).contiguous() : Tensor();
@@ -699,25 +718,41 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
     cc.B = S;
     if (!scr[w].defined()) {
       const int64_t nmask = c.thr_attn > 0 ? cs * c.heads * T * T : 0;
-      scr[w] = at::empty({slvit_train::attn_scratch_floats(T, c.kd) + nmask + cs * Np * c.P + cs * T * (mlp + A3) +
+      // (one sample's patch rows: the gather goes sample by sample, or into the saved patch matrix)
+      scr[w] = at::empty({slvit_train::attn_scratch_floats(T, c.kd) + nmask + Np * c.P + cs * T * (mlp + A3) +
                           3 * kSlack + 64}, fopt);
     }
     float* ascr = fptr(scr[w]);
     const int64_t nascr = slvit_train::attn_scratch_floats(T, c.kd);
     float* mask = c.thr_attn > 0 ? ascr + nascr : nullptr;
     float* pmbuf = ascr + nascr + (c.thr_attn > 0 ? cs * c.heads * T * T : 0);
-    float* hbuf = pmbuf + cs * Np * c.P + kSlack;  // the MLP hidden activations when they are not saved
+    float* hbuf = pmbuf + Np * c.P + kSlack;  // the MLP hidden activations when they are not saved
     float* qbuf = hbuf + cs * T * mlp + kSlack;     // Q/K/V when they are not saved
     auto rows = [&](int64_t k) { return sink_rows.at(k, b0); };  // this chunk's rows of saved tensor k
     // 1. patches (into this worker's buffer, not saved) -> embedding + bias + position; extra tokens; dropout
     float* pm = save_all ? rows(0) : pmbuf;
     Tensor xc = xf.narrow(0, b0, S);
-    {
-      RECORD_FUNCTION("slvit_cpu::patch_gather", std::vector<c10::IValue>());
-      patch_permute_layout(false, cl, xc.data_ptr<float>(), xc.strides().data(), fptr(pm), cc);
-    }
     float* t = rows(1);
-    {
+    if (!save_all) {
+      // sample by sample, each sample's patch rows (400 KB at resnet152-b1) embedded right after they
+      // are gathered, while they are still in L2 (a whole chunk's, 1.6 MB, were partly evicted by the
+      // gather itself before the GEMM read them); the same per-element sums as one GEMM over the chunk
+      Cfg c1 = c;
+      c1.B = 1;
+      for (int64_t b = 0; b < S; ++b) {
+        {
+          RECORD_FUNCTION("slvit_cpu::patch_gather", std::vector<c10::IValue>());
+          patch_permute_layout(false, cl, xc.data_ptr<float>() + b * xc.stride(0), xc.strides().data(), pmbuf, c1);
+        }
+        RECORD_FUNCTION("slvit_cpu::fwd_embed", std::vector<c10::IValue>());
+        tile_gemm(isa, Np, d, c.P, pmbuf, c.P, 1, fptr(WpT), d, fptr(t) + b * T * d, d, false, 1, 0, 0,
+                  fptr(bias_pos), d);
+      }
+    } else {  // into the saved patch matrix, the chunk at once
+      {
+        RECORD_FUNCTION("slvit_cpu::patch_gather", std::vector<c10::IValue>());
+        patch_permute_layout(false, cl, xc.data_ptr<float>(), xc.strides().data(), fptr(pm), cc);
+      }
       RECORD_FUNCTION("slvit_cpu::fwd_embed", std::vector<c10::IValue>());
       if (c.E == 0) {
         tile_gemm(isa, n, d, c.P, fptr(pm), c.P, 1, fptr(WpT), d, fptr(t), d, false, 1, 0, 0, fptr(add_chunk), d);
@@ -725,18 +760,20 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
         for (int64_t b = 0; b < S; ++b)
           tile_gemm(isa, Np, d, c.P, fptr(pm) + b * Np * c.P, c.P, 1, fptr(WpT), d, fptr(t) + b * T * d, d, false, 1,
                     0, 0, fptr(bias_pos), d);
-        const float *Wep = fptr(We), *bep = fptr(be), *exp_ = fptr(extraf);
-        for (int64_t b = 0; b < S; ++b)
-          for (int64_t e = 0; e < c.E; ++e) {
-            const float* ex = exp_ + ((b0 + b) * c.E + e) * c.De;
-            float* row = fptr(t) + (b * T + Np + e) * d;
-            for (int64_t f = 0; f < d; ++f) {
-              float acc = bep[f];
-              for (int64_t k = 0; k < c.De; ++k) acc += Wep[f * c.De + k] * ex[k];
-              row[f] = acc;
-            }
-          }
       }
+    }
+    if (c.E) {  // the extra tokens' embedding
+      const float *Wep = fptr(We), *bep = fptr(be), *exp_ = fptr(extraf);
+      for (int64_t b = 0; b < S; ++b)
+        for (int64_t e = 0; e < c.E; ++e) {
+          const float* ex = exp_ + ((b0 + b) * c.E + e) * c.De;
+          float* row = fptr(t) + (b * T + Np + e) * d;
+          for (int64_t f = 0; f < d; ++f) {
+            float acc = bep[f];
+            for (int64_t k = 0; k < c.De; ++k) acc += Wep[f * c.De + k] * ex[k];
+            row[f] = acc;
+          }
+        }
     }
     dropout_apply(fptr(t), n * d, b0 * T * d, 0, c.thr_drop, c.seed);
     for (int64_t l = 0; l < c.layers; ++l) {
@@ -837,6 +874,7 @@ void fused_backward(int isa, const Tensor& g, const Tensor& x, const c10::option
     fw.WqkvT.push_back(slack_copy(bw.Wqkv[l].t()));
     fw.bqkv.push_back(at::cat({p[pi + 3], p[pi + 5], p[pi + 7]}, 0));
   }
+  if (need_dx) fw.Wp = slack_copy(bw.Wp);
   Tensor xf = x.to(at::kFloat);
   // saved activations read as B operands need slack after them (ours have it; a copy made elsewhere may not)
   std::vector<Tensor> sv(saved.begin(), saved.end());
