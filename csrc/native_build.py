@@ -99,6 +99,8 @@ def _extensions() -> list:
         cpu_sources.append(_rel("cpu", "fused_avx2.cpp"))
         # AVX-512 GEMM tiles of the same kernels; chosen at run time (SLVIT_FAST_CPU_ISA)
         cpu_sources.append(_rel("cpu", "fused_avx512.cpp"))
+        # AVX-512 patch embedding straight from the image rows (no patch gather)
+        cpu_sources.append(_rel("cpu", "patch_embed_avx512.cpp"))
         # kernels of the fused training path (attention per chunk between GEMMs on the same tiles)
         cpu_sources.append(_rel("cpu", "fused_train.cpp"))
         # vector patch gather / scatter of the training path (patch_permute in slvit_cpu.cpp)

@@ -21,6 +21,7 @@ struct FusedEnv {
   int isa = 0;              // slvit_fused::Isa of the GEMM tiles
   double min_flops = 2e6;   // smaller problems stay on the calling thread
   int64_t arena_floats = 0;  // bound of the reused per-thread workspace (SLVIT_FAST_CPU_ARENA_MB)
+  bool embed_direct = true;  // SLVIT_FAST_CPU_EMBED (slvit_fused::Problem::embed_direct)
 };
 // Throws (naming the variable and value) on an invalid SLVIT_FAST_CPU_FUSED / SLVIT_FAST_CPU_ISA /
 // SLVIT_FAST_CPU_ARENA_MB.

@@ -360,6 +360,8 @@ struct Plan {
   int64_t pt_floats, n_set, n_scratch, n_flat, n_hid, n_outT;
   bool fold;        // team with LayerNorm folded into the next GEMM (its y in the worker's n_ypriv buffer)
   int64_t n_ypriv;
+  bool direct;      // patch embedding from the image rows (embed_rows_avx512), weight repacked into n_wk
+  int64_t n_wk;
 };
 
 Plan make_plan(const Problem& p, int nw) {
@@ -392,11 +394,14 @@ Plan make_plan(const Problem& p, int nw) {
   pl.n_outT = round_up(p.outputs * pl.ldf, 16);
   pl.fold = pl.team && !p.legacy_phases;
   pl.n_ypriv = pl.team ? round_up(p.d * pl.ld, 16) : 0;  // embedding partials; the folded LN output
+  pl.direct = p.embed_direct && p.isa == kIsaAvx512 && p.sw == 1 && embed_rows_supported(p.pw);
+  pl.n_wk = pl.direct ? round_up(p.d * p.C * p.ph * p.pw, 16) : 0;
   return pl;
 }
 
 struct ChunkBufs {
   float *PT, *add, *tA, *tB, *y, *t1, *q, *k, *v, *o, *h;
+  const float* wk = nullptr;  // Plan::direct: the repacked patch-embedding weight
 };
 
 ChunkBufs chunk_bufs(const Problem& p, const Plan& pl, float* base) {
@@ -595,7 +600,52 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
   // worker read the panel rows the other core gathered), then the partials are summed row-shared in
   // worker order (deterministic). A single worker gathers two panels right before the GEMM that
   // consumes them (32 columns), while they are still in L2.
-  {
+  // The team's partial sums (workers 1.. of the channel split) into tA, row-shared, in worker order.
+  auto sum_embedding_partials = [&]() {
+    for_share(t, d, [&](int64_t r0, int64_t r1) {
+      for (int w = 1; w < t.n; ++w) {
+        int64_t c0, c1;
+        Team::share(p.C, w, t.n, c0, c1);
+        if (c0 == c1) continue;
+        const float* part = partials + w * part_stride;
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = 0; c < ncomp; ++c) cb.tA[r * ld + c] += part[r * ld + c];
+      }
+    });
+  };
+  if (pl.direct) {
+    // 1. patches -> embedding straight from x's rows (patch_embed_avx512.cpp), sample by sample. A
+    // team splits the channels (K) as the panel path below does: worker 0 writes tA with bias +
+    // position, the others bare partial sums.
+    const int64_t pp = p.ph * p.pw;
+    for (int w = t.w0; w < t.w1; ++w) {
+      int64_t c0 = 0, c1 = p.C;
+      if (t.n > 1) Team::share(p.C, w, t.n, c0, c1);
+      const bool first = t.n == 1 || w == 0;
+      if (!first && c0 == c1) continue;  // no partial (the sum skips it)
+      float* dst = first ? cb.tA : partials + w * part_stride;
+      // columns no patch writes: extra tokens (set below) and the padding up to ncomp
+      for (int64_t r = 0; r < d; ++r) {
+        float* o = dst + r * ld;
+        const float* a = cb.add + r * ld;
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t m = p.Np; m < p.T; ++m) o[s * p.T + m] = first ? a[s * p.T + m] : 0.f;
+        for (int64_t c = cols; c < ncomp; ++c) o[c] = first ? a[c] : 0.f;
+        if (c0 == c1)  // fewer channels than workers and none here: bias + position only
+          for (int64_t s = 0; s < S; ++s)
+            for (int64_t m = 0; m < p.Np; ++m) o[s * p.T + m] = a[s * p.T + m];
+      }
+      if (c0 < c1)
+        for (int64_t s = 0; s < S; ++s)
+          embed_rows_avx512(p.x + (b0 + s) * p.sb + c0 * p.sc, p.sc, p.sh, c1 - c0, p.ph, p.pw, p.gh, p.gw,
+                            cb.wk + c0 * pp, P, d, dst + s * p.T, ld, first ? cb.add + s * p.T : nullptr, ld, nullptr);
+      mark(t, kPhEmbed);
+    }
+    if (t.n > 1) {
+      end_phase(t, kPhEmbed);
+      sum_embedding_partials();
+    }
+  } else {
     Epi e;
     e.add = cb.add;
     e.ld_add = ld;
@@ -621,16 +671,7 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
         }
       }
       end_phase(t, kPhEmbed);
-      for_share(t, d, [&](int64_t r0, int64_t r1) {
-        for (int w = 1; w < t.n; ++w) {
-          int64_t c0, c1;
-          Team::share(p.C, w, t.n, c0, c1);
-          if (c0 == c1) continue;
-          const float* part = partials + w * part_stride;
-          for (int64_t r = r0; r < r1; ++r)
-            for (int64_t c = 0; c < ncomp; ++c) cb.tA[r * ld + c] += part[r * ld + c];
-        }
-      });
+      sum_embedding_partials();
     } else {
       for (int64_t b = 0; b < npanel; b += 2) {
         const int64_t nb = imin(2, npanel - b);
@@ -1038,7 +1079,7 @@ const char* avx512_missing() {
 int64_t workspace_floats(const Problem& p, int nw) {
   const Plan pl = make_plan(p, nw);
   const int64_t sets = pl.team ? 1 : nw;
-  return pl.n_flat + pl.n_hid + pl.n_outT + sets * pl.n_set + nw * (pl.n_scratch + pl.n_ypriv) + 64;
+  return pl.n_flat + pl.n_hid + pl.n_outT + sets * pl.n_set + nw * (pl.n_scratch + pl.n_ypriv) + pl.n_wk + 64;
 }
 
 void set_profiling(bool on) {
@@ -1086,8 +1127,22 @@ void run_isa(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar
     for (int64_t k = 0; k < Td; ++k)
       for (int64_t c = p.B; c < pl.ldf; ++c) flat[k * pl.ldf + c] = 0.f;
 
+  // Plan::direct: the patch-embedding weight in (e, c, i, j) order. A team member packs the channels
+  // it multiplies (its K share) and reads no others; workers that own samples need every channel, so
+  // they pack a share each and meet at a barrier.
+  float* wk = scratch + nw * (pl.n_scratch + pl.n_ypriv);
+  if (pl.direct) {
+    for (int w = wlo; w < whi; ++w) {
+      int64_t c0, c1;
+      Team::share(p.C, w, nw, c0, c1);
+      pack_patch_weight(p.Wp, p.d, p.C, p.ph, p.pw, c0, c1, wk);
+    }
+    if (pl.team) mark(team, kPhGather); else end_phase(team, kPhGather);
+  }
+
   if (pl.team) {
-    const ChunkBufs cb = chunk_bufs(p, pl, sets);
+    ChunkBufs cb = chunk_bufs(p, pl, sets);
+    cb.wk = wk;
     // only worker 0 reads `add` (in its embedding partial, with no barrier before it): it builds it
     if (wlo == 0) build_add(p, pl, cb.add, 0, p.d);
     // worker w's d x ld buffer: its embedding partial sum, later (fold) its LayerNorm output, which it
@@ -1105,7 +1160,8 @@ void run_isa(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar
   } else {
     const Team solo{0, 1, 1, nullptr};
     for (int w = wlo; w < whi; ++w) {
-      const ChunkBufs cb = chunk_bufs(p, pl, sets + w * pl.n_set);
+      ChunkBufs cb = chunk_bufs(p, pl, sets + w * pl.n_set);
+      cb.wk = wk;
       float* st = scratch + w * pl.n_scratch;
       build_add(p, pl, cb.add, 0, p.d);
       int64_t lo, hi;

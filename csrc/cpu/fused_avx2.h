@@ -28,6 +28,9 @@ struct Problem {
   bool legacy_phases = false;  // team path with the old phase layout (LN and flat copies as own phases)
   int head_act;    // 1 gelu, 2 relu
   int isa = kIsaAvx2;  // GEMM tiles: kIsaAvx512 only when avx512_missing() returned nullptr
+  // patch embedding straight from the image rows (patch_embed_avx512.cpp) where it applies (AVX-512
+  // tiles, unit pixel stride, pw in 2/4/8/16); false = always the gathered patch panels
+  bool embed_direct = true;
   float eps;
   // input feature map, any strides (elements)
   const float* x;

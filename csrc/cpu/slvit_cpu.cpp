@@ -477,6 +477,21 @@ static int fused_isa() {
   return slvit_fused::kIsaAvx512;
 }
 
+// SLVIT_FAST_CPU_EMBED (test / measuring knob): "auto" (default) embeds patches straight from the image
+// rows where that kernel applies (slvit_fused::Problem::embed_direct), "gather" always gathers patch
+// panels first. Anything else is an error naming the value.
+bool embed_direct_wanted() {
+  const char* env = std::getenv("SLVIT_FAST_CPU_EMBED");
+  std::string v = env ? env : "";
+  v.erase(0, v.find_first_not_of(" \t\n"));
+  v.erase(v.find_last_not_of(" \t\n") + 1);
+  std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return (char)std::tolower(ch); });
+  if (v.empty() || v == "auto") return true;
+  TORCH_CHECK(v == "gather", "slvit_fast: environment variable SLVIT_FAST_CPU_EMBED='", env,
+              "' is not a valid value; use auto or gather, or unset it");
+  return false;
+}
+
 // SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS: exits under this many FLOPs run on the calling thread (run_prepared).
 static double parallel_min_flops() {
   const char* min_env = std::getenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS");
@@ -493,6 +508,7 @@ FusedEnv entry_env() {
   env.isa = fused_isa();
   env.min_flops = parallel_min_flops();
   env.arena_floats = arena_floats();
+  env.embed_direct = embed_direct_wanted();
   return env;
 }
 
@@ -565,6 +581,7 @@ static Tensor run_prepared(const Prepared& pp, const Tensor& x, const c10::optio
   pr.layer = pp.layers.data();
   pr.legacy_phases = g_legacy_phases.load(std::memory_order_relaxed);
   pr.isa = env.isa;
+  pr.embed_direct = env.embed_direct;
   pr.x = xf.data_ptr<float>();
   pr.sb = xf.stride(0); pr.sc = xf.stride(1); pr.sh = xf.stride(2); pr.sw = xf.stride(3);
   pr.extra = c.E ? extraf.data_ptr<float>() : nullptr;

@@ -47,6 +47,9 @@ void acc_add(std::vector<Tensor>& acc, int64_t i, const Tensor& g);
 // x's layout (channels innermost: patches in (ph, pw, C) order, else (C, ph, pw)), and the patch gather
 // (scatter = false: x -> pm) or its inverse (scatter = true: pm -> x) of that layout.
 bool x_channels_inner(const Tensor& x);
+// SLVIT_FAST_CPU_EMBED: false when it asks for the gathered patch panels ("gather"); an invalid value
+// throws, naming it.
+bool embed_direct_wanted();
 void patch_permute_layout(bool scatter, bool cl, float* x, const int64_t* xs, float* pm, const Cfg& c);
 
 // Weights the backward of every chunk uses, built once per call.

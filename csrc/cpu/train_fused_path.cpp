@@ -688,6 +688,11 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
   Tensor Wp = cl ? Wp0 : Wp0.view({d, c.ph, c.pw, c.C}).permute({0, 3, 1, 2}).contiguous().view({d, c.P});
   Tensor WpT = slack_copy(Wp.t());
   Tensor bias_pos = pos.add(bp).contiguous();  // (Np, d)
+  // The patch embedding straight from x's NCHW rows (patch_embed_avx512.cpp; the inference forward's
+  // kernel), feature-major per sample, where it applies: AVX-512 tiles, unit pixel stride, a patch width
+  // of 2/4/8/16, SLVIT_FAST_CPU_EMBED not "gather". Wp above is then already in its (e, c, i, j) order.
+  const bool direct = !save_all && !cl && isa == slvit_fused::kIsaAvx512 && xf.stride(3) == 1 &&
+                      slvit_fused::embed_rows_supported(c.pw) && embed_direct_wanted();
   Tensor We, be;
   if (c.E) { We = p[pi++]; be = p[pi++]; }
   struct LW { Tensor WqkvT, bqkv, WoT, W1T, W2T; };
@@ -719,21 +724,32 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
     if (!scr[w].defined()) {
       const int64_t nmask = c.thr_attn > 0 ? cs * c.heads * T * T : 0;
       // (one sample's patch rows: the gather goes sample by sample, or into the saved patch matrix)
-      scr[w] = at::empty({slvit_train::attn_scratch_floats(T, c.kd) + nmask + Np * c.P + cs * T * (mlp + A3) +
-                          3 * kSlack + 64}, fopt);
+      scr[w] = at::empty({slvit_train::attn_scratch_floats(T, c.kd) + nmask + Np * std::max(c.P, d) +
+                          cs * T * (mlp + A3) + 3 * kSlack + 64}, fopt);
     }
     float* ascr = fptr(scr[w]);
     const int64_t nascr = slvit_train::attn_scratch_floats(T, c.kd);
     float* mask = c.thr_attn > 0 ? ascr + nascr : nullptr;
     float* pmbuf = ascr + nascr + (c.thr_attn > 0 ? cs * c.heads * T * T : 0);
-    float* hbuf = pmbuf + Np * c.P + kSlack;  // the MLP hidden activations when they are not saved
+    float* hbuf = pmbuf + Np * std::max(c.P, d) + kSlack;  // the MLP hidden activations when they are not saved
     float* qbuf = hbuf + cs * T * mlp + kSlack;     // Q/K/V when they are not saved
     auto rows = [&](int64_t k) { return sink_rows.at(k, b0); };  // this chunk's rows of saved tensor k
     // 1. patches (into this worker's buffer, not saved) -> embedding + bias + position; extra tokens; dropout
     float* pm = save_all ? rows(0) : pmbuf;
     Tensor xc = xf.narrow(0, b0, S);
     float* t = rows(1);
-    if (!save_all) {
+    if (direct) {
+      // sample by sample into pmbuf (d x Np, feature-major), then token-major into t with bias + position
+      const float* bpos = fptr(bias_pos);
+      for (int64_t b = 0; b < S; ++b) {
+        RECORD_FUNCTION("slvit_cpu::fwd_embed", std::vector<c10::IValue>());
+        slvit_fused::embed_rows_avx512(xc.data_ptr<float>() + b * xc.stride(0), xc.stride(1), xc.stride(2), c.C, c.ph,
+                                       c.pw, c.gh, c.gw, fptr(Wp), c.P, d, pmbuf, Np, nullptr, 0, nullptr);
+        float* tb = fptr(t) + b * T * d;
+        for (int64_t m = 0; m < Np; ++m)
+          for (int64_t e = 0; e < d; ++e) tb[m * d + e] = pmbuf[e * Np + m] + bpos[m * d + e];
+      }
+    } else if (!save_all) {
       // sample by sample, each sample's patch rows (400 KB at resnet152-b1) embedded right after they
       // are gathered, while they are still in L2 (a whole chunk's, 1.6 MB, were partly evicted by the
       // gather itself before the GEMM read them); the same per-element sums as one GEMM over the chunk

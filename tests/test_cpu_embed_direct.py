@@ -1,0 +1,122 @@
+"""Patch embedding straight from the image rows (csrc/cpu/patch_embed_avx512.cpp) on the fused CPU path.
+
+With the AVX-512 tiles, unit pixel stride and a patch width of 2, 4, 8 or 16, the fused inference forward
+multiplies the NCHW rows directly (one register = 16 pixels = 16/pw patches x pw pixel columns, the
+weight repacked per call) instead of gathering patch panels first; ``SLVIT_FAST_CPU_EMBED=gather`` keeps
+the panels. Both are checked against the reference over every supported patch width, patch heights
+other than the width, rows that end inside a register (28, 40, 68 pixels), one channel, non-square
+grids, extra tokens, batch 1 / odd / 64 and 1 and 2 threads (team and per-sample splits); a patch width
+of 5 and channels_last inputs take the panel path. Strided and expanded inputs must give the bits of
+their contiguous copy, and the direct path must actually run (its sums are ordered differently, so
+its bits differ from the panel path's). The fused training forward uses the same kernel per sample
+(its backward still regathers the patches for the weight gradient): forward and every gradient under
+both settings.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import num_threads
+from kernel_cases import SMALL_HIDDEN, check_against_reference, randomize_
+from slvit_fast import SLViTConfig, SLViTExit
+from slvit_fast.backends import cpu_backend
+
+reason = cpu_backend.BACKEND.unavailable_reason(torch.empty(1, 1, 1, 1))
+HAS_AVX512 = reason is None and cpu_backend.fused_isa() == "avx512"
+pytestmark = pytest.mark.skipif(not HAS_AVX512, reason=f"needs the fused AVX-512 tiles ({reason or 'no AVX-512'})")
+
+EMBED_ENV = "SLVIT_FAST_CPU_EMBED"
+
+CONFIGS = {  # name: (config kwargs); pixel rows of gw * pw
+    "pw2-N25": dict(in_channels=6, feature_size=(10, 10), patch_size=2, embed_dim=32, num_heads=2),
+    "pw4-28px-C1": dict(in_channels=1, feature_size=(28, 28), patch_size=4, embed_dim=16, num_heads=2),
+    "pw4-68px-nonsquare": dict(in_channels=9, feature_size=(20, 68), patch_size=4, embed_dim=36, num_heads=3),
+    "ph3-pw4": dict(in_channels=5, feature_size=(12, 20), patch_size=(3, 4), embed_dim=16, num_heads=2),
+    "pw8-40px-extra": dict(in_channels=16, feature_size=(16, 40), patch_size=8, embed_dim=32, num_heads=4,
+                           extra_tokens=1, extra_dim=12),
+    "pw16": dict(in_channels=5, feature_size=(32, 48), patch_size=16, embed_dim=24, num_heads=1),
+    "pw5-panels": dict(in_channels=4, feature_size=(15, 25), patch_size=5, embed_dim=32, num_heads=4),
+}
+
+
+def config(name: str) -> SLViTConfig:
+    return SLViTConfig(**{**SMALL_HIDDEN, "key_dim": 16, **CONFIGS[name]})
+
+
+@pytest.fixture(params=["auto", "gather"])
+def embed(request, monkeypatch):
+    monkeypatch.setenv("SLVIT_FAST_CPU_ISA", "avx512")
+    monkeypatch.setenv(EMBED_ENV, request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_against_reference(name, batch, embed, threads):
+    with torch.no_grad():
+        check_against_reference("cpu", config(name), batch, torch.float32, backward=False)
+
+
+@pytest.mark.parametrize("name", ["pw4-28px-C1", "pw8-40px-extra"])
+def test_channels_last_input(name, embed):
+    with torch.no_grad():
+        check_against_reference("cpu", config(name), 3, torch.float32, backward=False, channels_last=True)
+
+
+@pytest.mark.parametrize("name", ["pw2-N25", "pw4-68px-nonsquare", "ph3-pw4", "pw8-40px-extra", "pw5-panels"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_training_forward_and_gradients(name, batch, embed, threads):
+    check_against_reference("cpu", config(name), batch, torch.float32, backward=True)
+
+
+def _module(cfg):
+    return randomize_(SLViTExit(cfg, backend="cpu")).eval()
+
+
+def _extra(cfg, batch):
+    return torch.randn(batch, cfg.extra_tokens, cfg.extra_dim) if cfg.extra_tokens else None
+
+
+@pytest.mark.parametrize("name", ["pw4-68px-nonsquare", "pw8-40px-extra"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_strided_and_expanded_inputs_give_the_bits_of_a_copy(name, nthreads, monkeypatch):
+    monkeypatch.setenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS", "0")
+    cfg = config(name)
+    m = _module(cfg)
+    H, W = cfg.feature_size
+    big = torch.randn(3, cfg.in_channels + 2, H + 3, W + 5)
+    strided = big[:, 1:cfg.in_channels + 1, 2:H + 2, 3:W + 3]  # row, plane and sample strides of `big`
+    expanded = torch.randn(1, cfg.in_channels, H, W).expand(3, -1, -1, -1)  # sample stride 0
+    extra = _extra(cfg, 3)
+    with num_threads(nthreads), torch.no_grad():
+        for x in (strided, expanded):
+            assert not x.is_contiguous()
+            assert torch.equal(m(x, extra), m(x.contiguous(), extra))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_direct_path_runs_and_agrees_with_the_panels(train, monkeypatch):
+    monkeypatch.setenv("SLVIT_FAST_CPU_ISA", "avx512")
+    cfg = config("pw4-28px-C1")
+    m = _module(cfg).train(train)
+    x = torch.randn(5, cfg.in_channels, *cfg.feature_size)
+    with torch.set_grad_enabled(train):
+        monkeypatch.setenv(EMBED_ENV, "gather")
+        panels = m(x)
+        monkeypatch.setenv(EMBED_ENV, "auto")
+        direct = m(x)
+        monkeypatch.setenv(EMBED_ENV, " AUTO ")  # trimmed, any case
+        assert torch.equal(m(x), direct)
+    # different summation order: equal to float32 rounding, not bit for bit (else the kernel did not run)
+    assert not torch.equal(direct, panels)
+    torch.testing.assert_close(direct, panels, rtol=1e-5, atol=1e-5)
+
+
+def test_invalid_switch_value_is_an_error_naming_it(monkeypatch):
+    m = _module(config("pw2-N25"))
+    monkeypatch.setenv(EMBED_ENV, "rows")
+    with pytest.raises(RuntimeError, match="SLVIT_FAST_CPU_EMBED='rows'.*auto or gather"):
+        with torch.no_grad():
+            m(torch.randn(2, 6, 10, 10))
