@@ -132,3 +132,27 @@ def test_static_schedule_knob_gives_the_same_values(fused_path, monkeypatch):
     static = step(m, x, extra, grad_out, 2)
     for name, ref in dynamic.items():
         torch.testing.assert_close(static[name], ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item() + 1e-6, msg=name)
+
+
+def test_every_thread_takes_part_in_the_forward_and_the_backward(fused_path):
+    """The same bits for any thread count could also come from a path that silently runs on one thread
+    (a schedule built while the calling thread was held single-threaded did exactly that): with 2 threads
+    both must run chunks of the forward and of the backward. Groups are claimed dynamically, so one
+    thread might - on a loaded machine - take them all once; a step is retried before failing."""
+    m = randomize_(SLViTExit(awkward_config("N49-nores-relu"), backend="cpu")).train()
+    x = torch.randn(64, 8, 28, 28)
+    torch.set_num_threads(2)
+    seen = {}
+    for _ in range(4):
+        m.zero_grad(set_to_none=True)
+        with torch.autograd.profiler.profile() as prof:
+            m(x).sum().backward()
+        seen = {"forward": set(), "backward": set()}
+        for e in prof.function_events:
+            if e.name.startswith("slvit_cpu::fwd_"):
+                seen["forward"].add(e.thread)
+            elif e.name.startswith("slvit_cpu::bwd_"):
+                seen["backward"].add(e.thread)
+        if all(len(t) == 2 for t in seen.values()):
+            return
+    pytest.fail(f"threads that ran chunks with 2 threads set: { {k: len(v) for k, v in seen.items()} }")

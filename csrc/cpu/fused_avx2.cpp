@@ -385,7 +385,9 @@ Plan make_plan(const Problem& p, int nw) {
   // a team gathers every 16-token panel of its chunk up front; a single worker reuses two (one
   // 32-column GEMM block: the AVX-512 tiles are 2 zmm wide)
   const int64_t panels = pl.team ? (pl.ld + 15) / 16 : 2;
-  pl.pt_floats = round_up(panels * p.ph * p.pw * (p.C * 16 + 16), 16);
+  pl.direct = p.embed_direct && p.isa == kIsaAvx512 && p.sw == 1 && embed_rows_wanted(p.pw, p.W);
+  // (direct: no panels - an audiocsrnet team's were ~23 MB of workspace)
+  pl.pt_floats = pl.direct ? 0 : round_up(panels * p.ph * p.pw * (p.C * 16 + 16), 16);
   pl.n_set = round_up(pl.pt_floats + (6 * p.d + 4 * p.A + p.mlp) * pl.ld, 16);
   pl.n_scratch = round_up((p.T + 1) * pl.ldS + 32, 16);  // score tile + 1/sum row + read-past slack
   const int64_t Td = p.T * p.d;
@@ -394,7 +396,6 @@ Plan make_plan(const Problem& p, int nw) {
   pl.n_outT = round_up(p.outputs * pl.ldf, 16);
   pl.fold = pl.team && !p.legacy_phases;
   pl.n_ypriv = pl.team ? round_up(p.d * pl.ld, 16) : 0;  // embedding partials; the folded LN output
-  pl.direct = p.embed_direct && p.isa == kIsaAvx512 && p.sw == 1 && embed_rows_supported(p.pw);
   pl.n_wk = pl.direct ? round_up(p.d * p.C * p.ph * p.pw, 16) : 0;
   return pl;
 }

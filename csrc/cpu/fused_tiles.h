@@ -75,14 +75,15 @@ void gather_px4_avx512(const float* const src[16], const int64_t sc[16], const i
                        float* panel, int64_t c0, int64_t c1, const float* const rows[], int nrows, int64_t row_bytes,
                        int64_t plane);
 
-// Patch embedding straight from NCHW image rows (patch_embed_avx512.cpp), for patch widths pw with
-// embed_rows_supported(pw) (2, 4, 8, 16) and unit pixel stride. For one sample and channels [0, nc)
+// Patch embedding straight from NCHW image rows (patch_embed_avx512.cpp), for unit pixel stride and
+// the patch widths / row lengths where embed_rows_wanted says it beats the gathered panels (pw 2, 4
+// or 8 and rows of more than 16 pixels). For one sample and channels [0, nc)
 // of x (x points at channel 0 of that range, pixel (0, 0); sc / sh: plane and row strides):
 //   out[e*ldo + gy*gw + gx] = sum_{c, i, j} Wk[e*ldw + (c*ph + i)*pw + j] * x[c*sc + (gy*ph + i)*sh + gx*pw + j]
 //                             (+ bias[e]) (+ add[e*ld_add + gy*gw + gx])   for e < d and every patch;
 // Wk is the weight in (e, c, i, j) order (pack_patch_weight), offset to the range's first channel.
 // Only the patch columns [0, gh*gw) of out are written; add / bias may be nullptr.
-bool embed_rows_supported(int64_t pw);
+bool embed_rows_wanted(int64_t pw, int64_t row_pixels);
 void embed_rows_avx512(const float* x, int64_t sc, int64_t sh, int64_t nc, int64_t ph, int64_t pw, int64_t gh,
                        int64_t gw, const float* Wk, int64_t ldw, int64_t d, float* out, int64_t ldo, const float* add,
                        int64_t ld_add, const float* bias);

@@ -1,5 +1,6 @@
 // Patch embedding straight from the image rows, AVX-512 (fused_tiles.h: embed_rows_avx512,
-// pack_patch_weight). Callers: fused_avx2.cpp's inference forward.
+// pack_patch_weight, embed_rows_wanted). Callers: fused_avx2.cpp's inference forward and
+// train_fused_path.cpp's training forward.
 //
 // Why: the panel path first gathers every patch into a patch matrix (a 4 x 4 transpose per channel,
 // row and 16 tokens) and then multiplies it; at resnet152-b1 batch 64 the gather took more cycles
@@ -105,34 +106,17 @@ __attribute__((always_inline)) inline void k_loop(const Rows& r, int64_t c_lo, i
   }
 }
 
-// MR output rows (e0 ..) x the patches of 32 pixels of one grid row. out / add point at the first of
-// those patches' columns in row e0; ntok0 / ntok1 patches come from the first / second pixel vector.
+// MR output rows (e0 ..) x the patches of 32 pixels of one grid row, over channels [0, r.nc). out / add
+// point at the first of those patches' columns in row e0; ntok0 / ntok1 patches come from the first /
+// second pixel vector. acc_out: add to what out holds (a later block of channels; add / bias are then
+// nullptr, they went in with the first).
 template <int PW, int MR>
 void tile(const Rows& r, float* out, int64_t ldo, const float* add, int64_t ld_add, const float* bias, int ntok0,
-          int ntok1) {
+          int ntok1, bool acc_out) {
   __m512 acc[MR][2];
 #pragma GCC unroll 12
   for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  // a long K loop is summed in blocks of ~kKBlock steps (fused_tiles.h: Shape::k_block's reason)
-  const int64_t cb = r.ph >= kKBlock ? 1 : kKBlock / r.ph;
-  if (r.nc <= cb) {
-    k_loop<PW, MR>(r, 0, r.nc, acc);
-  } else {
-    __m512 sum[MR][2];
-#pragma GCC unroll 12
-    for (int m = 0; m < MR; ++m) sum[m][0] = sum[m][1] = _mm512_setzero_ps();
-    for (int64_t c0 = 0; c0 < r.nc; c0 += cb) {
-      k_loop<PW, MR>(r, c0, imin(r.nc, c0 + cb), acc);
-#pragma GCC unroll 12
-      for (int m = 0; m < MR; ++m) {
-        sum[m][0] = _mm512_add_ps(sum[m][0], acc[m][0]);
-        sum[m][1] = _mm512_add_ps(sum[m][1], acc[m][1]);
-        acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-      }
-    }
-#pragma GCC unroll 12
-    for (int m = 0; m < MR; ++m) acc[m][0] = sum[m][0], acc[m][1] = sum[m][1];
-  }
+  k_loop<PW, MR>(r, 0, r.nc, acc);
   constexpr __mmask16 heads = group_heads<PW>();
   const __mmask16 t0 = (__mmask16)((1u << ntok0) - 1u), t1 = (__mmask16)((1u << ntok1) - 1u);
 #pragma GCC unroll 12
@@ -146,6 +130,10 @@ void tile(const Rows& r, float* out, int64_t ldo, const float* add, int64_t ld_a
       s1 = _mm512_add_ps(s1, b);
     }
     float* o = out + m * ldo;
+    if (acc_out) {
+      s0 = _mm512_add_ps(s0, _mm512_maskz_loadu_ps(t0, o));
+      s1 = _mm512_add_ps(s1, _mm512_maskz_loadu_ps(t1, o + ntok0));
+    }
     if (add) {
       const float* a = add + m * ld_add;
       s0 = _mm512_add_ps(s0, _mm512_maskz_loadu_ps(t0, a));
@@ -156,7 +144,7 @@ void tile(const Rows& r, float* out, int64_t ldo, const float* add, int64_t ld_a
   }
 }
 
-typedef void (*tile_fn)(const Rows&, float*, int64_t, const float*, int64_t, const float*, int, int);
+typedef void (*tile_fn)(const Rows&, float*, int64_t, const float*, int64_t, const float*, int, int, bool);
 
 template <int PW>
 tile_fn pick(int mr) {
@@ -180,8 +168,7 @@ tile_fn pick_tile(int64_t pw, int mr) {
   switch (pw) {
     case 2: return pick<2>(mr);
     case 4: return pick<4>(mr);
-    case 8: return pick<8>(mr);
-    default: return pick<16>(mr);
+    default: return pick<8>(mr);
   }
 }
 
@@ -217,7 +204,11 @@ constexpr int kMaxRows = 12;  // 12 rows x 2 vectors = 24 accumulators (of 32 zm
 
 }  // namespace
 
-bool embed_rows_supported(int64_t pw) { return pw == 2 || pw == 4 || pw == 8 || pw == 16; }
+// Where the direct kernel is faster than gathering panels (measured in review, 1 thread, gather +
+// embedding cycles): pw = 16 gives each 64-byte weight vector only 2 FMAs (L2-bandwidth bound: 5.1M vs
+// 3.0M cycles for panels at 32x128, C = 64) and rows of <= 16 pixels leave the second pixel vector
+// empty (its FMAs still run: 2.5M vs 1.75M at 16x16, C = 256).
+bool embed_rows_wanted(int64_t pw, int64_t row_pixels) { return (pw == 2 || pw == 4 || pw == 8) && row_pixels > 16; }
 
 void pack_patch_weight(const float* Wp, int64_t d, int64_t C, int64_t ph, int64_t pw, int64_t c0, int64_t c1,
                        float* Wk) {
@@ -244,25 +235,34 @@ void embed_rows_avx512(const float* x, int64_t sc, int64_t sh, int64_t nc, int64
   Rows r;
   r.sc = sc;
   r.sh = sh;
-  r.nc = nc;
   r.ph = ph;
   r.ldw = ldw;
-  for (int64_t gy = 0; gy < gh; ++gy) {
-    for (int64_t p0 = 0; p0 < px; p0 += 32) {
-      const int64_t n0 = imin(16, px - p0), n1 = px - p0 > 16 ? imin(16, px - p0 - 16) : 0;
-      r.x = x + gy * ph * sh + p0;
-      r.m0 = (__mmask16)((1u << n0) - 1u);
-      r.m1 = (__mmask16)((1u << n1) - 1u);
-      const int ntok0 = (int)(n0 / pw), ntok1 = (int)(n1 / pw);
-      const int64_t col = gy * gw + p0 / pw;
-      // row blocks of balanced heights (32 rows: 11, 11, 10)
-      for (int64_t b = 0, e0 = 0; b < nblk; ++b) {
-        const int64_t e1 = d * (b + 1) / nblk;
-        r.w = Wk + e0 * ldw;
-        r.ahead = b == 0;
-        pick_tile(pw, (int)(e1 - e0))(r, out + e0 * ldo + col, ldo, add ? add + e0 * ld_add + col : nullptr, ld_add,
-                                      bias ? bias + e0 : nullptr, ntok0, ntok1);
-        e0 = e1;
+  // Channels in blocks of ~kKBlock k steps, outermost: a block's slice of the weight is reused by every
+  // tile of the sample while it is in cache (per tile, a weight larger than L2 - audiocsrnet's 4 MB -
+  // was streamed again for every 32 pixels: 1.7x slower than the panels there), and each block's sums
+  // are added into out (the blocked float32 sum of fused_tiles.h's Shape::k_block).
+  const int64_t cb = ph >= kKBlock ? 1 : kKBlock / ph;
+  for (int64_t k0 = 0; k0 < nc; k0 += cb) {
+    r.nc = imin(cb, nc - k0);
+    const bool acc_out = k0 > 0;
+    for (int64_t gy = 0; gy < gh; ++gy) {
+      for (int64_t p0 = 0; p0 < px; p0 += 32) {
+        const int64_t n0 = imin(16, px - p0), n1 = px - p0 > 16 ? imin(16, px - p0 - 16) : 0;
+        r.x = x + k0 * sc + gy * ph * sh + p0;
+        r.m0 = (__mmask16)((1u << n0) - 1u);
+        r.m1 = (__mmask16)((1u << n1) - 1u);
+        const int ntok0 = (int)(n0 / pw), ntok1 = (int)(n1 / pw);
+        const int64_t col = gy * gw + p0 / pw;
+        // row blocks of balanced heights (32 rows: 10, 11, 11)
+        for (int64_t b = 0, e0 = 0; b < nblk; ++b) {
+          const int64_t e1 = d * (b + 1) / nblk;
+          r.w = Wk + e0 * ldw + k0 * ph * pw;
+          r.ahead = b == 0;
+          pick_tile(pw, (int)(e1 - e0))(r, out + e0 * ldo + col, ldo,
+                                        add && !acc_out ? add + e0 * ld_add + col : nullptr, ld_add,
+                                        bias && !acc_out ? bias + e0 : nullptr, ntok0, ntok1, acc_out);
+          e0 = e1;
+        }
       }
     }
   }

@@ -38,6 +38,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <sys/mman.h>
 #include <vector>
@@ -680,7 +681,13 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
                          const Cfg& c, double eps, std::vector<Tensor>& sink, Tensor& out, bool save_all) {
   const auto fopt = at::TensorOptions().dtype(at::kFloat);
   const int64_t d = c.d, A = c.A, A3 = 3 * c.A, mlp = c.mlp, T = c.T, Np = c.Np;
-  Tensor xf = x.to(at::kFloat);
+  // The weight preparation below is a dozen small ATen ops (copies of 10-260 KB): each would open its
+  // own OpenMP region, 5-20 us when the machine is idle and milliseconds when the other core is busy
+  // (profiled on the shared VM: a 256 KB permute copy took 4.7 ms inside a training step, 21 us alone),
+  // so they run on the calling thread; the scope ends before the parallel chunks.
+  Tensor xf = x.to(at::kFloat);  // (a half-precision x is converted on ATen's threads: it can be large)
+  std::optional<SingleThreadScope> prep_single;
+  prep_single.emplace(true);
   const bool cl = x_channels_inner(xf);
   // B operands (transposed weights, with slack) and bias vectors, once per call
   int64_t pi = 0;
@@ -689,10 +696,12 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
   Tensor WpT = slack_copy(Wp.t());
   Tensor bias_pos = pos.add(bp).contiguous();  // (Np, d)
   // The patch embedding straight from x's NCHW rows (patch_embed_avx512.cpp; the inference forward's
-  // kernel), feature-major per sample, where it applies: AVX-512 tiles, unit pixel stride, a patch width
-  // of 2/4/8/16, SLVIT_FAST_CPU_EMBED not "gather". Wp above is then already in its (e, c, i, j) order.
-  const bool direct = !save_all && !cl && isa == slvit_fused::kIsaAvx512 && xf.stride(3) == 1 &&
-                      slvit_fused::embed_rows_supported(c.pw) && embed_direct_wanted();
+  // kernel), feature-major per sample, where it applies: AVX-512 tiles, unit pixel stride, the patch
+  // widths / rows of embed_rows_wanted, SLVIT_FAST_CPU_EMBED not "gather" (read first: an invalid value
+  // is an error on every path). Wp above is then already in its (e, c, i, j) order.
+  const bool direct_wanted = embed_direct_wanted();
+  const bool direct = direct_wanted && !save_all && !cl && isa == slvit_fused::kIsaAvx512 && xf.stride(3) == 1 &&
+                      slvit_fused::embed_rows_wanted(c.pw, c.W);
   Tensor We, be;
   if (c.E) { We = p[pi++]; be = p[pi++]; }
   struct LW { Tensor WqkvT, bqkv, WoT, W1T, W2T; };
@@ -707,6 +716,7 @@ void train_forward_fused(int isa, const Tensor& x, const c10::optional<Tensor>& 
   }
   const int64_t head0 = (int64_t)p.size() - 4;
   const int64_t nsaved = (int64_t)sink.size();
+  prep_single.reset();  // before the schedule: it reads the thread count
   const Schedule sch = make_schedule(c);
   const int64_t cs = sch.cs;
   // per-sample (bias + position) rows repeated for a chunk: the add operand of the embedding GEMM over a
@@ -879,6 +889,9 @@ void fused_backward(int isa, const Tensor& g, const Tensor& x, const c10::option
                     bool need_dx, Tensor& dx, Tensor& dextra, std::vector<std::vector<Tensor>>& acc) {
   const int64_t layer0 = 3 + (c.E ? 2 : 0);
   // GEMMs on the tiles; encoder/embedding gradients accumulated in place in the group's slot (zeroed)
+  Tensor xf = x.to(at::kFloat);
+  std::optional<SingleThreadScope> prep_single;  // small weight copies on this thread (train_forward_fused)
+  prep_single.emplace(true);
   FusedBwdWeights fw;
   for (int64_t l = 0; l < c.layers; ++l) {
     const int64_t pi = layer0 + l * kPerLayer;
@@ -891,7 +904,7 @@ void fused_backward(int isa, const Tensor& g, const Tensor& x, const c10::option
     fw.bqkv.push_back(at::cat({p[pi + 3], p[pi + 5], p[pi + 7]}, 0));
   }
   if (need_dx) fw.Wp = slack_copy(bw.Wp);
-  Tensor xf = x.to(at::kFloat);
+  prep_single.reset();  // saved activations can be large: their copies (if any) keep ATen's threads
   // saved activations read as B operands need slack after them (ours have it; a copy made elsewhere may not)
   std::vector<Tensor> sv(saved.begin(), saved.end());
   // the fused forward left patches, Q/K/V and the MLP hidden activations to the backward
