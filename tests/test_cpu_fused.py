@@ -132,3 +132,27 @@ def test_expanded_inputs_with_zero_strides(patch, how):
          "rows": torch.randn(3, 3, 1, 8).expand(3, 3, 4, 8)}[how]
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref(x.contiguous()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_per_sample_results_do_not_depend_on_threads_or_chunks(isa, monkeypatch):
+    """Batches past the team size are cut into chunks that workers claim from a shared counter, so which
+    worker computes a sample changes from call to call: the output must be the same bits for 1, 2 and 3
+    threads. (Not across batch sizes: below 4 samples the head is per-sample dot products, a GEMM above.)"""
+    if isa == "avx512" and cpu_backend.fused_isa() != "avx512":
+        pytest.skip("this CPU (or OS) has no AVX-512F/DQ/BW/VL")
+    monkeypatch.setenv("SLVIT_FAST_CPU_ISA", isa)
+    monkeypatch.setenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS", "0")
+    c = awkward_config("N49-nores-relu")  # 49 tokens: chunks of 4 samples
+    m = randomize_(SLViTExit(c, backend="cpu")).eval()
+    x = torch.randn(23, c.in_channels, *c.feature_size)
+    n = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            torch.set_num_threads(1)
+            one = m(x)
+            for threads in (2, 3, 2):
+                torch.set_num_threads(threads)
+                assert torch.equal(m(x), one), f"{threads} threads"
+    finally:
+        torch.set_num_threads(n)

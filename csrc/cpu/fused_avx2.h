@@ -49,6 +49,7 @@ struct Barrier {
   alignas(64) int count = 0;
   alignas(64) int gen = 0;
   int total = 1;
+  alignas(64) int64_t next_chunk = 0;  // workers that own samples claim chunks from it (run())
 };
 
 // True when this CPU has AVX2 and FMA (checked at run time; the file is compiled for them).
