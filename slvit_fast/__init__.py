@@ -26,6 +26,7 @@ from .shape_probe import feature_shapes
 from .attach import attach_exits
 from .calibration import calibrate_fractions
 from .inference_prep import FoldReport, fold_batchnorm, prepare_for_inference
+from .huge_pages import HugePageReport, place_in_huge_pages
 from . import accounting, analysis, calibration, export, policies, presets  # noqa: E402  (slvit_fast.policies, ...)
 
 # Budget calibration moved from policies to calibration (which imports policies); its names stay
@@ -53,4 +54,6 @@ __all__ = [
     "prepare_for_inference",
     "fold_batchnorm",
     "FoldReport",
+    "place_in_huge_pages",
+    "HugePageReport",
 ]

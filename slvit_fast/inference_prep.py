@@ -10,6 +10,10 @@ predicts, however cheap the exits are. Two standard inference transformations sh
   write of every early (large) feature map.
 * **channels_last.** oneDNN runs convolutions on NHWC maps without layout conversions.
 
+And for the exits' own batch-1 latency, their parameters go into 2 MiB pages
+(:func:`~slvit_fast.huge_pages.place_in_huge_pages`): an exit runs right after the prefix has evicted
+its weights' address translations, and with 4 KiB pages every page of weight is a TLB miss.
+
 Both sides of any comparison get faster (the full backbone too), and the outputs equal the original
 network's up to float rounding (~1e-6 relative in float32; a sample whose confidence sits exactly at
 a threshold may move to a neighbouring exit).
@@ -36,9 +40,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .huge_pages import HugePageReport, place_in_huge_pages
 from .multi_exit import BATCHNORM_FOLDED_ATTR as FOLDED_ATTR, MultiExitNetwork
 
-__all__ = ["prepare_for_inference", "fold_batchnorm", "FoldReport", "FOLDED_ATTR"]
+__all__ = ["prepare_for_inference", "fold_batchnorm", "FoldReport", "FOLDED_ATTR", "place_in_huge_pages",
+           "HugePageReport"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM_DIM = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
@@ -48,13 +54,15 @@ _FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous
 @dataclass
 class FoldReport:
     """What :func:`fold_batchnorm` / :func:`prepare_for_inference` did: ``folded`` (conv path, BatchNorm
-    path) pairs, ``skipped`` (BatchNorm path, reason) pairs, the memory format applied (or None) and,
-    with ``example_inputs``, the largest relative output difference the fold made."""
+    path) pairs, ``skipped`` (BatchNorm path, reason) pairs, the memory format applied (or None),
+    with ``example_inputs`` the largest relative output difference the fold made, and what moving the
+    exits' parameters into 2 MiB pages did (None when not asked or the network has no exits)."""
 
     folded: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     memory_format: str | None = None
     checked_rel_diff: float | None = None
+    huge_pages: HugePageReport | None = None
 
     def __str__(self) -> str:
         lines = [f"folded {len(self.folded)} BatchNorm(s) into convolutions, skipped {len(self.skipped)}"
@@ -62,6 +70,8 @@ class FoldReport:
                  + (f"; outputs checked (max rel diff {self.checked_rel_diff:.1e})"
                     if self.checked_rel_diff is not None else "")]
         lines += [f"  skipped {path}: {why}" for path, why in self.skipped]
+        if self.huge_pages is not None:
+            lines.append(f"exits: {self.huge_pages}")
         return "\n".join(lines)
 
 
@@ -317,17 +327,21 @@ def _to_memory_format(net: nn.Module, memory_format: str) -> None:
 
 
 def prepare_for_inference(net: nn.Module, *, fold: bool = True, memory_format: str | None = "channels_last",
-                          example_inputs=None) -> FoldReport:
+                          example_inputs=None, huge_pages: bool = True) -> FoldReport:
     """Make ``net`` (a :class:`~slvit_fast.MultiExitNetwork` or any backbone) faster for CPU inference and
     early exit, in place: BatchNorms folded into their convolutions (:func:`fold_batchnorm`, which also
     takes ``example_inputs`` to check the outputs) and the whole network converted to ``memory_format``
     ("channels_last", "contiguous" or None to leave it). Feed inputs in the same format
-    (``x.contiguous(memory_format=torch.channels_last)``); the exits accept either. Call after loading
-    weights and ``net.eval()``; irreversible (see the module docstring)."""
+    (``x.contiguous(memory_format=torch.channels_last)``); the exits accept either. ``huge_pages``: the
+    exits' parameters (of a MultiExitNetwork) into one mapping of 2 MiB pages, last, after every other
+    step has settled their tensors. Call after loading weights and ``net.eval()``; irreversible (see the
+    module docstring)."""
     if memory_format not in _FORMATS:
         raise ValueError(f"memory_format={memory_format!r}: expected 'channels_last', 'contiguous' or None")
     report = fold_batchnorm(net, example_inputs=example_inputs) if fold else FoldReport()
     if memory_format is not None:
         _to_memory_format(net, memory_format)
         report.memory_format = memory_format
+    if huge_pages and isinstance(net, MultiExitNetwork) and len(net.exits):
+        report.huge_pages = place_in_huge_pages(net.exits)
     return report

@@ -50,6 +50,22 @@ def test_overhead_benchmark_rows_are_consistent():
     for r in rows:
         assert r.prefix_s > 0 and r.exit_s > 0 and 0 < r.flop_ratio < 1
         assert r.overhead_vs_flops == pytest.approx(r.time_ratio / r.flop_ratio)
+        assert r.exit_pages == "4 KiB"
+    huge = run_overhead("resnet152", batch=1, input_size=64, repeats=1, huge_pages=True)
+    assert [r.flop_ratio for r in huge] == [r.flop_ratio for r in rows]
+    assert all(r.exit_pages in ("2 MiB", "4 KiB (no huge pages given)") for r in huge)
+
+
+def test_end_to_end_targets_name_the_exit_weights_pages():
+    from slvit_fast.bench.run import BenchReport, evaluate_targets
+
+    row = dict(backbone="resnet152", branch="b1", module="layer2.0.conv2", batch=1, backend="cpu", prefix_s=1.0,
+               exit_s=0.1, time_ratio=0.1, flop_ratio=0.05, overhead_vs_flops=2.0)
+    report = BenchReport(machine="m", matmul_gflops=1.0, overhead=[row, {**row, "exit_pages": "2 MiB",
+                                                                          "overhead_vs_flops": 1.2}])
+    e2e = [t for t in evaluate_targets(report) if t["target"].startswith("end to end")]
+    assert [t["measured"] for t in e2e] == [2.0, 1.2] and [t["met"] for t in e2e] == [False, True]
+    assert "2 MiB pages" in e2e[1]["target"] and "pages" not in e2e[0]["target"]
 
 
 TINY = dict(in_channels=4, feature_size=(8, 8), patch_size=(2, 2), embed_dim=16, num_heads=2, mlp_dim=32,

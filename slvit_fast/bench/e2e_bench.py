@@ -15,6 +15,7 @@ import torch
 
 from .. import presets
 from ..accounting import summary
+from ..huge_pages import place_in_huge_pages
 from ..inference_prep import prepare_for_inference
 from ..policies import MaxSoftmax
 from .timing import time_interleaved
@@ -58,6 +59,7 @@ class OverheadRow:
     time_ratio: float  # exit time / prefix time
     flop_ratio: float  # exit FLOPs / prefix FLOPs
     overhead_vs_flops: float  # time_ratio / flop_ratio (target <= 1.5)
+    exit_pages: str = "4 KiB"  # the exits' parameters in the default pages, or "2 MiB" (place_in_huge_pages)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,9 +70,16 @@ def _as_tuple(x):
 
 
 @torch.inference_mode()
-def run_overhead(backbone: str, batch: int, input_size=None, repeats: int = 5) -> list[OverheadRow]:
-    """Time of each exit vs the backbone prefix feeding it, next to their FLOP ratio."""
+def run_overhead(backbone: str, batch: int, input_size=None, repeats: int = 5, huge_pages: bool = False
+                 ) -> list[OverheadRow]:
+    """Time of each exit vs the backbone prefix feeding it, next to their FLOP ratio. ``huge_pages``: the
+    exits' parameters moved into 2 MiB pages first (place_in_huge_pages; the exit runs cold after its
+    prefix, and each 4 KiB page of weight it touches is then a TLB miss)."""
     net = presets.build(backbone, input_size=input_size).eval()
+    pages = "4 KiB"
+    if huge_pages:
+        moved = place_in_huge_pages(net.exits)
+        pages = "2 MiB" if moved.huge_bytes > 0 else "4 KiB (no huge pages given)"
     inputs = _as_tuple(presets.example_input(backbone, batch, input_size=net.input_size))
     table = summary(net)
     features = net.branch_features(*inputs)
@@ -86,7 +95,7 @@ def run_overhead(backbone: str, batch: int, input_size=None, repeats: int = 5) -
         backend = module.active_backend(features[i][0] if isinstance(features[i], tuple) else features[i]) \
             if hasattr(module, "active_backend") else "torch"
         rows.append(OverheadRow(backbone, table.rows[i].name, path, batch, backend, t["prefix"].median_s,
-                                t["exit"].median_s, time_ratio, flop_ratio, time_ratio / flop_ratio))
+                                t["exit"].median_s, time_ratio, flop_ratio, time_ratio / flop_ratio, pages))
     return rows
 
 

@@ -205,7 +205,7 @@ def run_exit_bench(preset: "str | SLViTConfig", batch: int, mode: str = "inferen
                 scale = ref.abs().max().item() + 1e-6
                 if not diff <= 1e-3 * scale + 1e-4:
                     raise AssertionError(f"{preset} b{batch}: {name} disagrees with eager by {diff:.3e} (scale {scale:.3e})")
-    timings = time_interleaved(built.timed, repeats=repeats)
+    timings = time_interleaved(built.timed, repeats=repeats, round_warmup=1)  # steady state: timing.py
     for name, t in timings.items():
         result.times_s[name] = t.median_s
         result.gflops[name] = result.flops / t.median_s / 1e9

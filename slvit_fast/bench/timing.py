@@ -3,6 +3,13 @@
 Absolute times on a shared machine drift; ratios measured in one interleaved run do much less. Each
 implementation is warmed up (torch.compile compiles there), then ``repeats`` rounds run every
 implementation in a rotating order, each timed over ``inner`` calls; the median per-call time is kept.
+
+``round_warmup`` untimed calls open each round (steady-state timing): on this kind of VM the first call
+after another implementation's round refills caches and TLBs at a cost that belongs to the switch, not
+to either implementation (measured: a 0.27 ms resnet152-b1 exit call took 1.1-1.3 ms after 10 ms of
+other work or idling, 4.7 ms after 50 ms), so without it a fast implementation's rounds carry most of
+that cost per call. Measurements that mean the cold call (the exit right after its backbone prefix)
+leave it at 0.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ class Timing:
 
 
 def time_interleaved(impls: dict[str, Callable[[], object]], repeats: int = 15, inner: int | None = None,
-                     warmup: int = 3, target_round_s: float = 0.05) -> dict[str, Timing]:
+                     warmup: int = 3, target_round_s: float = 0.05, round_warmup: int = 0) -> dict[str, Timing]:
     """Median per-call seconds of each zero-argument callable, timed in rotating order."""
     names = list(impls)
     for name in names:
@@ -49,6 +56,8 @@ def time_interleaved(impls: dict[str, Callable[[], object]], repeats: int = 15, 
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             fn = impls[name]
+            for _ in range(round_warmup):
+                fn()
             _sync()
             t0 = time.perf_counter()
             for _ in range(inner):
