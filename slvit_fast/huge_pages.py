@@ -3,9 +3,10 @@
 Why: at batch 1 an exit runs right after its backbone prefix, which has evicted the exit's weights and,
 worse, their address translations. With 4 KiB pages every page of weight the first call touches is a
 TLB miss and, on a virtual machine, a nested page walk; resnet152-b1's 2.4 MB of weights are ~600 of
-them. Measured on this project's VM (2 threads, interleaved, median of 30): the resnet152-b1 exit right
-after a 30 ms resnet152 prefix took 1179 us with its weights in 4 KiB pages and 754 us in 2 MiB pages
-(warm, back to back: 270 us either way).
+them. Measured on this project's VM (2 threads, the two alternating after each 30 ms resnet152 prefix,
+three runs of 30-60 pairs): the resnet152-b1 exit took a median 1076-1179 us with its weights in 4 KiB
+pages and 754-1009 us in 2 MiB pages (minimums 609-674 vs 508-515 us; warm, back to back: ~270 us
+either way). A gain of 7-35%, not the whole cold-call cost: the rest is the caches themselves.
 
 :func:`place_in_huge_pages` moves every CPU floating-point parameter of a module into one fresh anonymous
 mapping advised ``MADV_HUGEPAGE`` (before anything touches it, so the kernel backs it with 2 MiB pages
