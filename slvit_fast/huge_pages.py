@@ -8,14 +8,16 @@ three runs of 30-60 pairs): the resnet152-b1 exit took a median 1076-1179 us wit
 pages and 754-1009 us in 2 MiB pages (minimums 609-674 vs 508-515 us; warm, back to back: ~270 us
 either way). A gain of 7-35%, not the whole cold-call cost: the rest is the caches themselves.
 
-:func:`place_in_huge_pages` moves every CPU floating-point parameter of a module into one fresh anonymous
-mapping advised ``MADV_HUGEPAGE`` (before anything touches it, so the kernel backs it with 2 MiB pages
-when it has them). Nothing is copied behind the user's back afterwards: each ``Parameter`` object stays
-the same (optimizers, hooks and names are unaffected) and only its ``.data`` becomes a view of the
-mapping with the same values, shape and strides, so there is no second copy that could go stale. A
-tensor obtained from ``param.data`` *before* the call no longer aliases the parameter. The mapping lives
-as long as any of those views. Where the system has no transparent huge pages the call still moves the
-tensors (harmless) and the report says no 2 MiB page was obtained.
+:func:`place_in_huge_pages` moves the storages of every CPU floating-point parameter of a module into one
+fresh anonymous mapping advised ``MADV_HUGEPAGE`` (before anything touches it, so the kernel backs it
+with 2 MiB pages when it has them). Nothing is copied behind the user's back afterwards: each
+``Parameter`` object stays the same (optimizers, hooks and names are unaffected) and only its ``.data``
+moves, with the same values, shape, strides and storage offset. Storage by storage: parameters that
+shared one (tied or overlapping views) still do, and each moved storage is its own storage object the
+size of the old one (a ``torch.save`` writes that, not the whole mapping). There is no second copy that
+could go stale; a tensor obtained from ``param.data`` *before* the call no longer aliases the
+parameter. The mapping lives as long as any moved storage. Where the system has no transparent huge
+pages the call still moves the storages (harmless) and the report says no 2 MiB page was obtained.
 """
 
 from __future__ import annotations
@@ -41,34 +43,45 @@ class HugePageReport:
     bytes: int = 0
     huge_bytes: int = 0
     skipped: str | None = None
+    inference_tensors_left: int = 0  # parameters made under torch.inference_mode, not moved
 
     def __str__(self) -> str:
+        left = (f"; {self.inference_tensors_left} inference-mode parameter(s) left where they were"
+                if self.inference_tensors_left else "")
         if self.skipped:
             return f"parameters left where they were: {self.skipped}"
         return (f"{self.tensors} parameter(s), {self.bytes / 1e6:.2f} MB, moved into one mapping; "
-                f"{self.huge_bytes / 1e6:.2f} MB of it in 2 MiB pages")
+                f"{self.huge_bytes / 1e6:.2f} MB of it in 2 MiB pages{left}")
 
 
-def _movable(module: nn.Module) -> list[nn.Parameter]:
-    seen, out = set(), []
+def _movable_storages(module: nn.Module) -> tuple[dict[int, list[nn.Parameter]], int]:
+    """CPU floating-point parameters grouped by the storage they view (storage address -> parameters),
+    and how many were left out as inference tensors (made under ``torch.inference_mode``: they have no
+    version counter, and replacing their ``.data`` would leave a tensor that claims to be an ordinary one
+    without having one - every later ``_version`` read raises)."""
+    seen, groups, inference = set(), {}, 0
     for p in module.parameters():
         if id(p) in seen or p.device.type != "cpu" or not p.dtype.is_floating_point:
             continue
         seen.add(id(p))
-        out.append(p)
-    return out
+        if p.is_inference():
+            inference += 1
+            continue
+        groups.setdefault(p.untyped_storage().data_ptr(), []).append(p)
+    return groups, inference
 
 
-def _huge_bytes_of(address: int) -> int:
-    """AnonHugePages of the mapping that starts at ``address`` (0 when unknown)."""
+def _huge_bytes_of(start: int, end: int) -> int:
+    """AnonHugePages of the memory region (smaps entry) [start, end) exactly; 0 when there is none (an
+    entry that merely contains the range may hold other mappings' pages too)."""
     try:
         with open("/proc/self/smaps") as f:
             inside = False
             for line in f:
                 head = line.split(" ", 1)[0]
                 if "-" in head and all(c in "0123456789abcdef-" for c in head):
-                    start, end = (int(v, 16) for v in head.split("-"))
-                    inside = start <= address < end
+                    lo, hi = (int(v, 16) for v in head.split("-"))
+                    inside = lo == start and hi == end
                 elif inside and line.startswith("AnonHugePages:"):
                     return int(line.split()[1]) * 1024
     except OSError:
@@ -77,31 +90,40 @@ def _huge_bytes_of(address: int) -> int:
 
 
 def place_in_huge_pages(module: nn.Module) -> HugePageReport:
-    """Move ``module``'s CPU floating-point parameters into one mapping advised ``MADV_HUGEPAGE``, in
-    place (see the module docstring). Returns a :class:`HugePageReport`."""
+    """Move ``module``'s CPU floating-point parameters' storages into one mapping advised
+    ``MADV_HUGEPAGE``, in place (see the module docstring). Returns a :class:`HugePageReport`."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"place_in_huge_pages: expected an nn.Module, got {type(module).__name__}")
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         return HugePageReport(skipped="this platform has no MADV_HUGEPAGE (Linux transparent huge pages)")
-    params = _movable(module)
-    if not params:
-        return HugePageReport(skipped="no floating-point parameters on the CPU")
-    # where each tensor goes: same strides as now when it is dense (channels_last weights stay so)
-    layouts, total = [], 0
-    for p in params:
-        like = torch.empty_like(p, memory_format=torch.preserve_format, device="meta")
-        layouts.append((total, like.size(), like.stride()))
-        total += -(-p.numel() * p.element_size() // _ALIGN) * _ALIGN
-    size = -(-total // _HUGE) * _HUGE + _HUGE  # + one page of slack to align the start
-    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mm.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the page faults below then take 2 MiB pages
-    raw = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the mapping alive as long as any view of it
-    base = -raw.data_ptr() % _HUGE
-    with torch.no_grad():
-        for p, (offset, shape, stride) in zip(params, layouts):
-            start = base + offset
-            flat = raw[start:start + p.numel() * p.element_size()].view(p.dtype)
-            view = flat.as_strided(shape, stride)
-            view.copy_(p.detach())
-            p.data = view
-    return HugePageReport(tensors=len(params), bytes=total, huge_bytes=_huge_bytes_of(raw.data_ptr() + base))
+    groups, inference = _movable_storages(module)
+    if not groups:
+        why = ("its parameters were made under torch.inference_mode (inference tensors cannot be moved: "
+               "build the module outside it)" if inference else "no floating-point parameters on the CPU")
+        return HugePageReport(skipped=why, inference_tensors_left=inference)
+    sizes = [group[0].untyped_storage().nbytes() for group in groups.values()]
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += max(_ALIGN, -(-n // _ALIGN) * _ALIGN)
+    span = -(-total // _HUGE) * _HUGE
+    mm = mmap.mmap(-1, span + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = -torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr() % _HUGE
+    # advise only the aligned span, before the first touch: it becomes its own memory region (the
+    # unadvised slack around it keeps it from merging with a neighbouring mapping's), backed by 2 MiB
+    # pages as the copies below fault it in
+    mm.madvise(mmap.MADV_HUGEPAGE, base, span)
+    # (inference_mode off: moved parameters must stay ordinary tensors, trainable, whatever the caller's
+    # mode; each frombuffer storage keeps the mapping alive)
+    with torch.inference_mode(False), torch.no_grad():
+        for (_, params), offset, n in zip(groups.items(), offsets, sizes):
+            storage = torch.frombuffer(mm, dtype=torch.uint8, count=max(n, 1), offset=base + offset).untyped_storage()
+            old = params[0].untyped_storage()
+            if n:
+                torch.empty(0, dtype=torch.uint8).set_(storage, 0, (n,)).copy_(
+                    torch.empty(0, dtype=torch.uint8).set_(old, 0, (n,)))
+            for p in params:
+                p.data = torch.empty(0, dtype=p.dtype).set_(storage, p.storage_offset(), p.size(), p.stride())
+        start = torch.frombuffer(mm, dtype=torch.uint8, count=1, offset=base).data_ptr()
+    return HugePageReport(tensors=sum(len(g) for g in groups.values()), bytes=total,
+                          huge_bytes=_huge_bytes_of(start, start + span), inference_tensors_left=inference)

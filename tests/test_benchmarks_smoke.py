@@ -65,7 +65,7 @@ def test_end_to_end_targets_name_the_exit_weights_pages():
                                                                           "overhead_vs_flops": 1.2}])
     e2e = [t for t in evaluate_targets(report) if t["target"].startswith("end to end")]
     assert [t["measured"] for t in e2e] == [2.0, 1.2] and [t["met"] for t in e2e] == [False, True]
-    assert "2 MiB pages" in e2e[1]["target"] and "pages" not in e2e[0]["target"]
+    assert "pages: 2 MiB" in e2e[1]["target"] and "pages" not in e2e[0]["target"]
 
 
 TINY = dict(in_channels=4, feature_size=(8, 8), patch_size=(2, 2), embed_dim=16, num_heads=2, mlp_dim=32,

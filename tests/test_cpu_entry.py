@@ -301,3 +301,35 @@ def test_forward_under_inference_mode_takes_the_entry_point():
         expected = ref(x)
     assert n == 1 and out.is_inference() and expected.is_inference()
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_parameters_without_a_version_counter_are_declined_not_fatal():
+    """A Parameter made under inference_mode whose .data was later replaced by an ordinary tensor is no
+    longer is_inference() but still has no version counter: reading its _version for the cache key threw
+    a C++ error out of the entry point and aborted the process (review 9). Run in a child process, so a
+    regression fails this test instead of killing the suite."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from kernel_cases import awkward_config\n"
+        "from slvit_fast import SLViTExit, _C_cpu\n"
+        "c = awkward_config('N25-h1')\n"
+        "with torch.inference_mode():\n"
+        "    m = SLViTExit(c, backend='cpu').eval()\n"
+        "    ref = m(torch.ones(2, c.in_channels, *c.feature_size))\n"
+        "for p in m.parameters():\n"
+        "    p.data = p.detach().clone()\n"  # ordinary tensors now, in Parameters that have no counter
+        "    assert not p.is_inference()\n"
+        "x = torch.ones(2, c.in_channels, *c.feature_size)\n"
+        "with torch.no_grad():\n"
+        "    assert _C_cpu.exit_infer(m, x, None) is None\n"
+        "    out = m(x)\n"
+        "assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (out - ref).abs().max()\n"
+        "print('ok')\n"
+    )
+    import os
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-3000:])

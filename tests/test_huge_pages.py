@@ -1,11 +1,14 @@
 """place_in_huge_pages: the exits' parameters moved into one 2 MiB-page mapping keep their identity,
-values, layout and every use (inference, training, checkpoints, deepcopy); prepare_for_inference does it
-last; the mapping outlives every reference but the parameters."""
+values, layout, aliasing and every use (inference, training, checkpoints, torch.save, deepcopy), also when
+called under inference_mode; prepare_for_inference does it last; the mapping outlives every reference but
+the parameters; the report counts only its own mapping. (Review 9 found the inference-mode, aliasing,
+whole-mapping torch.save and merged-region cases.)"""
 
 from __future__ import annotations
 
 import copy
 import gc
+import io
 import mmap
 
 import pytest
@@ -42,9 +45,9 @@ def test_parameters_keep_identity_values_and_layout_and_share_one_mapping():
     for n, p in m.named_parameters():
         pid, value, stride = before[n]
         assert id(p) == pid and torch.equal(p.detach(), value) and p.stride() == stride
-        assert p.data_ptr() % 64 == 0
+        assert p.data_ptr() % 64 == 0 and not p.is_inference()
         ptrs.append(p.untyped_storage().data_ptr())
-    assert len(set(ptrs)) == 1  # one mapping for all of them
+    assert len(set(ptrs)) == len(ptrs) and max(ptrs) - min(ptrs) < report.bytes  # own storages, one mapping
     gc.collect()  # nothing but the parameters holds the mapping
     with torch.inference_mode():
         assert torch.equal(m(_x()), ref)
@@ -97,6 +100,53 @@ def test_prepare_for_inference_can_leave_the_pages_alone():
     assert report.huge_pages is None and ptrs == [p.data_ptr() for p in net.exits.parameters()]
 
 
+def test_a_call_under_inference_mode_leaves_ordinary_trainable_parameters():
+    m = _exit()
+    with torch.inference_mode():
+        sf.place_in_huge_pages(m)
+    assert not any(p.is_inference() for p in m.parameters())
+    m.train()
+    m(_x()).sum().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_tied_and_overlapping_parameters_still_alias():
+    base = torch.randn(6)
+    m = nn.Module()
+    m.a, m.b = nn.Parameter(base[:4]), nn.Parameter(base[2:])
+    m.lin = nn.Linear(3, 3)
+    m.tied = m.lin  # the same Parameter objects registered twice
+    sf.place_in_huge_pages(m)
+    with torch.no_grad():
+        m.a[3] = 100.0
+    assert m.b[1].item() == 100.0 and m.a.storage_offset() == 0 and m.b.storage_offset() == 2
+    assert m.tied.weight is m.lin.weight
+
+
+def test_torch_save_writes_each_parameter_not_the_whole_mapping():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(512, 512), nn.Linear(4, 4).double())
+    sf.place_in_huge_pages(m)
+    for part, limit in ((m[0], 10_000), (m, 1_200_000)):  # 1 MB of Linear(512, 512) weights
+        buf = io.BytesIO()
+        torch.save(part.state_dict(), buf)  # (mixed dtypes: one storage each, no type clash)
+        assert len(buf.getvalue()) < limit, (part, len(buf.getvalue()))
+        buf.seek(0)
+        for k, v in torch.load(buf).items():
+            assert torch.equal(v, part.state_dict()[k])
+
+
+def test_parameters_made_under_inference_mode_are_left_where_they_are():
+    with torch.inference_mode():
+        m = _exit()
+        ref = m(_x())
+    ptrs = [p.data_ptr() for p in m.parameters()]
+    report = sf.place_in_huge_pages(m)
+    assert report.tensors == 0 and report.inference_tensors_left == len(ptrs) and "inference_mode" in report.skipped
+    assert ptrs == [p.data_ptr() for p in m.parameters()]
+    with torch.inference_mode():
+        assert torch.equal(m(_x()), ref)
+
+
 def test_nothing_to_move_and_bad_arguments_are_reported():
     assert sf.place_in_huge_pages(nn.ReLU()).skipped == "no floating-point parameters on the CPU"
     with pytest.raises(TypeError, match="nn.Module"):
@@ -109,11 +159,17 @@ def test_the_report_reads_the_mappings_huge_pages_from_smaps():
         mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
     except OSError:
         pytest.skip("no transparent huge pages here")
-    m = _exit()
-    report = sf.place_in_huge_pages(m)
-    if "[never]" in mode:
-        assert report.huge_bytes == 0
-    else:  # madvise / always: the fresh, advised mapping is backed by 2 MiB pages when memory allows
-        assert report.huge_bytes >= 2 << 20, report
-        assert _huge_bytes_of(next(m.parameters()).data_ptr()) == report.huge_bytes
-    assert _huge_bytes_of(0) == 0  # an address in no mapping
+    keep = []
+    for _ in range(3):  # neighbouring mappings: each report counts its own region only
+        m = _exit()
+        report = sf.place_in_huge_pages(m)
+        keep.append(m)
+        span = -(-report.bytes // (2 << 20)) * (2 << 20)
+        assert report.huge_bytes <= span, report
+        if "[never]" in mode:
+            assert report.huge_bytes == 0
+        else:  # madvise / always: the fresh, advised span is backed by 2 MiB pages when memory allows
+            assert report.huge_bytes >= 2 << 20, report  # (at least one: compaction may fall short)
+            start = min(p.untyped_storage().data_ptr() for p in m.parameters()) // (2 << 20) * (2 << 20)
+            assert _huge_bytes_of(start, start + span) == report.huge_bytes
+    assert _huge_bytes_of(0, 4096) == 0  # no such region

@@ -190,6 +190,7 @@ def test_cli_train_and_evaluate_on_an_image_folder(image_folder, tmp_path, capsy
     assert result.returncode == 0, result.stderr
     prepared = json.loads((tmp_path / "prep.json").read_text())
     assert prepared["prepared"]["memory_format"] == "channels_last" and prepared["prepared"]["batchnorms_folded"] >= 15
+    assert prepared["prepared"]["exit_weights_huge_page_bytes"] is not None  # the exits were moved too
     assert "BatchNorms folded" in result.stdout
     assert prepared["early_exit"]["matches_brute_force"] is True
     n = report["test_samples"]

@@ -402,9 +402,11 @@ PyObject* exit_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   for (size_t i = 0; i < objs.size(); ++i) {
     const Tensor& t = THPVariable_Unpack(objs[i]);
     // float32 contiguous only: then the kept pointers are the data pointers compared in the key (no
-    // copies that could go stale); inference tensors have no version counter
+    // copies that could go stale). No version counter, no key: inference tensors, and a Parameter made
+    // under inference_mode whose .data was later replaced by an ordinary tensor (no longer is_inference,
+    // still without a counter: _version() would throw here, and abort, review 9)
     if (!plain_cpu(t) || t.scalar_type() != at::kFloat || !t.is_contiguous() || t.is_inference() ||
-        (grad && t.requires_grad()))
+        !t.unsafeGetTensorImpl()->version_counter().enabled() || (grad && t.requires_grad()))
       return decline();
     same = same && e.keys[i].same(t);
     if (record) touch_tensor(e.touch, objs[i], t);

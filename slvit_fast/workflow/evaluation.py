@@ -66,14 +66,16 @@ def evaluate(net: Any, policy: policies.Policy, test_loader, *, input_size: Any 
     """The ``report.json`` dictionary for ``net`` + ``policy`` on ``test_loader`` (module docstring).
 
     ``prepare_inference=True`` first runs :func:`slvit_fast.prepare_for_inference` on ``net`` (in place:
-    BatchNorms folded, channels_last), so every figure, accuracy and wall-clock alike, is of the network
+    BatchNorms folded, channels_last, exits' weights in 2 MiB pages), so every figure, accuracy and wall-clock alike, is of the network
     as it would be deployed on CPU; ``report["prepared"]`` records what it did."""
     net.eval()
     prepared = None
     if prepare_inference:
         fold = prepare_for_inference(net)
+        hp = fold.huge_pages
         prepared = {"batchnorms_folded": len(fold.folded), "batchnorms_kept": [p for p, _ in fold.skipped],
-                    "memory_format": fold.memory_format}
+                    "memory_format": fold.memory_format,
+                    "exit_weights_huge_page_bytes": None if hp is None else hp.huge_bytes}
     input_size = input_size if input_size is not None else net.input_size
     outputs, labels, _ = collect_outputs(net, test_loader, "evaluate")
     accuracies = analysis.per_exit_accuracy(outputs, labels)

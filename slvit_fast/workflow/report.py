@@ -57,8 +57,10 @@ def _early_lines(report: Mapping[str, Any], label: str = "") -> list[str]:
 def _prepared_note(prepared: Mapping[str, Any] | None) -> str:
     if not prepared:
         return ""
+    huge = prepared.get("exit_weights_huge_page_bytes")
+    pages = "" if huge is None else (", exit weights in 2 MiB pages" if huge else ", no 2 MiB pages given")
     return (f" (prepared for inference: {prepared['batchnorms_folded']} BatchNorms folded, "
-            f"{prepared['memory_format'] or 'memory format unchanged'})")
+            f"{prepared['memory_format'] or 'memory format unchanged'}{pages})")
 
 
 def format_report(report: Mapping[str, Any], title: str = "") -> str:
