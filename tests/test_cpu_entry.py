@@ -303,33 +303,61 @@ def test_forward_under_inference_mode_takes_the_entry_point():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_parameters_without_a_version_counter_are_declined_not_fatal():
-    """A Parameter made under inference_mode whose .data was later replaced by an ordinary tensor is no
-    longer is_inference() but still has no version counter: reading its _version for the cache key threw
-    a C++ error out of the entry point and aborted the process (review 9). Run in a child process, so a
+def test_exits_built_under_inference_mode_take_the_entry_point_and_see_every_change():
+    """Parameters made under torch.inference_mode are inference tensors, with no version counter. The entry
+    keeps only pointers (float32 contiguous parameters, compared with the live tensors on every call) and
+    keys such tensors' version as -1, so they take the fast path and every change is seen: in place (no
+    version to bump), load_state_dict, .data =, a replaced Parameter. Also the review-9 case: a Parameter
+    made under inference_mode whose .data was replaced by an ordinary tensor has no counter either, and
+    reading its _version threw out of the entry and aborted the process. In a child process, so a
     regression fails this test instead of killing the suite."""
+    import os
     import subprocess
     import sys
 
-    code = (
-        "import torch\n"
-        "from kernel_cases import awkward_config\n"
-        "from slvit_fast import SLViTExit, _C_cpu\n"
-        "c = awkward_config('N25-h1')\n"
-        "with torch.inference_mode():\n"
-        "    m = SLViTExit(c, backend='cpu').eval()\n"
-        "    ref = m(torch.ones(2, c.in_channels, *c.feature_size))\n"
-        "for p in m.parameters():\n"
-        "    p.data = p.detach().clone()\n"  # ordinary tensors now, in Parameters that have no counter
-        "    assert not p.is_inference()\n"
-        "x = torch.ones(2, c.in_channels, *c.feature_size)\n"
-        "with torch.no_grad():\n"
-        "    assert _C_cpu.exit_infer(m, x, None) is None\n"
-        "    out = m(x)\n"
-        "assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (out - ref).abs().max()\n"
-        "print('ok')\n"
-    )
-    import os
+    code = """
+import torch
+from kernel_cases import awkward_config, randomize_
+from slvit_fast import SLViTExit, _C_cpu
+
+c = awkward_config('N49-h8-kd36')
+fast = lambda: _C_cpu.entry_stats()[0]
+
+def check(m, x, tag):
+    ref = SLViTExit(c, backend='torch').eval()
+    ref.load_state_dict(m.state_dict())
+    f0 = fast()
+    out = m(x)
+    assert fast() == f0 + 1, f'{tag}: the call did not take the entry point'
+    torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5, msg=lambda s: f'{tag}: {s}')
+    return out
+
+x = torch.randn(1, c.in_channels, *c.feature_size)
+with torch.inference_mode():
+    m = randomize_(SLViTExit(c, backend='cpu'), 0).eval()
+    assert all(p.is_inference() for p in m.parameters())
+    first = check(m, x, 'first call')
+    check(m, x, 'second call')
+    m.layers[0].attn.q.weight.mul_(1.5)
+    changed = check(m, x, 'in place')
+    assert not torch.allclose(changed, first)
+    m.load_state_dict(randomize_(SLViTExit(c, backend='cpu'), 5).state_dict())
+    check(m, x, 'load_state_dict')
+    m.patch_embed.weight.data = torch.randn_like(m.patch_embed.weight) * 0.1
+    check(m, x, '.data =')
+    m.layers[0].mlp.fc1.weight = torch.nn.Parameter(torch.randn_like(m.layers[0].mlp.fc1.weight) * 0.2)
+    check(m, x, 'replaced Parameter')
+    check(m, torch.randn(3, c.in_channels, *c.feature_size), 'batch 3')
+
+for p in m.parameters():
+    p.data = p.detach().clone()  # ordinary tensors now, in Parameters that have no counter
+    assert not p.is_inference()
+with torch.no_grad():
+    check(m, x, 'review-9 case')
+    m.layers[0].mlp.fc2.weight.data.mul_(-1.0)  # bumps no version: seen all the same
+    check(m, x, '.data in place')
+print('ok')
+"""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout[-2000:], r.stderr[-3000:])

@@ -8,8 +8,10 @@
 //     Parameter or submodule is always seen) and their validated pointers are kept per module, keyed on
 //     every parameter's TensorImpl, data pointer, version counter, dtype, sizes and strides plus the
 //     config object and the input's per-sample shape: an optimizer step, `.copy_`, `load_state_dict`,
-//     `.to()` or `.data =` changes a key, and the pointers are validated again (float32 copies of
-//     other dtypes are remade). Returns None - the caller takes the op path - whenever the fast path
+//     `.to()` or `.data =` changes a key, and the pointers are validated again. Only float32 contiguous
+//     parameters are taken (other dtypes: the op path), so nothing but pointers is kept and weights are
+//     read on every call - in-place changes that bump no version (`.data.copy_`, inference tensors
+//     changed under inference_mode) are seen too. Returns None - the caller takes the op path - whenever the fast path
 //     is not exactly right: autograd needs a graph, dropout is active, the input is not a plain
 //     float32 CPU tensor, a dispatch / torch-function mode or tensor subclass is active (fake tensors,
 //     FlopCounterMode, functorch), torch.jit.trace is recording, the fused kernels are off, or the parameters fail validation (the op
@@ -58,8 +60,15 @@ struct ParamKey {
   int64_t dim;
   int64_t sizes[kMaxDim], strides[kMaxDim];
 
+  // The version is not needed for correctness - only pointers are kept, and the data pointer, shape and
+  // strides are compared on every call - but a changed version re-validates (cheap, and what the issue
+  // asked for). Tensors without a counter (inference tensors, or a Parameter made under inference_mode
+  // whose .data was later replaced) key on -1: _version() would throw for them.
+  static int64_t version_of(const Tensor& t) {
+    return t.unsafeGetTensorImpl()->version_counter().enabled() ? (int64_t)t._version() : -1;
+  }
   bool same(const Tensor& t) const {
-    if (impl != t.unsafeGetTensorImpl() || data != t.data_ptr() || version != t._version() ||
+    if (impl != t.unsafeGetTensorImpl() || data != t.data_ptr() || version != version_of(t) ||
         dtype != t.scalar_type() || dim != t.dim() || dim > kMaxDim)
       return false;
     for (int64_t i = 0; i < dim; ++i)
@@ -67,7 +76,7 @@ struct ParamKey {
     return true;
   }
   static ParamKey of(const Tensor& t) {
-    ParamKey k{t.unsafeGetTensorImpl(), t.data_ptr(), t._version(), t.scalar_type(), t.dim(), {}, {}};
+    ParamKey k{t.unsafeGetTensorImpl(), t.data_ptr(), version_of(t), t.scalar_type(), t.dim(), {}, {}};
     for (int64_t i = 0; i < k.dim && i < kMaxDim; ++i) {
       k.sizes[i] = t.size(i);
       k.strides[i] = t.stride(i);
@@ -402,11 +411,9 @@ PyObject* exit_infer(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   for (size_t i = 0; i < objs.size(); ++i) {
     const Tensor& t = THPVariable_Unpack(objs[i]);
     // float32 contiguous only: then the kept pointers are the data pointers compared in the key (no
-    // copies that could go stale). No version counter, no key: inference tensors, and a Parameter made
-    // under inference_mode whose .data was later replaced by an ordinary tensor (no longer is_inference,
-    // still without a counter: _version() would throw here, and abort, review 9)
-    if (!plain_cpu(t) || t.scalar_type() != at::kFloat || !t.is_contiguous() || t.is_inference() ||
-        !t.unsafeGetTensorImpl()->version_counter().enabled() || (grad && t.requires_grad()))
+    // copies that could go stale), which is also why parameters without a version counter are fine here
+    // (inference tensors: an exit built under torch.inference_mode; ParamKey::version_of)
+    if (!plain_cpu(t) || t.scalar_type() != at::kFloat || !t.is_contiguous() || (grad && t.requires_grad()))
       return decline();
     same = same && e.keys[i].same(t);
     if (record) touch_tensor(e.touch, objs[i], t);

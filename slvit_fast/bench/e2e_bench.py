@@ -104,9 +104,8 @@ def run_overhead(backbone: str, batch: int, input_size=None, repeats: int = 5, h
     """Time of each exit vs the backbone prefix feeding it, next to their FLOP ratio. ``huge_pages``: the
     exits' parameters moved into 2 MiB pages first (place_in_huge_pages; the exit runs cold after its
     prefix, and each 4 KiB page of weight it touches is then a TLB miss)."""
-    # built outside inference_mode, as a user's network is: parameters made under it are inference
-    # tensors, which the exits' batch-1 entry declines (the op path would have been timed) and which
-    # cannot be moved into huge pages
+    # built outside inference_mode, as a user's network usually is: parameters made under it are
+    # inference tensors, which cannot be moved into huge pages (place_in_huge_pages leaves them)
     net = presets.build(backbone, input_size=input_size).eval()
     with torch.inference_mode():
         return _overhead_rows(net, backbone, batch, repeats, huge_pages)
