@@ -3,12 +3,17 @@
 ``load_images(path)`` accepts
 
 * a directory laid out like ``torchvision.datasets.ImageFolder``: ``PATH/<class name>/<image>``
-  (png, jpg, jpeg, bmp, gif, tif, tiff, webp; any mode - converted to RGB); class ``i`` is the i-th
-  class folder in sorted order. Images are read lazily, one at a time.
+  (png, jpg, jpeg, bmp, gif, tif, tiff, webp); class ``i`` is the i-th class folder in sorted order.
+  8-bit modes (L, RGB, RGBA, P, CMYK, ...) are converted to RGB and divided by 255; 16-bit grayscale
+  ("I;16") is divided by 65535; 32-bit integer ("I") must hold 0..65535 and is divided by 65535 too;
+  float ("F") must already be in [0, 1] (16-bit RGB PNGs are read by Pillow at 8 bits). Images are read
+  lazily, one at a time, after a check of every file's header; a file that is not a readable image is a
+  :class:`UsageError` naming it (a truncated one when it is decoded).
 * an ``.npz`` file with arrays ``x`` and ``y``: ``x`` of shape ``(N, H, W)`` (grayscale),
   ``(N, C, H, W)`` or ``(N, H, W, C)`` with ``C`` 1 or 3 (``(N, C, H, W)`` is assumed when the second
   axis is 1 or 3); ``uint8`` pixels are divided by 255, other dtypes are used as they are. ``y``: ``N``
-  labels of any type (ints, strings); class ``i`` is the i-th distinct label in sorted order.
+  labels of any type (ints, strings; NaN or infinite labels are an error); class ``i`` is the i-th
+  distinct label in sorted order.
 
 Every sample becomes a 3-channel float image of ``input_size x input_size`` (bilinear resize,
 anti-aliased when shrinking; grayscale repeated to 3 channels), normalised per channel with
@@ -104,6 +109,66 @@ class ArrayImages(Images):
         return f"{len(self)} images of {c}x{h}x{w}, {self.num_classes} classes, from {self.source}"
 
 
+def _high_depth_gray(im, path: str) -> torch.Tensor:
+    """A 16-bit ("I;16*"), 32-bit int ("I") or float ("F") grayscale PIL image as a (1, h, w) float in [0, 1].
+
+    ``convert("RGB")`` would clip these at 255 (a 16-bit image turns black and white), so they are scaled
+    by their real range instead: 16-bit by 65535 (a 16-bit copy of an 8-bit image gives the 8-bit path's
+    values exactly); "I" - the mode tools and older Pillow use for 16-bit samples - must hold 0..65535 and is
+    scaled the same way; "F" is used as it is and must already be in [0, 1]. Anything else is an error
+    naming the file: a guessed scale would silently train on wrong pixels.
+    """
+    arr = np.asarray(im)
+    if im.mode.startswith("I;16"):
+        return torch.from_numpy(arr.astype(np.float32))[None] / 65535.0
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if im.mode == "I":
+        if lo < 0 or hi > 65535:
+            raise UsageError(f"{path}: a 32-bit integer image (mode 'I') with values in [{lo:.0f}, {hi:.0f}]; only "
+                             f"0..65535 (16-bit samples) is supported: save it as an 8- or 16-bit image, or pass "
+                             f"an .npz of floats in [0, 1]")
+        return torch.from_numpy(arr.astype(np.float32))[None] / 65535.0
+    if not np.isfinite(arr).all() or lo < 0.0 or hi > 1.0:
+        raise UsageError(f"{path}: a floating-point image (mode 'F') must have finite values in [0, 1]; it has "
+                         f"[{lo:.6g}, {hi:.6g}]: rescale it, or pass an .npz of floats")
+    return torch.from_numpy(arr.astype(np.float32))[None]
+
+
+def _unreadable(path: str, e: Exception) -> UsageError:
+    # one line naming the file: the CLI prints a UsageError without a traceback
+    return UsageError(f"{path}: not a readable image ({type(e).__name__}: {e})")
+
+
+def _check_headers(files: list[str]) -> None:
+    """Open every file's header (no pixel decoding, ~0.05 ms a file) so a file that is not an image stops the
+    run before any work, not during evaluation; a truncated image is still found only when decoded."""
+    from PIL import Image
+
+    for path in files:
+        try:
+            with Image.open(path):
+                pass
+        except Exception as e:
+            raise _unreadable(path, e) from None
+
+
+def _read_image(path: str) -> torch.Tensor:
+    """One image file as a (C, h, w) float in [0, 1]: 8-bit modes via RGB, high bit depths by their range."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+                return _high_depth_gray(im, path)
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except UsageError:
+        raise
+    except Exception as e:  # not an image, truncated, unsupported format, decompression bomb...
+        # raised where the image is decoded, also inside the (single-process) DataLoader during training
+        raise _unreadable(path, e) from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+
+
 class FolderImages(Images):
     """An ImageFolder directory, read lazily with PIL."""
 
@@ -112,16 +177,17 @@ class FolderImages(Images):
         self.files, self.labels, self.classes, self.source = files, labels, classes, source
 
     def raw(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        return _to_size(torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0, self.size)
+        return _to_size(_read_image(self.files[i]), self.size)
 
 
 def _labels(y: np.ndarray, source: str) -> tuple[torch.Tensor, list[str]]:
     if y.ndim != 1:
         raise UsageError(f"{source}: 'y' must be one label per sample (shape (N,)), got shape {y.shape}")
+    if np.issubdtype(y.dtype, np.inexact):
+        bad = np.flatnonzero(~np.isfinite(y))
+        if bad.size:  # np.unique would make NaN a class named "nan" (one per NaN on older numpy)
+            raise UsageError(f"{source}: 'y' has {bad.size} NaN or infinite label(s), the first at index "
+                             f"{int(bad[0])} ({y[bad[0]]}); every sample needs a real label")
     try:
         values, index = np.unique(y, return_inverse=True)
     except TypeError as e:
@@ -202,6 +268,7 @@ def _load_folder(path: Path) -> FolderImages:
     if len(used) < 2:
         raise UsageError(f"{path}: an image folder needs at least 2 class sub-folders with images "
                          f"(PATH/<class>/<image>.png|jpg|...); found {len(used)} ({used})")
+    _check_headers(files)
     return FolderImages(files, torch.tensor(labels, dtype=torch.int64), used, str(path))
 
 
