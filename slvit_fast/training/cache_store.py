@@ -10,6 +10,12 @@ so readers only ever open a complete cache.
 ``cache_policy``: ``"auto"`` (default) reads the matching cache or builds it, logging which fields
 differ from the newest other cache in the folder; ``"strict"`` raises ``FeatureCacheMismatchError``
 instead of building when the folder holds caches but none matches; ``"rebuild"`` always builds anew.
+
+A matching cache is verified against the checksums in its ``meta.json`` when opened; a damaged one
+raises ``FeatureCacheError`` under every policy (it says how to rebuild). A matching cache written by
+an older slvit_fast has no checksums, so it cannot be verified: it does not fit this run, like a cache
+with another fingerprint, so ``"auto"`` builds it again in place (logging why) and ``"strict"`` raises
+``FeatureCacheMismatchError``.
 """
 
 from __future__ import annotations
@@ -79,10 +85,18 @@ def open_cache(net: nn.Module, loader, split_dir: str | Path, *, policy: str = "
     fp = fingerprint(net, loader, cache_key, backbone_hash)
     name = digest(fp)
     folder = split_dir / name
-    if policy != "rebuild" and FeatureCache.exists(folder):
+    unverifiable = policy != "rebuild" and FeatureCache.exists(folder) and FeatureCache.unverifiable(folder)
+    if unverifiable:
+        why = (f"feature cache {folder} was written by an older slvit_fast that recorded no checksums, "
+               "so its contents cannot be verified")
+        if policy == "strict":
+            raise FeatureCacheMismatchError(f"{why}; pass cache_policy='auto' or 'rebuild' to build it again, "
+                                            "or delete that folder")
+        log.info("%s; building it again", why)
+    elif policy != "rebuild" and FeatureCache.exists(folder):
         return _checked(FeatureCache(folder), fp), 0.0
 
-    if policy != "rebuild":
+    if policy != "rebuild" and not unverifiable:
         others = _other_caches(split_dir, name)
         if others:
             _, newest, old_fp = others[0]
@@ -101,8 +115,8 @@ def open_cache(net: nn.Module, loader, split_dir: str | Path, *, policy: str = "
         for stale in split_dir.glob(f".{name}.*"):
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
-        if policy != "rebuild" and FeatureCache.exists(folder):  # another process built it while we waited
-            return _checked(FeatureCache(folder), fp), 0.0
+        if policy != "rebuild" and FeatureCache.exists(folder) and not FeatureCache.unverifiable(folder):
+            return _checked(FeatureCache(folder), fp), 0.0  # another process built it while we waited
         t0 = time.perf_counter()
         cache = FeatureCache.build(net, loader, folder, progress, desc, fingerprint=fp)
         return cache, time.perf_counter() - t0
