@@ -17,13 +17,22 @@
    (:mod:`.rundir`);
 4. with several exit types (the demo), each gets ``OUT/<type>/`` and a joint ``OUT/accuracy_flops.png``.
 
-``evaluate_run(run_dir, data)`` rebuilds the network from ``run.json`` and re-evaluates the same test
-split. Every phase logs one line to the ``slvit_fast.workflow`` logger (the exit-training epochs log to
+Everything a user can get wrong (options, data, weights, exit paths, the number of ``fractions``) is
+checked before the output folder is touched. Then the folder is locked (a second run into it fails at
+once), the ``run.json`` files this run replaces are deleted, and each run directory's ``run.json`` is
+written last, pinning the other files by sha256 (see :mod:`.rundir`): a run that dies midway leaves
+no ``run.json``, and ``evaluate`` never serves one run's backbone with another run's exits.
+
+``evaluate_run(run_dir, data)`` checks those hashes, rebuilds the network from ``run.json`` and
+re-evaluates the same test split (warning, and ``data_matches_run: false`` in the report, when the data
+are not the ones the run was trained on: the test split would then not be the held-out one). Every phase logs one line to the ``slvit_fast.workflow`` logger (the exit-training epochs log to
 ``slvit_fast.training``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -116,9 +125,45 @@ def _check(spec: RunSpec) -> str:
         raise UsageError(f"--input-size must be at least 8 pixels, got {spec.input_size}")
     if spec.weights is not None and not is_torchvision_name(spec.weights) and not Path(spec.weights).is_file():
         raise UsageError(f"weights file {spec.weights!r} does not exist")
+    if spec.exit_paths is not None and not [p for p in spec.exit_paths if str(p).strip()]:
+        raise UsageError("--exits is empty: give module paths such as layer1,layer2, or leave it out for the "
+                         "preset branches")
     if spec.fractions is not None and (any(not 0 <= f <= 1 for f in spec.fractions) or sum(spec.fractions) > 1 + 1e-9):
         raise UsageError(f"--fractions must be in [0, 1] and sum to at most 1, got {spec.fractions}")
     return name
+
+
+def _exit_names(name: str, exit_paths: Sequence[str] | None) -> list[str]:
+    """The early exits ``presets.build`` will attach (same rule): the module paths, or the preset branches."""
+    if exit_paths is not None:
+        return [str(p).strip() for p in exit_paths if str(p).strip()]
+    return [b.name for b in presets.BRANCHES[name]]
+
+
+def _check_fractions(spec: RunSpec, name: str) -> None:
+    """``--fractions`` needs one value per early exit (or one per output including the final one, summing
+    to 1, as :func:`~slvit_fast.calibration.calibrate_fractions` takes): checked before any training."""
+    if spec.fractions is None:
+        return
+    exits = _exit_names(name, spec.exit_paths)
+    n, got = len(exits), len(spec.fractions)
+    if got == n or (got == n + 1 and abs(sum(spec.fractions) - 1) <= 1e-6):
+        return
+    where = "--exits" if spec.exit_paths is not None else f"the {name} preset"
+    msg = (f"--fractions has {got} value{'s' if got != 1 else ''} but {where} gives {n} early exit{'s' if n != 1 else ''} "
+           f"({', '.join(exits)}): give {n}, one per early exit (the remaining samples go to the final output)")
+    if got == n + 1:
+        msg += (f"; {got} values are read as one per output including the final one only when they sum to 1 "
+                f"(these sum to {sum(spec.fractions):g})")
+    raise UsageError(msg)
+
+
+def _data_key(data_fp: str, spec: RunSpec, size: int, mean: Sequence[float], std: Sequence[float]) -> str:
+    """The feature cache's name for this run's data (``train_exits(cache_key=...)``): the data's content
+    plus everything that turns it into the backbone's inputs and picks the splits."""
+    key = {"data": data_fp, "val_fraction": spec.val_fraction, "test_fraction": spec.test_fraction,
+           "seed": spec.seed, "input_size": size, "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+    return "workflow-data:" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def _save_backbone(backbone: torch.nn.Module, path: Path) -> None:
@@ -169,13 +214,47 @@ def _plot(reports: dict[str, dict], path: Path, title: str) -> Path:
                                title=title)
 
 
-def _weights_for(spec: RunSpec, out: Path, backbone, notes: list[str], finetuned: bool) -> tuple[str | None, bool]:
-    """(weights reference for run.json, saved?): the user's file/name when it rebuilds this backbone exactly,
-    else ``backbone.safetensors`` written to ``out``."""
+@dataclass
+class _Weights:
+    """The backbone weights a run.json references (``saved``: ``backbone.safetensors`` in OUT) and their
+    sha256 (None for a torchvision weights name: torchvision checks those itself)."""
+
+    ref: str | None
+    saved: bool
+    sha256: str | None
+
+
+def _sha256_logged(path: str | os.PathLike) -> str:
+    t0 = time.perf_counter()
+    sha = R.file_sha256(path)
+    if time.perf_counter() - t0 > 2.0:
+        log.info("hashed %s (sha256, pinned in run.json) in %.1f s", path, time.perf_counter() - t0)
+    return sha
+
+
+def _weights_for(spec: RunSpec, out: Path, backbone, notes: list[str], finetuned: bool,
+                 given_sha: str | None) -> _Weights:
+    """The user's file/name when it rebuilds this backbone exactly, else ``backbone.safetensors`` written to ``out``."""
     if spec.weights is not None and not finetuned and not any("replaced" in n for n in notes):
-        return (spec.weights if is_torchvision_name(spec.weights) else str(Path(spec.weights).resolve())), False
+        if is_torchvision_name(spec.weights):
+            return _Weights(spec.weights, False, None)
+        return _Weights(str(Path(spec.weights).resolve()), False, given_sha)
     _save_backbone(backbone, out / R.BACKBONE_FILE)
-    return R.BACKBONE_FILE, True
+    return _Weights(R.BACKBONE_FILE, True, _sha256_logged(out / R.BACKBONE_FILE))
+
+
+def _pinned_weights(w: _Weights, out: Path, backbone) -> _Weights:
+    """``w``, checked just before a run.json pins it: the user's weights file must still be the one the
+    backbone was built from (hashed before it was read); if it was replaced during the run, the backbone
+    the exits were trained on is saved to the run instead."""
+    if w.saved or w.sha256 is None:
+        return w
+    if Path(w.ref).is_file() and _sha256_logged(w.ref) == w.sha256:
+        return w
+    log.warning("%s changed while this run was training: the backbone the exits were trained on is saved to %s "
+                "and run.json references that instead", w.ref, out / R.BACKBONE_FILE)
+    _save_backbone(backbone, out / R.BACKBONE_FILE)
+    return _Weights(R.BACKBONE_FILE, True, _sha256_logged(out / R.BACKBONE_FILE))
 
 
 def _user_backbone(name: str, num_outputs: int, weights: Any, size: int, exit_paths: Sequence[str] | None):
@@ -209,16 +288,33 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
     images = D.load_images(spec.data)
     size = int(spec.input_size or presets.DEFAULT_INPUT[name][-1])
     K = images.num_classes
+    weights_file = spec.weights is not None and not is_torchvision_name(spec.weights)
+    given_sha = _sha256_logged(spec.weights) if weights_file else None  # before it is read: see _pinned_weights
     t0 = time.perf_counter()
     backbone, notes = _user_backbone(name, K, spec.weights, size, spec.exit_paths)  # user errors before any work
     build_seconds = time.perf_counter() - t0
+    _check_fractions(spec, name)
     pretrained = is_torchvision_name(spec.weights)
     prep = D.prepare(images, size, spec.val_fraction, spec.test_fraction, spec.seed,
                      *((D.IMAGENET_MEAN, D.IMAGENET_STD) if pretrained else (None, None)))
-    out.mkdir(parents=True, exist_ok=True)
+    data_fp = R.dataset_fingerprint(images)
+    run_dirs = {t: (out if len(spec.exit_types) == 1 else out / t) for t in spec.exit_types}
+    # Everything the user can get wrong is checked: from here on OUT is written, by this run only.
+    with R.locked_out(out):
+        for d in {out, *run_dirs.values()}:  # no run.json until this run's files are complete (rundir docstring)
+            (d / R.RUN_FILE).unlink(missing_ok=True)
+        return _train_and_write(spec, name, out, run_dirs, images, prep, backbone, notes, build_seconds,
+                                given_sha, data_fp, t_start)
+
+
+def _train_and_write(spec: RunSpec, name: str, out: Path, run_dirs: dict[str, Path], images, prep, backbone,
+                     notes: list[str], build_seconds: float, given_sha: str | None, data_fp: str,
+                     t_start: float) -> dict[str, dict[str, Any]]:
+    """``run_experiment`` once the arguments are checked and OUT is locked."""
+    size, K = prep.input_size, images.num_classes
     n_split = {k: len(v) for k, v in prep.splits.items()}
-    log.info("data: %s; split %d train / %d val / %d test (seed %d); input 3x%dx%d", images.describe(),
-             n_split["train"], n_split["val"], n_split["test"], spec.seed, size, size)
+    log.info("data: %s; split %d train / %d val / %d test (seed %d); input 3x%dx%d; content sha256 %s",
+             images.describe(), n_split["train"], n_split["val"], n_split["test"], spec.seed, size, size, data_fp[:16])
     log.info("backbone: %s (%s weights%s), %.1fM parameters, built in %.1f s", name, spec.weights or "random",
              "; classifier replaced" if any("replaced" in n for n in notes) else "",
              sum(p.numel() for p in backbone.parameters()) / 1e6, build_seconds)
@@ -231,9 +327,11 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
             log.warning("the backbone's classifier was replaced for %d classes and --train-backbone-epochs is 0: "
                         "the final output is untrained (chance level); pass --train-backbone-epochs N", K)
     train_shuffled = D.loader(prep.subset("train"), spec.batch_size, shuffle=True, seed=spec.seed)
-    train_ordered = D.loader(prep.subset("train"), spec.batch_size)  # fixed order: the feature cache hashes it
+    train_ordered = D.loader(prep.subset("train"), spec.batch_size)  # fixed order for the feature cache
     val = D.loader(prep.subset("val"), spec.batch_size)
     test = D.loader(prep.subset("test"), spec.batch_size)
+    # The feature cache's own data check hashes only the first and last batch; name the data by content.
+    cache_key = _data_key(data_fp, spec, size, prep.mean, prep.std)
     backbone_training = None
     if spec.train_backbone_epochs:
         t0 = time.perf_counter()
@@ -244,11 +342,10 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
         log.info("backbone fine-tuned in %.1f s: best val accuracy %.1f%%", time.perf_counter() - t0,
                  100 * backbone_training["best_val_accuracy"])
     backbone.eval()
-    weights_ref, saved = _weights_for(spec, out, backbone, notes, backbone_training is not None)
+    weights = _weights_for(spec, out, backbone, notes, backbone_training is not None, given_sha)
 
     reports: dict[str, dict[str, Any]] = {}
-    for exit_type in spec.exit_types:
-        run_dir = out if len(spec.exit_types) == 1 else out / exit_type
+    for exit_type, run_dir in run_dirs.items():
         run_dir.mkdir(parents=True, exist_ok=True)
         net = presets.build(name, exit_type=exit_type, num_outputs=K, weights=backbone, input_size=size,
                             exit_paths=spec.exit_paths, exit_backend=spec.exit_backend)
@@ -259,7 +356,7 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
                  shapes, spec.epochs, out / "cache")
         t0 = time.perf_counter()
         history = train_exits(net, train_ordered, val, epochs=spec.epochs, lr=spec.lr, cache_dir=out / "cache",
-                              seed=spec.seed, early_stopping_patience=spec.early_stopping_patience)
+                              cache_key=cache_key, seed=spec.seed, early_stopping_patience=spec.early_stopping_patience)
         train_seconds = time.perf_counter() - t0
         log.info("%s exits trained in %.1f s (%d epochs)", exit_type, train_seconds, len(history.epochs))
         policy, calibration = _calibrate(net, val, spec, summary.backbone_flops)
@@ -276,19 +373,24 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
         net.save_exits(str(run_dir / R.EXITS_FILE))
         R.write_json(run_dir / R.POLICY_FILE, R.policy_to_json(policy))
         R.write_json(run_dir / R.REPORT_FILE, report)
-        ref = os.path.relpath(out / weights_ref, run_dir) if saved else weights_ref
-        R.write_json(run_dir / R.RUN_FILE, {
-            "format": 1, "backbone": name, "weights": ref, "weights_given": spec.weights, "num_outputs": K,
-            "classes": images.classes, "input_size": size, "exit_type": exit_type, "exit_paths": spec.exit_paths,
-            "exit_modules": list(net.exit_paths), "branch_names": list(net.branch_names),
-            "data": {"path": str(Path(spec.data).resolve()), "samples": len(images), "val_fraction": spec.val_fraction,
-                     "test_fraction": spec.test_fraction, "seed": spec.seed, "mean": prep.mean, "std": prep.std},
-            "training": {"epochs": spec.epochs, "lr": spec.lr, "batch_size": spec.batch_size,
-                         "train_backbone_epochs": spec.train_backbone_epochs, "backbone_lr": spec.backbone_lr},
-            "calibration": {"budget": spec.budget, "fractions": spec.fractions}, **spec.extra,
-        })
         png = _plot({exit_type: report}, run_dir / R.PLOT_FILE,
                     spec.plot_title or f"{name} on {Path(spec.data).name}: {exit_type} exits")
+        weights = _pinned_weights(weights, out, backbone)
+        ref = os.path.relpath(out / weights.ref, run_dir) if weights.saved else weights.ref
+        R.write_run(run_dir, {  # last: the commit point, pinning the files above by content
+            "format": R.RUN_FORMAT, "backbone": name, "weights": ref, "weights_given": spec.weights, "num_outputs": K,
+            "classes": images.classes, "input_size": size, "exit_type": exit_type, "exit_paths": spec.exit_paths,
+            "exit_modules": list(net.exit_paths), "branch_names": list(net.branch_names),
+            "data": {"path": str(Path(spec.data).resolve()), "samples": len(images), "fingerprint": data_fp,
+                     "val_fraction": spec.val_fraction, "test_fraction": spec.test_fraction, "seed": spec.seed,
+                     "mean": prep.mean, "std": prep.std},
+            "training": {"epochs": spec.epochs, "lr": spec.lr, "batch_size": spec.batch_size,
+                         "train_backbone_epochs": spec.train_backbone_epochs, "backbone_lr": spec.backbone_lr},
+            "calibration": {"budget": spec.budget, "fractions": spec.fractions},
+            "sha256": {R.EXITS_FILE: R.file_sha256(run_dir / R.EXITS_FILE),
+                       R.POLICY_FILE: R.file_sha256(run_dir / R.POLICY_FILE), "weights": weights.sha256},
+            **spec.extra,
+        })
         reports[exit_type] = report
         if len(spec.exit_types) == 1:
             print(format_report(report, f"{name} with {exit_type} exits, test split ({report['test_samples']} samples):"),
@@ -311,32 +413,50 @@ def _resolve_weights(run_dir: Path, ref: str | None) -> str | None:
 def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, timing_repeats: int = 3,
                  quiet: bool = False, prepare_inference: bool = False) -> dict[str, Any]:
     """Rebuild a ``slvit-fast train`` run and evaluate it on the test split of ``data`` (same split);
-    ``prepare_inference``: evaluate the network as prepared for CPU inference (see ``evaluate``)."""
+    ``prepare_inference``: evaluate the network as prepared for CPU inference (see ``evaluate``).
+
+    The run's files are checked against the sha256 its ``run.json`` records (a UsageError names a file
+    that changed); ``report["data_matches_run"]`` is False (with a warning) when ``data`` are not the
+    data the run was trained on, None when an old run recorded no fingerprint of them."""
     d = Path(run_dir)
     run = R.read_run(d)
+    weights = _resolve_weights(d, run["weights"])
+    R.verify_files(d, run, weights)
     images = D.load_images(data)
     if images.classes != run["classes"]:
         raise UsageError(f"{data} has classes {images.classes[:10]}, the run in {d} was trained on {run['classes'][:10]}")
-    if len(images) != run["data"]["samples"]:
-        log.warning("%s has %d samples, the run was trained on %d: the test split is not the one held out in training",
-                    data, len(images), run["data"]["samples"])
     info = run["data"]
+    recorded = info.get("fingerprint")
+    matches: bool | None = None if recorded is None else True
+    if len(images) != info["samples"]:
+        log.warning("%s has %d samples, the run was trained on %d: the test split is not the one held out in training",
+                    data, len(images), info["samples"])
+        matches = False
+    elif recorded is not None:
+        got = R.dataset_fingerprint(images)
+        if got != recorded:
+            log.warning("%s is not the data the run was trained on (content sha256 %s..., the run's %s...): same "
+                        "classes and sample count, but samples or labels differ or are in another order, so the "
+                        "test split is not the one held out in training", data, got[:16], recorded[:16])
+            matches = False
     prep = D.prepare(images, run["input_size"], info["val_fraction"], info["test_fraction"], info["seed"],
                      info["mean"], info["std"])
     try:
         net = presets.build(run["backbone"], exit_type=run["exit_type"], num_outputs=run["num_outputs"],
-                            weights=_resolve_weights(d, run["weights"]), input_size=run["input_size"],
-                            exit_paths=run["exit_paths"])
+                            weights=weights, input_size=run["input_size"], exit_paths=run["exit_paths"])
         net.load_exits(str(d / R.EXITS_FILE))
     except (ValueError, FileNotFoundError) as e:  # a damaged or edited run directory (CheckpointMismatchError too)
         raise UsageError(f"cannot rebuild the run in {d}: {str(e).splitlines()[0]}") from None
     policy = R.policy_from_json(R.read_json(d / R.POLICY_FILE), str(d / R.POLICY_FILE))
+    try:
+        policy.check(net.num_exits)
+    except ValueError as e:
+        raise UsageError(f"{d / R.POLICY_FILE}: {e}") from None
     test = D.loader(prep.subset("test"), run["training"]["batch_size"])
     report = evaluate(net, policy, test, input_size=(3, run["input_size"], run["input_size"]),
                       timing_repeats=timing_repeats, prepare_inference=prepare_inference)
-    report.update(backbone=run["backbone"], exit_type=run["exit_type"])
+    report.update(backbone=run["backbone"], exit_type=run["exit_type"], data_matches_run=matches)
     if not quiet:
         print(format_report(report, f"{run['backbone']} with {run['exit_type']} exits from {d}, "
                                     f"test split of {data} ({report['test_samples']} samples):"), flush=True)
     return report
-
