@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import CheckpointMismatchError
+
 MODES = ("classifier-wise", "end-to-end")
 
 
@@ -94,10 +96,19 @@ class TrainingState:
             "best_state": [b if b is not None else {} for b in self.best_state],
         }
 
-    def load_state_dict(self, state: dict[str, Any], source: Any) -> None:
+    def check_state_dict(self, state: dict[str, Any], source: Any) -> None:
+        """Raise :class:`CheckpointMismatchError` if ``state`` cannot be loaded into this one (nothing changes)."""
         if state["num_exits"] != self.num_exits or state["mode"] != self.mode:
-            raise ValueError(f"{source}: saved for {state['num_exits']} exits in {state['mode']!r} mode, "
-                             f"not {self.num_exits} exits in {self.mode!r} mode")
+            raise CheckpointMismatchError(f"{source}: saved for {state['num_exits']} exits in {state['mode']!r} mode, "
+                                          f"not {self.num_exits} exits in {self.mode!r} mode")
+        saved = [[len(g["params"]) for g in o["param_groups"]] for o in state["optimizers"]]
+        mine = [[len(g["params"]) for g in o.param_groups] for o in self.optimizers]
+        if saved != mine or len(state["schedulers"]) != len(self.schedulers):
+            raise CheckpointMismatchError(f"{source}: optimizer parameter groups: checkpoint {saved} vs model {mine} "
+                                          "(parameters per group): it was saved for other trainable parameters")
+
+    def load_state_dict(self, state: dict[str, Any], source: Any) -> None:
+        self.check_state_dict(state, source)
         for o, s in zip(self.optimizers, state["optimizers"]):
             o.load_state_dict(s)
         for s, ss in zip(self.schedulers, state["schedulers"]):
