@@ -380,11 +380,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .backbones.weights import WeightsUnavailableError
+    from .errors import CheckpointMismatchError
+    from .training.feature_cache import FeatureCacheError
     from .workflow.errors import UsageError
 
     try:
         return args.func(args)
-    except UsageError as e:
+    except (UsageError, CheckpointMismatchError, FeatureCacheError) as e:
+        # the user's inputs or files (a checkpoint_dir of another run, a damaged feature cache): the message
+        # names the file and what to do; a traceback would only bury it
         print(f"slvit-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
     except WeightsUnavailableError as e:  # offline: one line saying what to download and where to put it

@@ -149,9 +149,13 @@ def test_resume_restores_the_random_number_state(tmp_path):
 
 
 def test_resume_from_a_checkpoint_of_the_previous_format(tmp_path):
-    """Folders written before the one-file commit (exits only in last.safetensors) still resume."""
+    """Folders written before the one-file commit (exits only in last.safetensors) are refused (they record
+    neither the exits' configs nor the backbone, so a resume onto another model would go unnoticed) until
+    upgrade_checkpoint adopts them; then they resume exactly."""
     from training_fixtures import loader, quadrant_task, tiny_net
+    from slvit_fast.errors import CheckpointMismatchError
     from slvit_fast.training import train_exits
+    from slvit_fast.training.checkpointing import upgrade_checkpoint
 
     train, val = loader(quadrant_task(32)), loader(quadrant_task(16, seed=1))
     straight = tiny_net()
@@ -162,6 +166,9 @@ def test_resume_from_a_checkpoint_of_the_previous_format(tmp_path):
     torch.save(old, tmp_path / "training_state.pt")
     resumed = tiny_net(seed=7)
     resumed.backbone.load_state_dict(straight.backbone.state_dict())
+    with pytest.raises(CheckpointMismatchError, match="written by an older slvit_fast"):
+        train_exits(resumed, train, val, epochs=2, lr=2e-3, checkpoint_dir=tmp_path, progress=False)
+    upgrade_checkpoint(tmp_path, resumed)
     train_exits(resumed, train, val, epochs=2, lr=2e-3, checkpoint_dir=tmp_path, progress=False)
     for k, v in straight.exits.state_dict().items():
         assert torch.equal(resumed.exits.state_dict()[k], v), k
