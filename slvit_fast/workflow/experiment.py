@@ -232,6 +232,16 @@ def _sha256_logged(path: str | os.PathLike) -> str:
     return sha
 
 
+def _data_fingerprint_logged(images) -> str:
+    """:func:`.rundir.dataset_fingerprint` (reads every image file of a folder: logged when that is slow)."""
+    t0 = time.perf_counter()
+    fp = R.dataset_fingerprint(images)
+    if time.perf_counter() - t0 > 2.0:
+        log.info("fingerprinted the data's content (sha256 of every image and label) in %.1f s",
+                 time.perf_counter() - t0)
+    return fp
+
+
 def _weights_for(spec: RunSpec, out: Path, backbone, notes: list[str], finetuned: bool,
                  given_sha: str | None) -> _Weights:
     """The user's file/name when it rebuilds this backbone exactly, else ``backbone.safetensors`` written to ``out``."""
@@ -297,7 +307,7 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
     pretrained = is_torchvision_name(spec.weights)
     prep = D.prepare(images, size, spec.val_fraction, spec.test_fraction, spec.seed,
                      *((D.IMAGENET_MEAN, D.IMAGENET_STD) if pretrained else (None, None)))
-    data_fp = R.dataset_fingerprint(images)
+    data_fp = _data_fingerprint_logged(images)
     run_dirs = {t: (out if len(spec.exit_types) == 1 else out / t) for t in spec.exit_types}
     # Everything the user can get wrong is checked: from here on OUT is written, by this run only.
     with R.locked_out(out):
@@ -433,7 +443,7 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, timing_rep
                     data, len(images), info["samples"])
         matches = False
     elif recorded is not None:
-        got = R.dataset_fingerprint(images)
+        got = _data_fingerprint_logged(images)
         if got != recorded:
             log.warning("%s is not the data the run was trained on (content sha256 %s..., the run's %s...): same "
                         "classes and sample count, but samples or labels differ or are in another order, so the "
