@@ -23,6 +23,7 @@ from slvit_fast.errors import CheckpointMismatchError
 from slvit_fast.multi_exit import MultiExitNetwork
 from slvit_fast.training import train_exits
 from slvit_fast.training.copycat import copycat_loader
+from slvit_fast.training.checkpointing import CheckpointDir
 
 TRAIN, VAL = quadrant_task(32), quadrant_task(16, seed=1)
 
@@ -93,6 +94,25 @@ def test_unreadable_training_state_is_one_error_naming_the_file(written, tmp_pat
     assert "resume=False" in str(info.value) and f"delete {d}" in str(info.value)
 
 
+def test_a_flipped_byte_in_the_training_state_is_refused_naming_the_file(written, tmp_path):
+    """torch.load does not check its zip records' CRCs: a flipped byte inside a stored tensor loaded silently
+    (review 10) and a resume would have continued from corrupted exits or optimizer moments. The state is
+    sealed with a CRC-32 (checkpointing._seal) and checked before anything is used."""
+    d = tmp_path / "run"
+    shutil.copytree(written, d)
+    path = d / "training_state.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10  # inside the sealed payload (by far the largest record)
+    path.write_bytes(bytes(data))
+    net = net_with()
+    before = snapshot(net)
+    with pytest.raises(CheckpointMismatchError, match=re.escape(str(path)) + ": checksum mismatch") as info:
+        train(net, d)
+    assert "resume=False" in str(info.value)
+    after = snapshot(net)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def _interrupt_after(k):
     def stop(epoch, history):
         if epoch == k:
@@ -153,7 +173,7 @@ def _make_old(d, fmt):
     """Rewrite a checkpoint as an older version wrote it: format /2 (no exit records, no backbone hash, no
     loader RNG) or the first format (no format field, exits only in last.safetensors, no RNG)."""
     p = d / "training_state.pt"
-    state = torch.load(p, weights_only=True)
+    state = CheckpointDir(d).read()  # the payload inside the checksum envelope (older versions had none)
     state = {k: v for k, v in state.items() if k not in ("exit_records", "backbone_hash")}
     if fmt == "first":
         state = {k: v for k, v in state.items() if k not in ("format", "exits", "rng")}

@@ -12,6 +12,7 @@ from slvit_fast.training import (
     CopycatMix, CopycatSampler, Distillation, copycat_finetune, label_with_network, load_exits, save_exits, train_exits,
 )
 from slvit_fast.checkpoint import atomic_write
+from slvit_fast.training.checkpointing import CheckpointDir
 
 QUIET = dict(progress=False)
 
@@ -99,7 +100,7 @@ def test_resume_continues_from_last_completed_epoch(tmp_path):
     train_exits(straight, train, val, epochs=3, lr=2e-3, **QUIET)
     interrupted = tiny_net()
     train_exits(interrupted, train, val, epochs=3, lr=2e-3, checkpoint_dir=tmp_path, stop_after_epoch=0, **QUIET)
-    assert torch.load(tmp_path / "training_state.pt", weights_only=True)["epoch"] == 0
+    assert CheckpointDir(tmp_path).read()["epoch"] == 0
     resumed = tiny_net(seed=7)  # different initial exits: everything must come from the checkpoint
     resumed.backbone.load_state_dict(straight.backbone.state_dict())
     hist = train_exits(resumed, train, val, epochs=3, lr=2e-3, checkpoint_dir=tmp_path, **QUIET)

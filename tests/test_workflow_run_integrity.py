@@ -148,6 +148,15 @@ def test_a_wrong_fractions_count_fails_before_out_changes(npz, run_copy, monkeyp
     E._check_fractions(_spec(npz, run_copy, fractions=[0.5], exit_paths=["layer1"]), "resnet18")
 
 
+def test_batch_size_1_fine_tuning_fails_before_out_changes(npz, run_copy, monkeypatch):
+    """A BatchNorm backbone cannot fine-tune on 1-sample batches: refused before the lock deletes run.json."""
+    before = _snapshot(run_copy)
+    monkeypatch.setattr(E, "finetune_backbone", lambda *a, **k: pytest.fail("fine-tuning started"))
+    with pytest.raises(UsageError, match="--batch-size 1 and 62 training sample.*use --batch-size 2 or more"):
+        run_experiment(_spec(npz, run_copy, batch_size=1, train_backbone_epochs=1))
+    assert _snapshot(run_copy) == before
+
+
 # -- files pinned by content -------------------------------------------------------------------------
 @pytest.mark.parametrize("name", [R.BACKBONE_FILE, R.EXITS_FILE, R.POLICY_FILE])
 def test_a_file_changed_after_the_run_is_named_by_evaluate(npz, run_copy, name):

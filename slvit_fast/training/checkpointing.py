@@ -1,7 +1,8 @@
 """The training checkpoint folder: what is written after each epoch and read back on resume.
 
 ``training_state.pt`` is the one commit point: a single file holding everything a resumed run needs
-(exit weights, :class:`TrainingState`, history, RNG state and, end-to-end, the backbone), written to a
+(exit weights, :class:`TrainingState`, history, RNG state and, end-to-end, the backbone; sealed with a
+CRC-32, checked on read: _seal), written to a
 temporary file, fsynced and renamed over the previous one. A kill at any moment leaves either the
 previous epoch's complete state or the new one, never a mix. The other files are exports derived from
 it, written after the commit (each atomically) and rewritten on resume, so a kill can leave them one
@@ -28,6 +29,7 @@ import io
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,6 +52,42 @@ log = logging.getLogger("slvit_fast.training")
 
 STATE_FORMAT = "slvit_fast.training_state/3"  # /3: exit configs + backbone hash recorded, loaders' RNG saved
 OLD_FORMATS = (None, "slvit_fast.training_state/2")  # None: the first layout (exits in last.safetensors)
+
+
+# -- the sealed file ---------------------------------------------------------------------------------
+# training_state.pt holds {"format", "sealed": the torch.save bytes of the payload as a uint8 tensor,
+# "crc32": of those bytes}. torch.load does not check its zip records' CRCs: a flipped byte in a stored
+# tensor loaded silently (review 10) and would have resumed training from corrupted weights or optimizer
+# moments. The envelope costs one more copy of a few MB per epoch.
+def _seal(payload: dict[str, Any]) -> bytes:
+    inner = io.BytesIO()
+    torch.save(payload, inner)
+    raw = inner.getbuffer()
+    outer = io.BytesIO()
+    torch.save({"format": payload["format"], "sealed": torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+                "crc32": zlib.crc32(raw)}, outer)
+    return outer.getvalue()
+
+
+def _unseal(obj: Any, path: Path, how: str) -> Any:
+    """The payload inside a sealed file (checked), or an older format's unsealed payload as it is."""
+    if not isinstance(obj, dict) or "sealed" not in obj:
+        if isinstance(obj, dict) and obj.get("format") == STATE_FORMAT:
+            raise CheckpointMismatchError(f"{path}: a {STATE_FORMAT} training state without its checksum "
+                                          f"envelope: the file is damaged: {how}")
+        return obj
+    raw = obj["sealed"]
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8 or raw.dim() != 1:
+        raise CheckpointMismatchError(f"{path}: the training state's envelope is damaged: {how}")
+    data = raw.numpy().tobytes()
+    if zlib.crc32(data) != obj.get("crc32"):
+        raise CheckpointMismatchError(f"{path}: checksum mismatch (CRC-32 {zlib.crc32(data):08x}, recorded "
+                                      f"{obj.get('crc32')!r}): the file was damaged after it was written: {how}")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointMismatchError(f"{path}: cannot read the sealed training state ({type(e).__name__}: {e}): "
+                                      f"{how}") from e
 
 
 # -- random number state -----------------------------------------------------------------------------
@@ -233,9 +271,7 @@ class CheckpointDir:
                    "exit_records": exit_records(net), "backbone_hash": self.backbone_hash(net)}
         if state.mode == "end-to-end":
             payload["backbone"] = net.backbone.state_dict()
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        data = buf.getbuffer()
+        data = memoryview(_seal(payload))
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
@@ -282,6 +318,7 @@ class CheckpointDir:
                 f"{self.state_path}: cannot read the training state ({type(e).__name__}: "
                 f"{str(e).strip() or 'the file is empty or ends early'}); the file is damaged or not a slvit_fast "
                 f"checkpoint: {how}") from e
+        payload = _unseal(payload, self.state_path, how)
         if not isinstance(payload, dict):
             raise CheckpointMismatchError(f"{self.state_path}: holds a {type(payload).__name__}, not a slvit_fast "
                                           f"training state: {how}")
@@ -363,9 +400,8 @@ def upgrade_checkpoint(checkpoint_dir: str | Path, net: nn.Module) -> Path:
     _check_exits(net, records, tensors, ckpt.state_path)
     payload.update(format=STATE_FORMAT, exit_records=exit_records(net), backbone_hash=ckpt.backbone_hash(net),
                    exits={name.replace("/", ".", 1): t for name, t in tensors.items()})
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    atomic_write(ckpt.state_path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+    sealed = _seal(payload)
+    atomic_write(ckpt.state_path, lambda tmp: Path(tmp).write_bytes(sealed))
     fsync_dir(ckpt.directory)
     log.warning("%s: recorded the exits' configs and backbone hash of the given network in an older checkpoint; "
                 "its backbone could not be checked", ckpt.state_path)

@@ -289,6 +289,18 @@ def _user_backbone(name: str, num_outputs: int, weights: Any, size: int, exit_pa
     return backbone, notes
 
 
+def _check_finetune_batches(spec: RunSpec, backbone: torch.nn.Module, n_train: int) -> None:
+    """finetune_backbone's refusal of all-1-sample batches for a BatchNorm backbone, made before OUT is touched
+    (there it would come after the lock had already deleted the previous run.json)."""
+    if not spec.train_backbone_epochs or not (spec.batch_size == 1 or n_train == 1):
+        return
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
+        raise UsageError(f"fine-tuning the backbone (--train-backbone-epochs) needs training batches of at least 2 "
+                         f"samples: its BatchNorm layers cannot train on one sample, and with --batch-size "
+                         f"{spec.batch_size} and {n_train} training sample(s) every batch has one; use --batch-size 2 "
+                         f"or more (and at least 2 training samples)")
+
+
 def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
     """Train, calibrate, evaluate and write run directories; returns ``{exit type: report}`` (module docstring)."""
     name = _check(spec)
@@ -307,6 +319,7 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
     pretrained = is_torchvision_name(spec.weights)
     prep = D.prepare(images, size, spec.val_fraction, spec.test_fraction, spec.seed,
                      *((D.IMAGENET_MEAN, D.IMAGENET_STD) if pretrained else (None, None)))
+    _check_finetune_batches(spec, backbone, len(prep.splits["train"]))
     data_fp = _data_fingerprint_logged(images)
     run_dirs = {t: (out if len(spec.exit_types) == 1 else out / t) for t in spec.exit_types}
     # Everything the user can get wrong is checked: from here on OUT is written, by this run only.
