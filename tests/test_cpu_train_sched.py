@@ -123,15 +123,22 @@ def test_bad_schedule_value_is_an_error_naming_it(monkeypatch):
         m(x, extra)
 
 
-def test_static_schedule_knob_gives_the_same_values(fused_path, monkeypatch):
-    """SLVIT_FAST_CPU_TRAIN_SCHED=static (the old split, kept for old-vs-new timings): other summation
-    order, same values to float32 rounding."""
-    m, x, extra, grad_out = case(awkward_config("grid16x9-h24-extra"), 9)
+@pytest.mark.parametrize("sched", ["static", "equal"])
+def test_old_schedule_knobs_give_the_same_values(sched, fused_path, monkeypatch):
+    """SLVIT_FAST_CPU_TRAIN_SCHED=static (the old split) and =equal (dynamic claiming of equal groups, the
+    partition before the decreasing group sizes), kept for old-vs-new timings: other summation order,
+    same values to float32 rounding; "equal" is deterministic across thread counts as well."""
+    m, x, extra, grad_out = case(awkward_config("grid16x9-h24-extra"), 19)
     dynamic = step(m, x, extra, grad_out, 2)
-    monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_SCHED", "static")
-    static = step(m, x, extra, grad_out, 2)
+    monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_SCHED", sched)
+    other = step(m, x, extra, grad_out, 2)
     for name, ref in dynamic.items():
-        torch.testing.assert_close(static[name], ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item() + 1e-6, msg=name)
+        torch.testing.assert_close(other[name], ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item() + 1e-6, msg=name)
+    if sched == "equal":
+        assert_same_bits(step(m, x, extra, grad_out, 1), other, "1 and 2 threads (equal groups)")
+        # the partitions differ (19 samples: 2, 2, 3, 2, 2, 3, 2, 3 equal vs 4, 3, 3, 2, 2, 2, 2, 1 decreasing),
+        # so the gradients' summation order does too: the knob really selects the other partition
+        assert any(not torch.equal(other[n], dynamic[n]) for n in dynamic if n.startswith("grad"))
 
 
 def test_every_thread_takes_part_in_the_forward_and_the_backward(fused_path):

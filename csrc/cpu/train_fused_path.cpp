@@ -427,13 +427,13 @@ static void backward_chunk_fused(int isa, const Tensor& dt_rows, const Tensor& x
 }
 
 // ---- work schedule of the fused path -------------------------------------------------------------------
-// The batch is cut into kGroups groups of about B/kGroups samples (fewer when B < kGroups), and each
+// The batch is cut into kGroups groups of decreasing size (group_start; fewer groups when B < kGroups), and each
 // group into chunks of about kChunkRows token rows, at least one sample each (SLVIT_FAST_CPU_TRAIN_CHUNK
 // forces the samples per chunk) - from B and T only, never from the thread
 // count. Workers claim chunks (forward) or groups (backward) from an atomic counter, so a worker slowed
 // down by the other tenants of a shared core takes fewer and nobody waits for it (the static split -
-// nw contiguous sample ranges, one per worker - waited for the slower core); equal groups keep 2 and 4
-// equally fast workers balanced. Every group accumulates its parameter gradients in its own slot and the
+// nw contiguous sample ranges, one per worker - waited for the slower core); the small last groups keep
+// the workers' finishing times within about one small group. Every group accumulates its parameter gradients in its own slot and the
 // slots are summed in group order (Slots): the gradients are the same bits for any thread count and any
 // timing, as is everything else (each chunk's sums run in a fixed order on fixed rows; the head's GEMMs
 // run in fixed blocks, head_mm). Memory: one slot holds the encoder and embedding gradients (not the
@@ -459,17 +459,32 @@ struct Schedule {
   int64_t nch() const { return (int64_t)chunk_b0.size() - 1; }
 };
 
-static bool static_schedule() {
+// SLVIT_FAST_CPU_TRAIN_SCHED: "dynamic" (default), "equal" (dynamic claiming of equal groups, session 6's
+// partition; benchmark knob) or "static".
+static std::string train_schedule() {
   const char* env = std::getenv("SLVIT_FAST_CPU_TRAIN_SCHED");
   const std::string v = env ? env : "";
-  TORCH_CHECK(v.empty() || v == "dynamic" || v == "static", "slvit_fast: SLVIT_FAST_CPU_TRAIN_SCHED='", v,
-              "' is not a schedule; use dynamic (default) or static");
-  return v == "static";
+  TORCH_CHECK(v.empty() || v == "dynamic" || v == "equal" || v == "static", "slvit_fast: SLVIT_FAST_CPU_TRAIN_SCHED='",
+              v, "' is not a schedule; use dynamic (default), equal or static");
+  return v.empty() ? "dynamic" : v;
+}
+
+// First sample of group g of G (g = G: B). Decreasing group sizes: each group gets one sample plus a share
+// of the rest proportional to 2G - 2g - 1 (B = 64, G = 8: 14, 13, 10, 9, 7, 6, 3, 2). Workers claim groups in
+// order, so the last claims are small and a worker that finishes early waits at most ~one small group
+// for the other; with equal groups (8 samples each) a core slowed by another tenant left the faster one
+// idle for up to a whole group at the end of every backward. The partition depends on B and G only, so
+// the gradients stay the same bits for any thread count.
+static int64_t group_start(int64_t B, int64_t G, int64_t g, bool equal) {
+  if (equal) return B * g / G;
+  return g + ((B - G) * (g * (2 * G - g)) + G * G / 2) / (G * G);  // rounded
 }
 
 static Schedule make_schedule(const Cfg& c) {
   Schedule s;
-  s.dynamic = !static_schedule();
+  const std::string sched = train_schedule();
+  s.dynamic = sched != "static";
+  const bool equal = sched == "equal";
   if (!s.dynamic) {
     int64_t nw;
     train_split(c, nw, s.cs, true);
@@ -481,7 +496,7 @@ static Schedule make_schedule(const Cfg& c) {
   s.chunk_b0.push_back(0);
   s.group_chunk.push_back(0);
   for (int64_t g = 0; g < s.groups; ++g) {
-    const int64_t s0 = c.B * g / s.groups, ns = c.B * (g + 1) / s.groups - s0;
+    const int64_t s0 = group_start(c.B, s.groups, g, equal), ns = group_start(c.B, s.groups, g + 1, equal) - s0;
     const int64_t nc = forced > 0 ? (ns + forced - 1) / forced
                                   : std::clamp<int64_t>((ns * c.T + kChunkRows - 1) / kChunkRows, 1, ns);
     for (int64_t j = 1; j <= nc; ++j) {
