@@ -388,8 +388,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (UsageError, CheckpointMismatchError, FeatureCacheError) as e:
         # the user's inputs or files (a checkpoint_dir of another run, a damaged feature cache): the message
-        # names the file and what to do; a traceback would only bury it
-        print(f"slvit-fast {args.command}: error: {e}", file=sys.stderr)
+        # names the file and what to do; a traceback would only bury it. One line: a multi-line message (every
+        # mismatching exit field) is joined with "; ".
+        msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        if isinstance(e, FeatureCacheError):
+            msg += (" (slvit-fast train: the cache is the folder named above, under OUT/cache or --cache-dir; "
+                    "delete it and rerun to rebuild it)")
+        print(f"slvit-fast {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except WeightsUnavailableError as e:  # offline: one line saying what to download and where to put it
         print(f"slvit-fast {args.command}: error: {e}", file=sys.stderr)

@@ -59,6 +59,24 @@ def test_16bit_png_folder_loads_like_its_8bit_original(tmp_path):
     assert torch.equal(r16, expect)
 
 
+def test_8bit_values_in_a_16bit_file_are_warned_about_once(tmp_path, monkeypatch, caplog):
+    """Image.fromarray(a.astype(np.uint16)) keeps 8-bit values in a 16-bit file: scaled by 1/65535 they are
+    ~257x darker than the 8-bit path; nothing can tell that from intent, so it is a warning (review 10)."""
+    monkeypatch.setattr(D, "_warned_8bit_range", False)
+    x = _gray_images()
+    _folder(tmp_path / "16", x, lambda a, p: Image.fromarray(a.astype(np.uint16)).save(f"{p}.png"))
+    with caplog.at_level("WARNING", logger="slvit_fast.workflow"):
+        _raw_all(tmp_path / "16")
+    warned = [r.getMessage() for r in caplog.records if "values are all <= 255" in r.getMessage()]
+    assert len(warned) == 1 and "~257x darker" in warned[0], warned
+    caplog.clear()  # a real 16-bit image (values past 255) is not warned about
+    monkeypatch.setattr(D, "_warned_8bit_range", False)
+    _folder(tmp_path / "16b", x, lambda a, p: Image.fromarray(a.astype(np.uint16) * 257).save(f"{p}.png"))
+    with caplog.at_level("WARNING", logger="slvit_fast.workflow"):
+        _raw_all(tmp_path / "16b")
+    assert not [r for r in caplog.records if "values are all <= 255" in r.getMessage()]
+
+
 def test_big_endian_16bit_and_mode_I_tiff_are_scaled_by_65535(tmp_path):
     v = np.array([[0, 1, 1000, 40000], [65535, 257, 3, 65534]], dtype=np.uint16)
     expect = torch.from_numpy(v.astype(np.float32)) / 65535.0

@@ -113,19 +113,58 @@ def test_a_second_run_into_a_locked_out_fails_at_once(npz, run_copy):
 
 
 # -- one commit point ----------------------------------------------------------------------------------
-def test_a_run_killed_during_exit_training_leaves_no_run_json(npz, run_copy, monkeypatch):
+def test_a_run_killed_during_exit_training_leaves_the_previous_run_intact(npz, run_copy, monkeypatch):
+    """The run is staged inside OUT and published at the end (review 10: deleting run.json up front threw the
+    previous good run away whenever the new one failed late, e.g. a --budget below every policy)."""
+    before = _snapshot(run_copy)
+    expected = evaluate_run(run_copy, npz, quiet=True)
+
     def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # as SIGINT/SIGKILL in the middle of exit training
+        raise KeyboardInterrupt  # as SIGINT in the middle of exit training
 
     monkeypatch.setattr(E, "train_exits", killed)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(_spec(npz, run_copy, train_backbone_epochs=1))  # writes a new backbone.safetensors first
-    assert not (run_copy / R.RUN_FILE).exists()
-    with pytest.raises(UsageError, match=r"holds an incomplete run: it has no run\.json.*interrupted"):
-        evaluate_run(run_copy, npz, quiet=True)
+        run_experiment(_spec(npz, run_copy, train_backbone_epochs=1))  # a fine-tuned backbone is saved (staged)
+    assert _snapshot(run_copy) == before  # every file of the previous run as it was
+    assert not list(run_copy.glob(R.STAGE_PREFIX + "*"))  # the staging folder is gone
+    again = evaluate_run(run_copy, npz, quiet=True)
+    assert again["early_exit"]["accuracy"] == expected["early_exit"]["accuracy"]
     # and the lock was released: the next run into OUT is not refused
     with open(run_copy / R.LOCK_FILE, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_run_killed_while_publishing_leaves_no_run_json(npz, run_copy, monkeypatch):
+    """Between the old run.json's removal and the new one's rename the folder holds no run.json: evaluate says
+    the run is incomplete instead of mixing files. A killed run's staging folder is removed by the next run."""
+    real_publish, real_replace = R.publish, R.os.replace
+
+    def dies_while_publishing(*args, **kwargs):
+        calls = []
+
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == 2:
+                raise KeyboardInterrupt  # a kill in the middle of publishing: old run.json gone, new not yet in
+            return real_replace(src, dst)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(R.os, "replace", replace)
+            mp.setattr(R.shutil, "rmtree", lambda *a, **k: None)  # as after SIGKILL: nothing cleaned up
+            real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(R, "publish", dies_while_publishing)
+    monkeypatch.setattr(E.shutil, "rmtree", lambda *a, **k: None)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(_spec(npz, run_copy))
+    monkeypatch.undo()
+    assert not (run_copy / R.RUN_FILE).exists()
+    with pytest.raises(UsageError, match=r"holds an incomplete run: it has no run\.json.*interrupted"):
+        evaluate_run(run_copy, npz, quiet=True)
+    assert list(run_copy.glob(R.STAGE_PREFIX + "*"))  # left behind by the "killed" run
+    run_experiment(_spec(npz, run_copy))
+    assert not list(run_copy.glob(R.STAGE_PREFIX + "*"))
+    evaluate_run(run_copy, npz, quiet=True)
 
 
 @pytest.mark.parametrize("fractions, match", [

@@ -109,6 +109,21 @@ class ArrayImages(Images):
         return f"{len(self)} images of {c}x{h}x{w}, {self.num_classes} classes, from {self.source}"
 
 
+_warned_8bit_range = False
+
+
+def _warn_8bit_range(path: str, mode: str, hi: float) -> None:
+    """8-bit values stored in a 16/32-bit file (e.g. ``Image.fromarray(a.astype(np.uint16))``) are scaled by
+    1/65535 like any 16-bit image and come out ~257x darker than the 8-bit path (review 10): say so, once."""
+    global _warned_8bit_range
+    if hi > 255 or _warned_8bit_range:
+        return
+    _warned_8bit_range = True
+    _log.warning("%s: a %s-bit image (mode %r) whose values are all <= 255 (max %g): it is scaled by 1/65535 like "
+                "any 16-bit image, so if it holds 8-bit values they come out ~257x darker; save 8-bit data as 8-bit "
+                "images (shown once)", path, "16" if mode.startswith("I;16") else "32", mode, hi)
+
+
 def _high_depth_gray(im, path: str) -> torch.Tensor:
     """A 16-bit ("I;16*"), 32-bit int ("I") or float ("F") grayscale PIL image as a (1, h, w) float in [0, 1].
 
@@ -119,9 +134,11 @@ def _high_depth_gray(im, path: str) -> torch.Tensor:
     naming the file: a guessed scale would silently train on wrong pixels.
     """
     arr = np.asarray(im)
+    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if im.mode.startswith("I;16") or im.mode == "I":
+        _warn_8bit_range(path, im.mode, hi)
     if im.mode.startswith("I;16"):
         return torch.from_numpy(arr.astype(np.float32))[None] / 65535.0
-    lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
     if im.mode == "I":
         if lo < 0 or hi > 65535:
             raise UsageError(f"{path}: a 32-bit integer image (mode 'I') with values in [{lo:.0f}, {hi:.0f}]; only "

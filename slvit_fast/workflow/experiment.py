@@ -19,9 +19,11 @@
 
 Everything a user can get wrong (options, data, weights, exit paths, the number of ``fractions``) is
 checked before the output folder is touched. Then the folder is locked (a second run into it fails at
-once), the ``run.json`` files this run replaces are deleted, and each run directory's ``run.json`` is
-written last, pinning the other files by sha256 (see :mod:`.rundir`): a run that dies midway leaves
-no ``run.json``, and ``evaluate`` never serves one run's backbone with another run's exits.
+once) and the run is written into a staging folder inside it, then published (``rundir.publish``): the
+``run.json`` files it replaces go first, each run directory's new ``run.json`` last, pinning the other
+files by sha256 (see :mod:`.rundir`). A run that fails or is killed before publishing leaves the previous
+run as it was; one killed while publishing leaves no ``run.json``; ``evaluate`` never serves one run's
+backbone with another run's exits.
 
 ``evaluate_run(run_dir, data)`` checks those hashes, rebuilds the network from ``run.json`` and
 re-evaluates the same test split (warning, and ``data_matches_run: false`` in the report, when the data
@@ -35,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -323,17 +326,32 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
     data_fp = _data_fingerprint_logged(images)
     run_dirs = {t: (out if len(spec.exit_types) == 1 else out / t) for t in spec.exit_types}
     # Everything the user can get wrong is checked: from here on OUT is written, by this run only.
+    # The run is written into a staging folder and published at the end (rundir.publish): a run that fails or
+    # is killed before that leaves the previous run in OUT as it was.
     with R.locked_out(out):
-        for d in {out, *run_dirs.values()}:  # no run.json until this run's files are complete (rundir docstring)
-            (d / R.RUN_FILE).unlink(missing_ok=True)
-        return _train_and_write(spec, name, out, run_dirs, images, prep, backbone, notes, build_seconds,
-                                given_sha, data_fp, t_start)
+        stage = R.stage_folder(out)
+        try:
+            reports, weights = _train_and_write(spec, name, stage, run_dirs, out, images, prep, backbone, notes,
+                                                build_seconds, given_sha, data_fp)
+            R.publish(stage, out, list(run_dirs.values()), drop=() if weights.saved else (R.BACKBONE_FILE,))
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    for exit_type, run_dir in run_dirs.items():
+        if len(spec.exit_types) == 1:
+            print(format_report(reports[exit_type], f"{name} with {exit_type} exits, test split "
+                                                    f"({reports[exit_type]['test_samples']} samples):"), flush=True)
+            print(f"wrote {run_dir}/{{{R.RUN_FILE}, {R.EXITS_FILE}, {R.POLICY_FILE}, {R.REPORT_FILE}}} and "
+                  f"{run_dir / R.PLOT_FILE}", flush=True)
+    log.info("done in %.1f s", time.perf_counter() - t_start)
+    return reports
 
 
-def _train_and_write(spec: RunSpec, name: str, out: Path, run_dirs: dict[str, Path], images, prep, backbone,
-                     notes: list[str], build_seconds: float, given_sha: str | None, data_fp: str,
-                     t_start: float) -> dict[str, dict[str, Any]]:
-    """``run_experiment`` once the arguments are checked and OUT is locked."""
+def _train_and_write(spec: RunSpec, name: str, out: Path, final_dirs: dict[str, Path], final_out: Path, images,
+                     prep, backbone, notes: list[str], build_seconds: float, given_sha: str | None,
+                     data_fp: str) -> tuple[dict[str, dict[str, Any]], "_Weights"]:
+    """``run_experiment`` once the arguments are checked and OUT is locked: everything is written under
+    ``out``, the staging folder laid out like ``final_out`` (the feature cache stays in ``final_out``)."""
+    run_dirs = {t: out / d.relative_to(final_out) for t, d in final_dirs.items()}
     size, K = prep.input_size, images.num_classes
     n_split = {k: len(v) for k, v in prep.splits.items()}
     log.info("data: %s; split %d train / %d val / %d test (seed %d); input 3x%dx%d; content sha256 %s",
@@ -376,9 +394,9 @@ def _train_and_write(spec: RunSpec, name: str, out: Path, run_dirs: dict[str, Pa
         shapes = ", ".join(f"{r.name} at {r.module} ({'x'.join(map(str, r.feature_shape[1:]))}, "
                            f"{r.params:,} params)" for r in summary.rows[:-1])
         log.info("%s exits: %s; training up to %d epochs (classifier-wise, feature cache in %s)", exit_type,
-                 shapes, spec.epochs, out / "cache")
+                 shapes, spec.epochs, final_out / "cache")
         t0 = time.perf_counter()
-        history = train_exits(net, train_ordered, val, epochs=spec.epochs, lr=spec.lr, cache_dir=out / "cache",
+        history = train_exits(net, train_ordered, val, epochs=spec.epochs, lr=spec.lr, cache_dir=final_out / "cache",
                               cache_key=cache_key, seed=spec.seed, early_stopping_patience=spec.early_stopping_patience)
         train_seconds = time.perf_counter() - t0
         log.info("%s exits trained in %.1f s (%d epochs)", exit_type, train_seconds, len(history.epochs))
@@ -396,7 +414,7 @@ def _train_and_write(spec: RunSpec, name: str, out: Path, run_dirs: dict[str, Pa
         net.save_exits(str(run_dir / R.EXITS_FILE))
         R.write_json(run_dir / R.POLICY_FILE, R.policy_to_json(policy))
         R.write_json(run_dir / R.REPORT_FILE, report)
-        png = _plot({exit_type: report}, run_dir / R.PLOT_FILE,
+        _plot({exit_type: report}, run_dir / R.PLOT_FILE,
                     spec.plot_title or f"{name} on {Path(spec.data).name}: {exit_type} exits")
         weights = _pinned_weights(weights, out, backbone)
         ref = os.path.relpath(out / weights.ref, run_dir) if weights.saved else weights.ref
@@ -415,15 +433,9 @@ def _train_and_write(spec: RunSpec, name: str, out: Path, run_dirs: dict[str, Pa
             **spec.extra,
         })
         reports[exit_type] = report
-        if len(spec.exit_types) == 1:
-            print(format_report(report, f"{name} with {exit_type} exits, test split ({report['test_samples']} samples):"),
-                  flush=True)
-            print(f"wrote {run_dir}/{{{R.RUN_FILE}, {R.EXITS_FILE}, {R.POLICY_FILE}, {R.REPORT_FILE}}} and {png}",
-                  flush=True)
     if len(spec.exit_types) > 1:
         _plot(reports, out / R.PLOT_FILE, spec.plot_title or f"{name} on {Path(spec.data).name}")
-    log.info("done in %.1f s", time.perf_counter() - t_start)
-    return reports
+    return reports, weights
 
 
 def _resolve_weights(run_dir: Path, ref: str | None) -> str | None:

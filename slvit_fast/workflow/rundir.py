@@ -32,8 +32,9 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from .. import policies
 from ..checkpoint import atomic_write
@@ -66,6 +67,52 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     """Atomic: a temporary file in the same folder, fsynced, then renamed over ``path``."""
     text = json.dumps(_clean(data), indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+STAGE_PREFIX = ".staging-"
+
+
+def stage_folder(out: Path) -> Path:
+    """A fresh staging folder inside ``out`` for the run holding its lock; leftovers of killed runs (only a
+    holder of the lock can have made them, and it is gone) are removed first."""
+    for old in out.glob(STAGE_PREFIX + "*"):
+        shutil.rmtree(old, ignore_errors=True)
+    stage = out / f"{STAGE_PREFIX}{os.getpid()}"
+    stage.mkdir()
+    return stage
+
+
+def publish(stage: Path, out: Path, run_dirs: list[Path], drop: Sequence[str] = ()) -> None:
+    """Move a finished run from ``stage`` (laid out as ``out``) into ``out``. Until here the previous run in
+    ``out`` was untouched, so a run that fails or is killed before this leaves it as it was. Each run
+    folder's old run.json goes first and the new one comes last (the commit point); a kill in between leaves
+    no run.json, which evaluate reports as an incomplete run. ``drop``: files of ``out`` the previous run
+    had and this one does not write (e.g. a saved backbone when this run references the user's weights)."""
+    for d in run_dirs:
+        (d / RUN_FILE).unlink(missing_ok=True)
+    for name in drop:
+        (out / name).unlink(missing_ok=True)
+    staged_runs = {stage / d.relative_to(out) for d in run_dirs}
+    for src in sorted(p for p in stage.rglob("*") if p.is_file() and p.name != RUN_FILE):
+        dst = out / src.relative_to(stage)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+    for d in sorted(staged_runs):
+        dst = out / d.relative_to(stage)
+        dst.mkdir(parents=True, exist_ok=True)
+        os.replace(d / RUN_FILE, dst / RUN_FILE)
+        _fsync_dir(dst)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a directory; the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_run(run_dir: str | os.PathLike, data: dict[str, Any]) -> None:
@@ -229,7 +276,7 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         if _being_written(d):
             raise UsageError(f"{str(d)!r} is being written by a training run right now ({RUN_FILE} is written "
                              f"last); evaluate it when that run has finished")
-        inner = sorted(p.name for p in d.iterdir() if (p / RUN_FILE).is_file())
+        inner = sorted(p.name for p in d.iterdir() if (p / RUN_FILE).is_file() and not p.name.startswith(STAGE_PREFIX))
         if inner:  # the demo's OUT: one run directory per exit type
             raise UsageError(f"{str(d)!r} is not a run directory (no {RUN_FILE}); its sub-folder(s) "
                              f"{', '.join(inner)} are: pass one of them")
