@@ -41,7 +41,6 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..checkpoint import _describe, _load_tensors, _plan, atomic_write, read_exit_metadata, save_exits
 from ..errors import CheckpointMismatchError
-from .copycat import CopycatSampler
 from .faults import pause_point
 from .feature_cache import fsync_dir
 from .fingerprint import tensors_hash
@@ -94,7 +93,13 @@ def _unseal(obj: Any, path: Path, how: str) -> Any:
 
 # -- random number state -----------------------------------------------------------------------------
 _PLAIN_SAMPLERS = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)  # .generator (None: global)
-_EPOCH_SAMPLERS = (DistributedSampler, CopycatSampler)  # .epoch / set_epoch
+
+
+def _epoch_sampler(sampler: Any) -> bool:
+    """A sampler whose order is a function of its ``epoch`` counter alone (``set_epoch``): DistributedSampler,
+    and samplers that declare it with ``order_follows_epoch = True`` (CopycatSampler). A declaration, not an
+    import: copycat.py calls train_exits, whose loop imports this module."""
+    return isinstance(sampler, DistributedSampler) or getattr(type(sampler), "order_follows_epoch", False) is True
 
 
 def _loader_rng(loader) -> dict[str, Any] | None:
@@ -128,7 +133,7 @@ def _loader_rng(loader) -> dict[str, Any] | None:
     for role, sampler in samplers:
         if isinstance(sampler, SequentialSampler):
             continue
-        if isinstance(sampler, _EPOCH_SAMPLERS):  # the order follows a counter: that is all of its state
+        if _epoch_sampler(sampler):  # the order follows a counter: that is all of its state
             found[role + ".epoch"] = sampler
         elif isinstance(sampler, _PLAIN_SAMPLERS):
             add(role, sampler.generator)
@@ -146,7 +151,7 @@ def _opaque_part(loader) -> str:
     if loader.batch_sampler is not None and type(loader.batch_sampler) is not BatchSampler:
         return type(loader.batch_sampler).__name__
     sampler = loader.batch_sampler.sampler if loader.batch_sampler is not None else loader.sampler
-    if isinstance(sampler, (SequentialSampler, *_PLAIN_SAMPLERS, *_EPOCH_SAMPLERS)):
+    if isinstance(sampler, (SequentialSampler, *_PLAIN_SAMPLERS)) or _epoch_sampler(sampler):
         sampler = loader.sampler
     return type(sampler).__name__
 

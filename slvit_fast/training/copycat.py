@@ -85,6 +85,8 @@ class CopycatMix(Dataset):
 class CopycatSampler(Sampler[int]):
     """Every real index once + exactly ``fake_per_epoch`` fake indices, shuffled; new draw each epoch."""
 
+    order_follows_epoch = True  # its order is a function of (seed, epoch): a checkpoint saves the epoch only
+
     def __init__(self, mix: CopycatMix, seed: int = 0):
         self.mix, self.seed, self.epoch = mix, seed, 0
 
