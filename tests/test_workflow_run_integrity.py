@@ -187,6 +187,15 @@ def test_a_wrong_fractions_count_fails_before_out_changes(npz, run_copy, monkeyp
     E._check_fractions(_spec(npz, run_copy, fractions=[0.5], exit_paths=["layer1"]), "resnet18")
 
 
+def test_a_budget_below_the_first_exit_fails_before_out_changes(npz, run_copy, monkeypatch):
+    """No policy can spend less than a sample leaving at the first exit: refused before any training."""
+    before = _snapshot(run_copy)
+    monkeypatch.setattr(E, "train_exits", lambda *a, **k: pytest.fail("exit training started"))
+    with pytest.raises(UsageError, match=r"--budget 5 FLOPs per sample is below the cost of leaving at the first exit"):
+        run_experiment(_spec(npz, run_copy, budget=5.0))
+    assert _snapshot(run_copy) == before
+
+
 def test_batch_size_1_fine_tuning_fails_before_out_changes(npz, run_copy, monkeypatch):
     """A BatchNorm backbone cannot fine-tune on 1-sample batches: refused before the lock deletes run.json."""
     before = _snapshot(run_copy)

@@ -161,6 +161,23 @@ def _check_fractions(spec: RunSpec, name: str) -> None:
     raise UsageError(msg)
 
 
+def _check_budget(spec: RunSpec, name: str, num_outputs: int, size: int, backbone: torch.nn.Module) -> None:
+    """``--budget`` below what a sample leaving at the first exit costs fits no policy at all: said before any
+    training (review 10: found after training and calibration). Above it, whether a calibrated policy fits
+    depends on the validation split, so that is still found at calibration."""
+    if spec.budget is None:
+        return
+    for exit_type in spec.exit_types:
+        net = presets.build(name, exit_type=exit_type, num_outputs=num_outputs, weights=backbone, input_size=size,
+                            exit_paths=spec.exit_paths, exit_backend=spec.exit_backend)
+        rows = accounting.summary(net, (3, size, size)).rows
+        first = float(rows[0].cost_flops)
+        if spec.budget < first:
+            raise UsageError(f"--budget {fmt_count(spec.budget)} FLOPs per sample is below the cost of leaving at the "
+                             f"first exit ({rows[0].name}: {fmt_count(first)} FLOPs with {exit_type} exits), so no "
+                             f"policy fits it; the backbone alone costs {fmt_count(float(rows[-1].cost_flops))}")
+
+
 def _data_key(data_fp: str, spec: RunSpec, size: int, mean: Sequence[float], std: Sequence[float]) -> str:
     """The feature cache's name for this run's data (``train_exits(cache_key=...)``): the data's content
     plus everything that turns it into the backbone's inputs and picks the splits."""
@@ -319,6 +336,7 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
     backbone, notes = _user_backbone(name, K, spec.weights, size, spec.exit_paths)  # user errors before any work
     build_seconds = time.perf_counter() - t0
     _check_fractions(spec, name)
+    _check_budget(spec, name, K, size, backbone)
     pretrained = is_torchvision_name(spec.weights)
     prep = D.prepare(images, size, spec.val_fraction, spec.test_fraction, spec.seed,
                      *((D.IMAGENET_MEAN, D.IMAGENET_STD) if pretrained else (None, None)))
