@@ -104,3 +104,27 @@ def test_demo_command_line_repeats_the_numbers(demo, tmp_path):
         assert [r["accuracy"] for r in again["exits"]] == [r["accuracy"] for r in rep["exits"]]
         for key in ("accuracy", "exit_counts", "mean_flops"):
             assert again["early_exit"][key] == rep["early_exit"][key], (kind, key)
+
+
+def test_a_later_demo_never_replaces_the_data_of_a_finished_run(tmp_path):
+    """The demo writes its data before run_experiment's checks (which may still fail): with a finished run in
+    OUT it must not replace that run's digits.npz by other data (review 10); the same data is not rewritten."""
+    import numpy as np
+
+    from slvit_fast.workflow import digits
+
+    out = tmp_path / "out"
+    first = digits._demo_data(out, 100, 0)
+    assert first == out / "digits.npz"
+    (out / "slvit").mkdir()
+    (out / "slvit" / "run.json").write_text("{}")  # a finished run trained on it
+    stamp = first.stat().st_mtime_ns
+    assert digits._demo_data(out, 100, 0) == first and first.stat().st_mtime_ns == stamp  # same data: kept
+    other = digits._demo_data(out, 150, 0)
+    assert other != first and other.name.startswith("digits-") and other.is_file()
+    with np.load(first) as a, np.load(other) as b:
+        assert a["y"].shape == (100,) and b["y"].shape == (150,)
+    (out / "slvit" / "run.json").unlink()  # no run uses digits.npz any more: replaced in place
+    assert digits._demo_data(out, 150, 0) == first
+    with np.load(first) as a:
+        assert a["y"].shape == (150,)

@@ -11,7 +11,8 @@ measured wall-clock speedup vs the plain backbone, and writes the accuracy-vs-FL
 
 The pipeline is :func:`slvit_fast.workflow.run_experiment` - the one behind ``slvit-fast train
 --data`` - on ``OUT/digits.npz``; ``slvit-fast evaluate --run OUT/slvit --data OUT/digits.npz``
-re-evaluates the saved run. Seeds are fixed; on a busy machine the numbers of the wall-clock columns
+re-evaluates the saved run (a later demo with other ``--samples`` into an OUT holding a finished run
+writes ``OUT/digits-<hash>.npz`` instead, and prints the command with that file). Seeds are fixed; on a busy machine the numbers of the wall-clock columns
 move, the rest does not.
 
 Threads: one by default. Training is then bit-for-bit repeatable (multi-threaded float reductions
@@ -22,6 +23,7 @@ and on a shared 2-core machine one thread was 5-6x faster than two oversubscribe
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -39,9 +41,7 @@ __all__ = ["run_digits_demo", "write_digits"]
 DEMO_BACKBONE = "resnet18"
 
 
-def write_digits(path: str | os.PathLike, samples: int | None = None, seed: int = 0) -> Path:
-    """scikit-learn's digits as ``x`` (N, 8, 8) float32 in [0, 16] and ``y`` (N,) at ``path`` (.npz);
-    ``samples``: a seeded random subset of that many."""
+def _digits_arrays(samples: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
@@ -51,10 +51,42 @@ def write_digits(path: str | os.PathLike, samples: int | None = None, seed: int 
     if samples is not None and samples < len(y):
         keep = np.sort(np.random.default_rng(seed).permutation(len(y))[:samples])
         x, y = x[keep], y[keep]
-    path = Path(path)
+    return x, y
+
+
+def _save_npz(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, x=x, y=y)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, x=x, y=y)
+    os.replace(tmp, path)  # never a half-written data file
     return path
+
+
+def write_digits(path: str | os.PathLike, samples: int | None = None, seed: int = 0) -> Path:
+    """scikit-learn's digits as ``x`` (N, 8, 8) float32 in [0, 16] and ``y`` (N,) at ``path`` (.npz);
+    ``samples``: a seeded random subset of that many."""
+    return _save_npz(Path(path), *_digits_arrays(samples, seed))
+
+
+def _demo_data(out: Path, samples: int | None, seed: int) -> Path:
+    """The demo's data file in ``out``: ``digits.npz``, unless that file holds other data (another
+    ``--samples`` or seed) that a finished run in ``out`` was trained on - then a file named by its content,
+    so a later demo (which may still fail its checks) never replaces the data an earlier run needs
+    (review 10). The same data is not rewritten."""
+    x, y = _digits_arrays(samples, seed)
+    path = out / "digits.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as old:
+                if np.array_equal(old["x"], x) and np.array_equal(old["y"], y):
+                    return path
+        except Exception:  # unreadable: rewrite it
+            pass
+        if any((d / "run.json").is_file() for d in (out, *(p for p in out.iterdir() if p.is_dir()))):
+            digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:12]
+            path = out / f"digits-{digest}.npz"
+    return _save_npz(path, x, y)
 
 
 def _curve_table(reports: dict[str, dict[str, Any]], thresholds=(0.0, 0.5, 0.8, 0.9, 0.95, 0.99, 0.999)) -> list[str]:
@@ -90,9 +122,9 @@ def _verdict(reports: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _run(out, seed, input_size, backbone_epochs, exit_epochs, samples, threads, timing_repeats, exit_backend):
-    """Write the data, say what runs, run the shared pipeline: ``(reports, out)``."""
+    """Write the data, say what runs, run the shared pipeline: ``(reports, out, data file)``."""
     out = Path(out)
-    data = write_digits(out / "digits.npz", samples, seed)
+    data = _demo_data(out, samples, seed)
     n = int(np.load(data)["y"].shape[0])
     epochs = f"{backbone_epochs} epoch{'s' if backbone_epochs != 1 else ''}"
     print(f"slvit-fast demo: SL-ViT vs CNN early exits on scikit-learn's digits ({n} 8x8 images upsampled to "
@@ -105,7 +137,7 @@ def _run(out, seed, input_size, backbone_epochs, exit_epochs, samples, threads, 
         plot_title=f"{DEMO_BACKBONE} on digits ({input_size} px): early exit, accuracy vs FLOPs",
         extra={"demo": "digits"},
     ))
-    return reports, out
+    return reports, out, data
 
 
 def run_digits_demo(out: str | os.PathLike = "slvit-fast-demo", seed: int = 0, input_size: int = 32,
@@ -118,8 +150,8 @@ def run_digits_demo(out: str | os.PathLike = "slvit-fast-demo", seed: int = 0, i
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        reports, out = _run(out, seed, input_size, backbone_epochs, exit_epochs, samples, threads,
-                            timing_repeats, exit_backend)
+        reports, out, data = _run(out, seed, input_size, backbone_epochs, exit_epochs, samples, threads,
+                                  timing_repeats, exit_backend)
     finally:
         torch.set_num_threads(before)
     seconds = time.perf_counter() - t0
@@ -131,7 +163,7 @@ def run_digits_demo(out: str | os.PathLike = "slvit-fast-demo", seed: int = 0, i
     print()
     print("\n".join(_verdict(reports)))
     print(f"\nplot: {out / PLOT_FILE} (per exit type: {out / 'slvit' / PLOT_FILE}, {out / 'cnn' / PLOT_FILE})")
-    print(f"re-evaluate: slvit-fast evaluate --run {out / 'slvit'} --data {out / 'digits.npz'}")
+    print(f"re-evaluate: slvit-fast evaluate --run {out / 'slvit'} --data {data}")
     print(f"demo finished in {seconds:.0f} s ({threads} thread{'s' if threads != 1 else ''}, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)", flush=True)
     for kind, rep in reports.items():
