@@ -170,12 +170,12 @@ def _check_budget(spec: RunSpec, name: str, num_outputs: int, size: int, backbon
     for exit_type in spec.exit_types:
         net = presets.build(name, exit_type=exit_type, num_outputs=num_outputs, weights=backbone, input_size=size,
                             exit_paths=spec.exit_paths, exit_backend=spec.exit_backend)
-        rows = accounting.summary(net, (3, size, size)).rows
-        first = float(rows[0].cost_flops)
+        summary = accounting.summary(net, (3, size, size))
+        first = float(summary.rows[0].cost_flops)
         if spec.budget < first:
             raise UsageError(f"--budget {fmt_count(spec.budget)} FLOPs per sample is below the cost of leaving at the "
-                             f"first exit ({rows[0].name}: {fmt_count(first)} FLOPs with {exit_type} exits), so no "
-                             f"policy fits it; the backbone alone costs {fmt_count(float(rows[-1].cost_flops))}")
+                             f"first exit ({summary.rows[0].name}: {fmt_count(first)} FLOPs with {exit_type} exits), so "
+                             f"no policy fits it; the backbone alone costs {fmt_count(float(summary.backbone_flops))}")
 
 
 def _data_key(data_fp: str, spec: RunSpec, size: int, mean: Sequence[float], std: Sequence[float]) -> str:
