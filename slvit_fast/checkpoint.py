@@ -31,8 +31,24 @@ from .slvit_exit import SLViTExit
 FORMAT = "slvit_fast.exits/1"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS shows it (os.umask can only swap it, which
+    would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then atomically move the result to ``path``."""
+    """Call ``write(tmp_path)`` then atomically move the result to ``path``. The file gets the permissions an
+    ordinary ``open(path, "w")`` would give it (mkstemp's temporary file is private: 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -41,6 +57,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -169,3 +169,25 @@ def test_finite_weights_load_without_warning(saved):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_exits(three_exit_net(seed=7), saved)
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    """Files written through atomic_write (exits, checkpoints, run files) were private (0600, mkstemp's mode):
+    a colleague or another container user could not read a run. They now get 0666 & ~umask like open()."""
+    import os
+    import stat
+
+    from slvit_fast.checkpoint import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", lambda tmp: open(tmp, "w").write("{}"))
+        with open(tmp_path / "b.json", "w") as f:
+            f.write("{}")
+        os.umask(0o077)
+        atomic_write(tmp_path / "c.json", lambda tmp: open(tmp, "w").write("{}"))
+    finally:
+        os.umask(old)
+    mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)
+    assert mode("a.json") == mode("b.json") == 0o644
+    assert mode("c.json") == 0o600
