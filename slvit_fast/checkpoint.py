@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -48,7 +49,8 @@ def _umask() -> int:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then atomically move the result to ``path``. The file gets the permissions an
-    ordinary ``open(path, "w")`` would give it (mkstemp's temporary file is private: 0600)."""
+    ordinary ``open(path, "w")`` would give it - a replaced file's own, else 0666 & ~umask (mkstemp's
+    temporary file is private: 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -57,7 +59,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        try:  # a file it replaces keeps its mode, as open(path, "w") would keep it
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

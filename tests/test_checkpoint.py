@@ -191,3 +191,20 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
     mode = lambda name: stat.S_IMODE((tmp_path / name).stat().st_mode)
     assert mode("a.json") == mode("b.json") == 0o644
     assert mode("c.json") == 0o600
+
+
+def test_atomic_write_keeps_the_mode_of_a_file_it_replaces(tmp_path):
+    import os
+    import stat
+
+    from slvit_fast.checkpoint import atomic_write
+
+    path = tmp_path / "private.json"
+    path.write_text("{}")
+    os.chmod(path, 0o600)
+    old = os.umask(0o022)
+    try:
+        atomic_write(path, lambda tmp: open(tmp, "w").write("[]"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == "[]"

@@ -167,6 +167,29 @@ def test_a_run_killed_while_publishing_leaves_no_run_json(npz, run_copy, monkeyp
     evaluate_run(run_copy, npz, quiet=True)
 
 
+def test_a_new_run_keeps_the_files_it_or_other_runs_reference(npz, run_copy):
+    """Publishing deletes only run.json files (review 10): a run trained with --weights OUT/backbone.safetensors
+    (an earlier run's saved backbone) must not lose that file, and evaluates."""
+    weights = run_copy / R.BACKBONE_FILE
+    assert weights.is_file()
+    run_experiment(_spec(npz, run_copy, weights=str(weights)))
+    assert weights.is_file()
+    run = R.read_run(run_copy)
+    assert Path(run["weights"]).resolve() == weights.resolve()
+    evaluate_run(run_copy, npz, quiet=True)
+
+
+def test_a_multi_type_run_replaces_the_single_run_at_out_level(npz, run_copy):
+    """A run with one folder per exit type replaces OUT's plot: the single run's run.json at OUT goes too
+    (review 10: it stayed, and evaluate --run OUT served the old run with the new plot beside it)."""
+    run_experiment(_spec(npz, run_copy, exit_types=("slvit", "cnn")))
+    assert not (run_copy / R.RUN_FILE).exists()
+    with pytest.raises(UsageError, match=r"sub-folder\(s\) cnn, slvit"):
+        evaluate_run(run_copy, npz, quiet=True)
+    evaluate_run(run_copy / "slvit", npz, quiet=True)
+    evaluate_run(run_copy / "cnn", npz, quiet=True)
+
+
 @pytest.mark.parametrize("fractions, match", [
     ([0.5], r"--fractions has 1 value but the resnet18 preset gives 2 early exits \(b1, b2\): give 2"),
     ([0.5, 0.3, 0.1], r"--fractions has 3 values but the resnet18 preset gives 2 early exits .*sum to 0\.9"),

@@ -349,9 +349,9 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
     with R.locked_out(out):
         stage = R.stage_folder(out)
         try:
-            reports, weights = _train_and_write(spec, name, stage, run_dirs, out, images, prep, backbone, notes,
+            reports = _train_and_write(spec, name, stage, run_dirs, out, images, prep, backbone, notes,
                                                 build_seconds, given_sha, data_fp)
-            R.publish(stage, out, list(run_dirs.values()), drop=() if weights.saved else (R.BACKBONE_FILE,))
+            R.publish(stage, out, list(run_dirs.values()))
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     for exit_type, run_dir in run_dirs.items():
@@ -366,7 +366,7 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
 
 def _train_and_write(spec: RunSpec, name: str, out: Path, final_dirs: dict[str, Path], final_out: Path, images,
                      prep, backbone, notes: list[str], build_seconds: float, given_sha: str | None,
-                     data_fp: str) -> tuple[dict[str, dict[str, Any]], "_Weights"]:
+                     data_fp: str) -> dict[str, dict[str, Any]]:
     """``run_experiment`` once the arguments are checked and OUT is locked: everything is written under
     ``out``, the staging folder laid out like ``final_out`` (the feature cache stays in ``final_out``)."""
     run_dirs = {t: out / d.relative_to(final_out) for t, d in final_dirs.items()}
@@ -453,7 +453,7 @@ def _train_and_write(spec: RunSpec, name: str, out: Path, final_dirs: dict[str, 
         reports[exit_type] = report
     if len(spec.exit_types) > 1:
         _plot(reports, out / R.PLOT_FILE, spec.plot_title or f"{name} on {Path(spec.data).name}")
-    return reports, weights
+    return reports
 
 
 def _resolve_weights(run_dir: Path, ref: str | None) -> str | None:

@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from .. import policies
 from ..checkpoint import atomic_write
@@ -82,16 +82,16 @@ def stage_folder(out: Path) -> Path:
     return stage
 
 
-def publish(stage: Path, out: Path, run_dirs: list[Path], drop: Sequence[str] = ()) -> None:
+def publish(stage: Path, out: Path, run_dirs: list[Path]) -> None:
     """Move a finished run from ``stage`` (laid out as ``out``) into ``out``. Until here the previous run in
-    ``out`` was untouched, so a run that fails or is killed before this leaves it as it was. Each run
-    folder's old run.json goes first and the new one comes last (the commit point); a kill in between leaves
-    no run.json, which evaluate reports as an incomplete run. ``drop``: files of ``out`` the previous run
-    had and this one does not write (e.g. a saved backbone when this run references the user's weights)."""
-    for d in run_dirs:
+    ``out`` was untouched, so a run that fails or is killed before this leaves it as it was. The old run.json
+    of ``out`` and of each run folder goes first (``out``'s too when this run writes per-type folders: its
+    plot replaces ``out``'s) and the new ones come last (the commit point); a kill in between leaves no
+    run.json, which evaluate reports as an incomplete run. Nothing else is deleted: a file this run does not
+    write (an earlier run's backbone.safetensors) may be what its --weights or another run.json references
+    (review 10), and run.json pins what each run uses."""
+    for d in {out, *run_dirs}:
         (d / RUN_FILE).unlink(missing_ok=True)
-    for name in drop:
-        (out / name).unlink(missing_ok=True)
     staged_runs = {stage / d.relative_to(out) for d in run_dirs}
     for src in sorted(p for p in stage.rglob("*") if p.is_file() and p.name != RUN_FILE):
         dst = out / src.relative_to(stage)
