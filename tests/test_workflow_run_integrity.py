@@ -134,9 +134,10 @@ def test_a_run_killed_during_exit_training_leaves_the_previous_run_intact(npz, r
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def test_a_run_killed_while_publishing_leaves_no_run_json(npz, run_copy, monkeypatch):
-    """Between the old run.json's removal and the new one's rename the folder holds no run.json: evaluate says
-    the run is incomplete instead of mixing files. A killed run's staging folder is removed by the next run."""
+def test_a_run_interrupted_while_publishing_is_finished_by_evaluate(npz, run_copy, monkeypatch):
+    """Past publishing's commit record the staged files are the run: an interruption in the middle of the moves
+    (here KeyboardInterrupt in process; SIGKILL at every point in test_publish_faults.py) keeps them, and
+    evaluate finishes moving them in instead of reporting a run lost."""
     real_publish, real_replace = R.publish, R.os.replace
 
     def dies_while_publishing(*args, **kwargs):
@@ -144,26 +145,37 @@ def test_a_run_killed_while_publishing_leaves_no_run_json(npz, run_copy, monkeyp
 
         def replace(src, dst):
             calls.append(dst)
-            if len(calls) == 2:
-                raise KeyboardInterrupt  # a kill in the middle of publishing: old run.json gone, new not yet in
+            if len(calls) == 3:  # 1: the commit record, 2: the first file moved in
+                raise KeyboardInterrupt
             return real_replace(src, dst)
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(R.os, "replace", replace)
-            mp.setattr(R.shutil, "rmtree", lambda *a, **k: None)  # as after SIGKILL: nothing cleaned up
             real_publish(*args, **kwargs)
 
     monkeypatch.setattr(R, "publish", dies_while_publishing)
-    monkeypatch.setattr(E.shutil, "rmtree", lambda *a, **k: None)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(_spec(npz, run_copy))
+        run_experiment(_spec(npz, run_copy, seed=1))
     monkeypatch.undo()
-    assert not (run_copy / R.RUN_FILE).exists()
+    assert not (run_copy / R.RUN_FILE).exists() and (run_copy / R.PUBLISH_FILE).is_file()
+    assert list(run_copy.glob(R.STAGE_PREFIX + "*"))  # kept: it holds the rest of the committed run
+    evaluate_run(run_copy, npz, quiet=True)
+    assert R.read_run(run_copy)["data"]["seed"] == 1  # the new run
+    assert not list(run_copy.glob(R.STAGE_PREFIX + "*")) and not (run_copy / R.PUBLISH_FILE).exists()
+
+
+def test_a_folder_with_run_files_but_no_run_json_is_an_incomplete_run(npz, run_copy):
+    (run_copy / R.RUN_FILE).unlink()
     with pytest.raises(UsageError, match=r"holds an incomplete run: it has no run\.json.*interrupted"):
         evaluate_run(run_copy, npz, quiet=True)
-    assert list(run_copy.glob(R.STAGE_PREFIX + "*"))  # left behind by the "killed" run
+
+
+def test_a_killed_runs_staging_folder_is_removed_by_the_next_run(npz, run_copy):
+    left = run_copy / f"{R.STAGE_PREFIX}99999999"  # as a run killed before its commit record leaves it
+    left.mkdir()
+    (left / R.EXITS_FILE).write_bytes(b"half written")
     run_experiment(_spec(npz, run_copy))
-    assert not list(run_copy.glob(R.STAGE_PREFIX + "*"))
+    assert not left.exists()
     evaluate_run(run_copy, npz, quiet=True)
 
 

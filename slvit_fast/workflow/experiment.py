@@ -20,10 +20,10 @@
 Everything a user can get wrong (options, data, weights, exit paths, the number of ``fractions``) is
 checked before the output folder is touched. Then the folder is locked (a second run into it fails at
 once) and the run is written into a staging folder inside it, then published (``rundir.publish``): the
-``run.json`` files it replaces go first, each run directory's new ``run.json`` last, pinning the other
-files by sha256 (see :mod:`.rundir`). A run that fails or is killed before publishing leaves the previous
-run as it was; one killed while publishing leaves no ``run.json``; ``evaluate`` never serves one run's
-backbone with another run's exits.
+commit point is one atomic record, the files are moved in after it, each run directory's new ``run.json``
+last, pinning the other files by sha256 (see :mod:`.rundir`). A run that fails or is killed before the
+commit leaves the previous run as it was; one killed after it is finished by the next ``train`` or
+``evaluate`` of the folder; ``evaluate`` never serves one run's backbone with another run's exits.
 
 ``evaluate_run(run_dir, data)`` checks those hashes, rebuilds the network from ``run.json`` and
 re-evaluates the same test split (warning, and ``data_matches_run: false`` in the report, when the data
@@ -351,9 +351,12 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
         try:
             reports = _train_and_write(spec, name, stage, run_dirs, out, images, prep, backbone, notes,
                                                 build_seconds, given_sha, data_fp)
-            R.publish(stage, out, list(run_dirs.values()))
-        finally:
+        except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
+            raise
+        # not removed if this fails part way: past publish's commit point the staged files are the run, and the
+        # next train or evaluate moves the rest in
+        R.publish(stage, out, list(run_dirs.values()))
     for exit_type, run_dir in run_dirs.items():
         if len(spec.exit_types) == 1:
             print(format_report(reports[exit_type], f"{name} with {exit_type} exits, test split "

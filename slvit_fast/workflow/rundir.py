@@ -4,7 +4,7 @@
 ``run.json``             how to rebuild the network and the data splits: backbone, weights source,
                          input size, exit type and paths, classes, normalisation, split seed/fractions;
                          the data's content fingerprint; the sha256 of every file below that
-                         ``evaluate`` uses. Written last: it is the run's commit point
+                         ``evaluate`` uses. Moved in last when a run is published
 ``backbone.safetensors`` the backbone's weights, when they are not simply a file or torchvision name
                          (fine-tuned, a replaced classifier, or random weights)
 ``exits.safetensors``    the trained exits (``MultiExitNetwork.save_exits``; configs in its metadata)
@@ -14,13 +14,17 @@
 ``accuracy_flops.png``   accuracy vs mean FLOPs per sample, per exit and along the threshold sweep
 ``cache/``               the exits' feature cache (``train_exits(cache_dir=...)``)
 ``.slvit-fast.lock``     held (``fcntl.flock``) while a training run writes the folder
+``.publishing.json``     only while a finished run is being moved in from its staging folder (see below)
 =======================  ==========================================================================
 
-Integrity, so that a run directory is never silently a mix of two runs: a training run locks the
-output folder (a second one into it fails at once), deletes the ``run.json`` files it will replace
-before it writes anything else, and writes each ``run.json`` last (atomically) with the sha256 of the
-exits, the policy and the backbone weights file it references. ``evaluate`` refuses a folder without
-``run.json`` (interrupted or still running) and any file whose content is not the one recorded.
+Integrity, so that a run directory is never silently a mix of two runs and a killed run never loses one:
+a training run locks the output folder (a second one into it fails at once), writes everything into a
+staging folder ``.staging-<pid>`` inside it, then commits by writing ``.publishing.json`` (atomically) and
+moves the files in, each ``run.json`` last with the sha256 of the exits, the policy and the backbone
+weights file it references (:func:`publish`). Killed before the commit, the previous run is untouched;
+after it, the next ``train`` or ``evaluate`` of the folder finishes the moves (:func:`finish_publish`).
+``evaluate`` refuses a folder without ``run.json`` (still running, or a run that failed) and any file whose
+content is not the one recorded.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ log = logging.getLogger("slvit_fast.workflow")
 
 __all__ = ["RUN_FILE", "REPORT_FILE", "POLICY_FILE", "EXITS_FILE", "BACKBONE_FILE", "PLOT_FILE", "LOCK_FILE",
            "RUN_FORMAT", "write_json", "write_run", "read_json", "policy_to_json", "policy_from_json", "read_run",
-           "file_sha256", "dataset_fingerprint", "locked_out", "verify_files"]
+           "file_sha256", "dataset_fingerprint", "locked_out", "verify_files", "finish_publish", "PUBLISH_FILE"]
 
 RUN_FILE, REPORT_FILE, POLICY_FILE = "run.json", "report.json", "policy.json"
 EXITS_FILE, BACKBONE_FILE, PLOT_FILE = "exits.safetensors", "backbone.safetensors", "accuracy_flops.png"
@@ -82,27 +86,68 @@ def stage_folder(out: Path) -> Path:
     return stage
 
 
+PUBLISH_FILE = ".publishing.json"
+
+
 def publish(stage: Path, out: Path, run_dirs: list[Path]) -> None:
     """Move a finished run from ``stage`` (laid out as ``out``) into ``out``. Until here the previous run in
-    ``out`` was untouched, so a run that fails or is killed before this leaves it as it was. The old run.json
-    of ``out`` and of each run folder goes first (``out``'s too when this run writes per-type folders: its
-    plot replaces ``out``'s) and the new ones come last (the commit point); a kill in between leaves no
-    run.json, which evaluate reports as an incomplete run. Nothing else is deleted: a file this run does not
-    write (an earlier run's backbone.safetensors) may be what its --weights or another run.json references
-    (review 10), and run.json pins what each run uses."""
-    for d in {out, *run_dirs}:
-        (d / RUN_FILE).unlink(missing_ok=True)
-    staged_runs = {stage / d.relative_to(out) for d in run_dirs}
+    ``out`` was untouched, so a run that fails or is killed before this leaves it as it was.
+
+    The commit point is ``OUT/.publishing.json`` (written atomically, naming the staging folder and the run
+    folders): once it exists the new run *is* the run of ``out``, and whoever next locks ``out`` (the next
+    ``train``, or ``evaluate`` finding no ``run.json``) finishes moving it in (:func:`finish_publish`), so a
+    kill at any point of the moves leaves either the previous run or, after that roll-forward, the new one
+    - never a folder without a usable run. Nothing but ``run.json`` files is deleted: a file this run does
+    not write (an earlier run's backbone.safetensors) may be what its --weights or another run.json
+    references (review 10), and run.json pins what each run uses."""
+    rel = sorted({d.relative_to(out).as_posix() for d in run_dirs})
+    write_json(out / PUBLISH_FILE, {"stage": stage.name, "run_dirs": rel})
+    _fsync_dir(out)
+    finish_publish(out)
+
+
+def finish_publish(out: str | os.PathLike) -> bool:
+    """Complete the publishing that ``out``'s ``.publishing.json`` records (the caller holds ``out``'s lock);
+    idempotent, so a kill in here is finished by the next call. False when there was nothing to finish."""
+    out = Path(out)
+    marker = out / PUBLISH_FILE
+    if not marker.is_file():
+        return False
+    m = read_json(marker)
+    ok = (isinstance(m, dict) and isinstance(m.get("stage"), str) and m["stage"].startswith(STAGE_PREFIX)
+          and "/" not in m["stage"] and isinstance(m.get("run_dirs"), list)
+          and all(isinstance(r, str) and ".." not in Path(r).parts and not Path(r).is_absolute() for r in m["run_dirs"]))
+    if not ok:  # written by publish() atomically, so only a hand edit gets here
+        raise UsageError(f"{marker} is not a publishing record of slvit-fast ({m!r}); the run in {str(out)!r} "
+                         f"cannot be finished: train again")
+    stage = out / m["stage"]
+    if stage.is_dir():  # else every file was moved in (the stage goes only after that): just drop the record
+        _move_in(stage, out, [out / r for r in m["run_dirs"]])
+        shutil.rmtree(stage, ignore_errors=True)
+    marker.unlink()
+    _fsync_dir(out)
+    return True
+
+
+def _move_in(stage: Path, out: Path, run_dirs: list[Path]) -> None:
+    """The moves of :func:`publish`, safe to repeat after a kill: an old ``run.json`` is removed only while its
+    replacement is still staged (a repeat must not delete a new one already moved in), the new ones last."""
+    if out not in run_dirs:  # per-type run folders replace a single run at out's level (review 10)
+        (out / RUN_FILE).unlink(missing_ok=True)
+    staged_runs = {d: stage / d.relative_to(out) for d in run_dirs}
+    for d, s in staged_runs.items():
+        if (s / RUN_FILE).is_file():
+            (d / RUN_FILE).unlink(missing_ok=True)
     for src in sorted(p for p in stage.rglob("*") if p.is_file() and p.name != RUN_FILE):
         dst = out / src.relative_to(stage)
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst)
     for d in sorted(staged_runs):
-        dst = out / d.relative_to(stage)
-        dst.mkdir(parents=True, exist_ok=True)
-        os.replace(d / RUN_FILE, dst / RUN_FILE)
-        _fsync_dir(dst)
-    shutil.rmtree(stage, ignore_errors=True)
+        d.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(d)  # the files moved in above are durable before the run.json that pins them
+        if (staged_runs[d] / RUN_FILE).is_file():
+            os.replace(staged_runs[d] / RUN_FILE, d / RUN_FILE)
+            _fsync_dir(d)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -207,22 +252,52 @@ def _lock_path(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
+def _try_lock(folder: Path) -> Iterator[bool]:
+    """Hold ``folder``'s exclusive lock for the block if no one else does; yields whether it got it."""
+    with open(_lock_path(folder), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def locked_out(out: str | os.PathLike) -> Iterator[Path]:
-    """Create ``out`` and hold an exclusive lock on it for the block; another holder is a UsageError."""
+    """Create ``out`` and hold an exclusive lock on it for the block; another holder is a UsageError. A
+    publishing an earlier run was killed in is finished first (:func:`finish_publish`)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    with open(_lock_path(out), "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with _try_lock(out) as got:
+        if not got:
             raise UsageError(f"another slvit-fast run is writing {str(out)!r} right now (it holds "
-                             f"{_lock_path(out)}); wait for it to finish or pass another --out") from None
-        try:
-            yield out
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+                             f"{_lock_path(out)}); wait for it to finish or pass another --out")
+        if finish_publish(out):
+            log.warning("finished publishing the run an interrupted 'slvit-fast train' had committed in %s", out)
+        yield out
+
+
+def _finish_interrupted(folder: Path) -> None:
+    """``evaluate``: roll forward a publishing killed after its commit point (``folder`` or its parent, the
+    demo's OUT, holds the record) - what the next ``train`` would do first. Not while a training run holds the
+    lock (it is publishing right now), nor where the lock cannot be opened (a read-only copy: evaluate then
+    reports what it finds)."""
+    for o in (folder, folder.parent):
+        if o.is_dir() and (o / PUBLISH_FILE).is_file():
+            try:
+                with _try_lock(o) as got:
+                    if got and finish_publish(o):
+                        log.warning("finished publishing the run an interrupted 'slvit-fast train' had committed "
+                                    "in %s", o)
+            except OSError as e:
+                log.warning("%s records a run whose publishing was interrupted, but it cannot be finished here "
+                            "(%s)", o, e)
 
 
 def _being_written(folder: Path) -> bool:
@@ -270,6 +345,7 @@ def verify_files(run_dir: str | os.PathLike, run: dict[str, Any], weights_path: 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """``run.json`` of a run directory (a clear error when ``run_dir`` is not a complete one)."""
     d = Path(run_dir)
+    _finish_interrupted(d)  # first: a per-type folder may not exist yet when the publishing was killed
     if not d.is_dir():
         raise UsageError(f"run directory {str(d)!r} does not exist")
     if not (d / RUN_FILE).is_file():

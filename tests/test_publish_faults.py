@@ -1,0 +1,173 @@
+"""A `train` SIGKILLed while it publishes its run never loses a run: before the commit record the previous run
+is untouched, after it the next `evaluate` (or `train`) of the folder finishes the moves, and the result is
+bit-for-bit the run a fault-free process writes.
+
+Each case copies one finished run (the "old" run), lets tests/publish_fault_worker.py train a different run
+into the copy (another split seed) and kill itself at a chosen point of publishing, then evaluates the copy.
+The reference is the same worker run without a kill. resnet18 at 16x16, one exit epoch: ~5 s per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slvit_fast.workflow import RunSpec, UsageError, evaluate_run, run_experiment
+from slvit_fast.workflow import rundir as R
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "publish_fault_worker.py"
+N = 90
+
+
+def _spec(data: Path, out: Path, **kw) -> dict:
+    args = dict(data=str(data), backbone="resnet18", out=str(out), input_size=16, epochs=1, batch_size=16,
+                timing_repeats=1, early_stopping_patience=None)
+    args.update(kw)
+    return args
+
+
+NEW = {"seed": 1}  # the run that gets killed: another split than the old run's seed 0
+MULTI = {"seed": 1, "exit_types": ["slvit", "cnn"]}  # the demo's layout: OUT/slvit, OUT/cnn, the record in OUT
+
+
+def _worker(spec: dict, point: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(WORKER), json.dumps(spec), point], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _state(run_dir: Path) -> dict:
+    """What evaluate serves: run.json (with the sha256 of the policy and the backbone weights), the policy, and
+    the exits' tensors and metadata. The exits file's own sha256 is left out: safetensors writes its metadata
+    map in a per-process order, so equal exits from two processes differ in bytes (evaluate checks the file
+    against run.json's sha256 of it, which the cases below run)."""
+    from safetensors import safe_open
+
+    run = json.loads((run_dir / R.RUN_FILE).read_text())
+    run["sha256"].pop(R.EXITS_FILE)
+    with safe_open(str(run_dir / R.EXITS_FILE), "pt") as f:
+        exits = {k: hashlib.sha256(f.get_tensor(k).numpy().tobytes()).hexdigest() for k in f.keys()}
+        meta = f.metadata()
+    return {"run": run, "policy": (run_dir / R.POLICY_FILE).read_text(), "exits": exits, "meta": meta}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The data, the old run, and every worker's folder after it ran (fault-free references and kills), the
+    workers run two at a time."""
+    root = tmp_path_factory.mktemp("publish_faults")
+    rng = np.random.default_rng(0)
+    y = np.arange(N) % 3
+    x = rng.integers(0, 60, size=(N, 8, 8)).astype(np.uint8)
+    for k in range(3):
+        x[y == k, 2 * k:2 * k + 3, :] += 150
+    data = root / "data.npz"
+    np.savez(data, x=x, y=y)
+    old = root / "old"
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_experiment(RunSpec(**_spec(data, old)))
+    finally:
+        torch.set_num_threads(threads)
+    jobs = {("ref", "single"): (NEW, "none"), ("ref", "multi"): (MULTI, "none"),
+            **{(p, "single"): (NEW, p) for p in (R.PUBLISH_FILE, R.EXITS_FILE, R.REPORT_FILE, R.RUN_FILE, "cleanup")},
+            ("run.json", "multi"): (MULTI, R.RUN_FILE), ("policy.json", "multi"): (MULTI, R.POLICY_FILE)}
+    folders, codes, errs = {}, {}, {}
+    pending = list(jobs.items())
+    while pending:
+        batch, pending = pending[:2], pending[2:]
+        procs = {}
+        for key, (kw, point) in batch:
+            folders[key] = root / f"{key[0].strip('.')}-{key[1]}"
+            shutil.copytree(old, folders[key])
+            procs[key] = _worker(_spec(data, folders[key], **kw), point)
+        for key, p in procs.items():
+            _, errs[key] = p.communicate(timeout=600)
+            codes[key] = p.returncode
+    return {"data": data, "old": old, "folders": folders, "codes": codes, "errs": errs}
+
+
+def _killed(world, key, tmp_path: Path) -> Path:
+    """A copy of the folder the worker of ``key`` was killed in (the cases must not finish each other's)."""
+    assert world["codes"][key] == -signal.SIGKILL, (key, world["codes"][key], world["errs"][key][-2000:])
+    out = tmp_path / "out"
+    shutil.copytree(world["folders"][key], out)
+    return out
+
+
+def test_the_references_ran_to_the_end(world):
+    for layout in ("single", "multi"):
+        assert world["codes"][("ref", layout)] == 0, world["errs"][("ref", layout)][-2000:]
+    ref = world["folders"][("ref", "single")]
+    assert _state(ref) != _state(world["old"])  # the new run differs, so the cases below can tell them apart
+    assert not (ref / R.PUBLISH_FILE).exists() and not list(ref.glob(R.STAGE_PREFIX + "*"))
+
+
+def test_killed_before_the_commit_record_leaves_the_old_run(world, tmp_path):
+    out = _killed(world, (R.PUBLISH_FILE, "single"), tmp_path)
+    assert not (out / R.PUBLISH_FILE).exists()
+    assert _state(out) == _state(world["old"])
+    got = evaluate_run(out, world["data"], quiet=True)
+    want = evaluate_run(world["old"], world["data"], quiet=True)
+    assert got["early_exit"] == want["early_exit"]
+
+
+@pytest.mark.parametrize("point", [R.EXITS_FILE, R.REPORT_FILE, R.RUN_FILE, "cleanup"])
+def test_killed_after_the_commit_evaluate_finishes_the_new_run(world, point, caplog, tmp_path):
+    out = _killed(world, (point, "single"), tmp_path)
+    assert (out / R.PUBLISH_FILE).is_file()  # killed with the record in place
+    ref = world["folders"][("ref", "single")]
+    with caplog.at_level("WARNING", logger="slvit_fast.workflow"):
+        got = evaluate_run(out, world["data"], quiet=True)
+    assert "finished publishing the run an interrupted 'slvit-fast train' had committed" in caplog.text
+    assert _state(out) == _state(ref)  # bit-for-bit the fault-free run's (evaluate_run has just checked
+    # every file against the sha256 run.json pins)
+    assert got["early_exit"] == evaluate_run(ref, world["data"], quiet=True)["early_exit"]
+    assert not (out / R.PUBLISH_FILE).exists() and not list(out.glob(R.STAGE_PREFIX + "*"))
+
+
+@pytest.mark.parametrize("point", [R.RUN_FILE, R.POLICY_FILE])
+def test_killed_publishing_per_type_folders_is_finished_from_either_folder(world, point, tmp_path):
+    """The demo's layout: the record is in OUT, evaluate is pointed at OUT/slvit (which may not exist yet)."""
+    out = _killed(world, (point, "multi"), tmp_path)
+    ref = world["folders"][("ref", "multi")]
+    for t in ("slvit", "cnn"):
+        evaluate_run(out / t, world["data"], quiet=True)
+        assert _state(out / t) == _state(ref / t)
+    assert not (out / R.RUN_FILE).exists()  # the old single run at OUT's level was replaced by the folders
+    assert not (out / R.PUBLISH_FILE).exists() and not list(out.glob(R.STAGE_PREFIX + "*"))
+
+
+def test_the_next_train_finishes_an_interrupted_publish_first(tmp_path, world):
+    """A next train refused by its own checks leaves OUT as it is (the record stays); one that gets the lock
+    rolls the committed run forward before it stages anything."""
+    out = _killed(world, (R.EXITS_FILE, "single"), tmp_path)
+    with pytest.raises(UsageError, match="--fractions"):
+        run_experiment(RunSpec(**_spec(world["data"], out, fractions=[0.5])))  # refused before the lock
+    assert (out / R.PUBLISH_FILE).is_file()
+    with R.locked_out(out):
+        pass
+    assert not (out / R.PUBLISH_FILE).exists()
+    assert _state(out) == _state(world["folders"][("ref", "single")])
+
+
+def test_a_hand_edited_record_is_a_usage_error(tmp_path, world):
+    out = _killed(world, (R.EXITS_FILE, "single"), tmp_path)
+    (out / R.PUBLISH_FILE).write_text(json.dumps({"stage": "../elsewhere", "run_dirs": ["."]}))
+    with pytest.raises(UsageError, match="is not a publishing record of slvit-fast"):
+        with R.locked_out(out):
+            pass
