@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -171,6 +173,31 @@ def test_a_truncated_png_is_a_usage_error_when_decoded_also_in_a_loader(tmp_path
     with pytest.raises(UsageError, match=r"a/t\.png: not a readable image"):
         for _ in D.loader(ds, batch_size=3):
             pass
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_truncated_val_or_test_image_stops_train_before_out_is_touched(tmp_path, monkeypatch, split):
+    """The test split is first decoded by the evaluation after training: a truncated file there used to end a
+    finished training run with an error. Now every val/test image is decoded before OUT is created."""
+    from slvit_fast.workflow import RunSpec, run_experiment
+    from slvit_fast.workflow import experiment as E
+
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32), dtype=np.uint8)).save(root / c / f"{i}.png")
+    images = D.load_images(root)
+    splits = D.split_indices(len(images), 0.15, 0.15, 0)
+    victim = Path(images.files[splits[split][0]])
+    data = victim.read_bytes()
+    victim.write_bytes(data[:len(data) // 2])  # header fine, pixels cut off
+    monkeypatch.setattr(E, "train_exits", lambda *a, **k: pytest.fail("exit training started"))
+    out = tmp_path / "o"
+    with pytest.raises(UsageError, match=rf"{victim.parent.name}/{victim.name}: not a readable image"):
+        run_experiment(RunSpec(data=str(root), backbone="resnet18", out=str(out), input_size=16, epochs=1,
+                               batch_size=4, timing_repeats=1))
+    assert not out.exists()
 
 
 def test_cli_reports_a_non_image_file_in_one_line_with_exit_code_2(tmp_path, capsys):

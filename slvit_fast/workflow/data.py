@@ -169,6 +169,19 @@ def _check_headers(files: list[str]) -> None:
             raise _unreadable(path, e) from None
 
 
+def check_decodes(data: "Images", indices: Sequence[int]) -> int:
+    """Decode the images at ``indices`` of an image folder (a no-op for in-memory arrays) so that a file that
+    is truncated or otherwise undecodable past its header stops the run before training, not in the
+    evaluation after it (the workflow passes the validation and test splits: the training split is decoded
+    first thing by training itself). The number of files decoded."""
+    files = getattr(data, "files", None)
+    if files is None:
+        return 0
+    for i in indices:
+        _read_image(files[i])
+    return len(indices)
+
+
 def _read_image(path: str) -> torch.Tensor:
     """One image file as a (C, h, w) float in [0, 1]: 8-bit modes via RGB, high bit depths by their range."""
     from PIL import Image

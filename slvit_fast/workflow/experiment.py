@@ -341,6 +341,10 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
     prep = D.prepare(images, size, spec.val_fraction, spec.test_fraction, spec.seed,
                      *((D.IMAGENET_MEAN, D.IMAGENET_STD) if pretrained else (None, None)))
     _check_finetune_batches(spec, backbone, len(prep.splits["train"]))
+    t0 = time.perf_counter()
+    if D.check_decodes(images, prep.splits["val"] + prep.splits["test"]):
+        log.info("validation and test images decode (%d files, %.1f s)", len(prep.splits["val"]) + len(prep.splits["test"]),
+                 time.perf_counter() - t0)
     data_fp = _data_fingerprint_logged(images)
     run_dirs = {t: (out if len(spec.exit_types) == 1 else out / t) for t in spec.exit_types}
     # Everything the user can get wrong is checked: from here on OUT is written, by this run only.
