@@ -112,6 +112,21 @@ def test_a_second_run_into_a_locked_out_fails_at_once(npz, run_copy):
             evaluate_run(run_copy, npz, quiet=True)
 
 
+def test_a_per_type_run_and_a_run_into_its_folder_exclude_each_other(npz, run_copy):
+    """A demo-style run into OUT writes OUT/slvit and OUT/cnn: it holds their locks too, so it and a
+    `train --out OUT/slvit` never write one folder at the same time (whichever comes second fails at once)."""
+    (run_copy / "slvit").mkdir()
+    before = _snapshot(run_copy)
+    with open(run_copy / "slvit" / R.LOCK_FILE, "a+") as held:  # as `train --out OUT/slvit` holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UsageError, match=f"another slvit-fast run is writing '{run_copy / 'slvit'}' right now"):
+            run_experiment(_spec(npz, run_copy, exit_types=("slvit", "cnn")))
+    after = _snapshot(run_copy)
+    after.pop(f"slvit/{R.LOCK_FILE}"), after.pop(f"cnn/{R.LOCK_FILE}", None)
+    assert after == before
+    assert not list(run_copy.glob(R.STAGE_PREFIX + "*"))
+
+
 # -- one commit point ----------------------------------------------------------------------------------
 def test_a_run_killed_during_exit_training_leaves_the_previous_run_intact(npz, run_copy, monkeypatch):
     """The run is staged inside OUT and published at the end (review 10: deleting run.json up front threw the

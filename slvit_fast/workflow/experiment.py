@@ -33,6 +33,7 @@ are not the ones the run was trained on: the test split would then not be the he
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -350,7 +351,11 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
     # Everything the user can get wrong is checked: from here on OUT is written, by this run only.
     # The run is written into a staging folder and published at the end (rundir.publish): a run that fails or
     # is killed before that leaves the previous run in OUT as it was.
-    with R.locked_out(out):
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(R.locked_out(out))
+        for d in run_dirs.values():  # per-type folders too: `train --out OUT/slvit` must not write into a
+            if d != out:             # folder a demo run into OUT is writing, nor the other way round
+                locks.enter_context(R.locked_out(d))
         stage = R.stage_folder(out)
         try:
             reports = _train_and_write(spec, name, stage, run_dirs, out, images, prep, backbone, notes,
