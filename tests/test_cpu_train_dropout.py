@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from cpu_train_splits import split_fixture
 from kernel_cases import TOLERANCES, assert_paired_close, awkward_config, randomize_
-from slvit_fast import SLViTExit, reference
+from slvit_fast import SLViTConfig, SLViTExit, reference
 from slvit_fast.backends import cpu_backend
+from slvit_fast.exit_presets import PRESETS
 from slvit_fast.ops import cpp_ops
 
 reason = cpu_backend.BACKEND.unavailable_reason(torch.empty(1, 1, 1, 1))
@@ -128,20 +129,59 @@ RATES = dict(dropout=0.1, attention_dropout=0.2, head_dropout=0.3)
                                          ("nonsquare-patch", 1)])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_forward_and_every_gradient_with_the_same_masks(name, layers, batch, split):
-    c = awkward_config(name, num_layers=layers, **RATES)
-    m = randomize_(SLViTExit(c, backend="cpu"))
+    check_same_masks(awkward_config(name, num_layers=layers, **RATES), batch)
+
+
+def test_preset_size_with_the_same_masks(split):
+    """A paper-size exit (1568-wide head input, 1024-wide MLP, 12 heads): masks indexed past the small cases."""
+    check_same_masks(SLViTConfig(**{**PRESETS["resnet152-b1"].slvit_kwargs(), **RATES}), 5)
+
+
+def inputs(c, batch):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, c.in_channels, *c.feature_size, generator=g)
     extra = torch.randn(batch, c.extra_tokens, c.extra_dim, generator=g) if c.extra_tokens else None
-    grad_out = torch.randn(batch, c.num_outputs, generator=g)
-    seed = 0x1234_5678_9ABC
+    return x, extra, torch.randn(batch, c.num_outputs, generator=g)
+
+
+def check_same_masks(c, batch, seed=0x1234_5678_9ABC):
+    m = randomize_(SLViTExit(c, backend="cpu"))
+    x, extra, grad_out = inputs(c, batch)
     out, grads = run_ours(m, x, extra, seed, grad_out)
+    compare_with_reference(m, x, extra, seed, grad_out, out, grads)
+
+
+def compare_with_reference(m, x, extra, seed, grad_out, out, grads):
+    """``out`` / ``grads`` (x, extra, then every parameter in op order) against the reference with the
+    kernel's masks for ``seed``, float64, at the paired tolerance."""
     ref, ref_grads = run_reference(m, x, extra, seed, grad_out)
     ref32, ref32_grads = run_reference(m, x, extra, seed, grad_out, torch.float32)
     close("output", out, ref32, ref)
-    names = ["x"] + (["extra"] if extra is not None else []) + reference.param_names(c)
+    names = ["x"] + (["extra"] if extra is not None else []) + reference.param_names(m.config)
+    assert len(grads) == len(names) == len(ref_grads)
     for n, a, b32, b in zip(names, grads, ref32_grads, ref_grads):
         close(f"grad {n}", a, b32, b)
+
+
+@pytest.mark.parametrize("name,layers", [("grid16x9-h24-extra", 1), ("N49-nores-relu", 2)])
+def test_module_dropout_uses_config_rates_and_torch_seed(name, layers):
+    """Through the module (SLViTExit.forward -> cpu_backend): in training mode the op gets the config's three
+    rates in their own slots and a seed drawn from torch's default generator (one
+    ``torch.randint(0, 2**62)`` per call, so ``torch.manual_seed`` reproduces a step). The rates differ
+    (0.1 / 0.2 / 0.3), so rates in the wrong slots, a seed not from torch's generator, or masks that
+    differ between forward and backward fail on the output or a gradient."""
+    c = awkward_config(name, num_layers=layers, **RATES)
+    m = randomize_(SLViTExit(c, backend="cpu")).train()
+    x, extra, grad_out = inputs(c, 3)
+    xi = x.clone().requires_grad_(True)
+    ei = None if extra is None else extra.clone().requires_grad_(True)
+    torch.manual_seed(1234)
+    out = m(xi, ei)
+    out.backward(grad_out)
+    grads = [xi.grad] + ([ei.grad] if ei is not None else []) + [p.grad for p in reference.module_params(m)]
+    torch.manual_seed(1234)
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # the draw the module made
+    compare_with_reference(m, x, extra, seed, grad_out, out.detach(), grads)
 
 
 def test_masks_are_reproducible_and_follow_the_seed():
