@@ -51,7 +51,10 @@ def test_half_inputs(dtype):
     check_inference(awkward_config("N49-h8-kd36"), 3, dtype)
 
 
-@pytest.mark.parametrize("preset", ["resnet152-b1", "inceptionv3-b1-cifar100", "audiocsrnet-av1"])
+PRESETS_3 = ["resnet152-b1", "inceptionv3-b1-cifar100", "audiocsrnet-av1"]
+
+
+@pytest.mark.parametrize("preset", PRESETS_3)
 @pytest.mark.parametrize("batch", [1, 5])
 def test_presets(preset, batch, threads):
     check_inference(SLViTConfig(**PRESETS[preset].slvit_kwargs()), batch)
@@ -104,6 +107,27 @@ def test_generic_path_switch(monkeypatch):
         generic = m(x, extra)
     torch.testing.assert_close(fused, generic, rtol=1e-5, atol=1e-5)
     check_inference(c, 3)  # generic path (env still set) against the reference
+
+
+GENERIC_CASES = [(n, b) for n in AWKWARD_CONFIGS for b in (1, 7)] + [(p, 1) for p in PRESETS_3]
+
+
+def case_config(name):
+    return SLViTConfig(**PRESETS[name].slvit_kwargs()) if name in PRESETS else awkward_config(name)
+
+
+@pytest.mark.parametrize("name,batch", GENERIC_CASES)
+def test_generic_path_matches_reference(name, batch, threads, monkeypatch):
+    """SLVIT_FAST_CPU_FUSED=0: the ATen/BLAS inference path runs (the fused kernel does not) and matches the
+    reference, batch 1 (the entry point declines too) and 7, on 1 and 2 threads."""
+    c = case_config(name)
+    m = randomize_(SLViTExit(c, backend="cpu")).eval()
+    x = torch.randn(batch, c.in_channels, *c.feature_size)
+    extra = torch.randn(batch, c.extra_tokens, c.extra_dim) if c.extra_tokens else None
+    assert fused_was_used(m, x, extra)  # the probe sees the fused path when it is on
+    monkeypatch.setenv("SLVIT_FAST_CPU_FUSED", "0")
+    assert not fused_was_used(m, x, extra)
+    check_inference(c, batch)
 
 
 def test_calls_with_different_shapes_reuse_the_workspace_safely(threads):
