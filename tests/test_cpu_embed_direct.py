@@ -74,8 +74,27 @@ def test_channels_last_input(name, embed):
 @pytest.mark.parametrize("name", ["pw2-20px", "pw4-68px-nonsquare", "ph3-pw4-20px", "pw8-40px-extra", "pw2-K-blocks",
                                   "pw5-panels"])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_training_forward_and_gradients(name, batch, embed, threads):
+def test_training_forward_and_gradients(name, batch, embed, threads, monkeypatch):
+    # These problems are under the training path's one-thread size (slvit_cpu.cpp, train_split): forced
+    # one-sample chunks make 2 threads run 2 workers (at batch 5; batch 1 has one sample, one worker).
+    monkeypatch.setenv("SLVIT_FAST_CPU_TRAIN_CHUNK", "1")
     check_against_reference("cpu", config(name), batch, torch.float32, backward=True)
+    seen = training_threads(config(name), batch)
+    assert seen == min(threads, batch), f"{seen} thread(s) ran the training chunks on {threads} threads, batch {batch}"
+
+
+def training_threads(cfg, batch, tries=3) -> int:
+    """Threads that ran the training kernels' chunks (their profiler ranges) in a forward + backward; the most
+    of ``tries`` steps (workers claim chunks from a shared counter: a late-waking worker may find none)."""
+    m = randomize_(SLViTExit(cfg, backend="cpu"))
+    x = torch.randn(batch, cfg.in_channels, *cfg.feature_size, requires_grad=True)
+    seen = 0
+    for _ in range(tries):
+        with torch.autograd.profiler.profile() as prof:
+            m(x, _extra(cfg, batch)).sum().backward()
+        seen = max(seen, len({e.thread for e in prof.function_events
+                              if e.name.startswith(("slvit_cpu::fwd_", "slvit_cpu::bwd_"))}))
+    return seen
 
 
 def _module(cfg):
