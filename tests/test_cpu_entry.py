@@ -117,6 +117,67 @@ def test_two_modules_and_extra_tokens():
     check(m1, r1, x1, expect_validation=False)
 
 
+def new_exit_at_a_freed_address(config, freed: set, tries: int = 5000) -> SLViTExit:
+    """A new SLViTExit whose object sits at one of the ``freed`` addresses when the allocator allows: bare
+    objects are allocated (``SLViTExit(...)``'s first step, ``__new__``) and held until one lands on a freed
+    address, which is then initialized - the case made certain instead of left to the allocator's mood."""
+    held = []
+    m = SLViTExit.__new__(SLViTExit)
+    while freed and id(m) not in freed and len(held) < tries:
+        held.append(m)
+        m = SLViTExit.__new__(SLViTExit)
+    m.__init__(config, backend="cpu")
+    return m
+
+
+def test_new_module_at_a_freed_address_gets_its_own_weights(one_thread):
+    """The entry's cache is keyed on the module object's address (checked against a weak reference): a new
+    module at a freed module's address - whose parameters may also sit in the old tensors' memory, with
+    the same versions - must be validated afresh and compute with its own weights. Rounds alternate a
+    config with the same shapes (much of a key could match) and one with other shapes."""
+    import gc
+    import weakref
+
+    cycle = [awkward_config("N25-h1"), awkward_config("N25-h1"), awkward_config("N49-h8-kd36")]
+    xs = [torch.randn(1, c.in_channels, *c.feature_size) for c in cycle]
+    freed, reused, last = set(), 0, {}
+    for i in range(20):
+        c, x = cycle[i % 3], xs[i % 3]
+        m = randomize_(new_exit_at_a_freed_address(c, freed), seed=i).eval()
+        ref = SLViTExit(c, backend="torch").eval()  # check() loads m's weights into it
+        reused += id(m) in freed
+        out = check(m, ref, x, expect_validation=True)
+        shape = c.feature_size
+        assert shape not in last or not torch.allclose(out, last[shape]), f"round {i}: an earlier exit's output"
+        last[shape] = out
+        f0, v0 = stats()  # its entry is kept while it lives: no re-validation, the same bits
+        with torch.no_grad():
+            assert torch.equal(m(x), out) and stats() == (f0 + 1, v0)
+        freed.add(id(m))
+        alive = weakref.ref(m)
+        del m, ref
+        if alive() is not None:  # freed by its reference count so far; a full collection costs ~0.1 s a round
+            gc.collect()
+        assert alive() is None
+    assert reused >= 10, f"only {reused} of 20 exits were built at a freed exit's address: the case was not tested"
+
+
+def test_data_copy_without_version_bump_is_seen():
+    """``p.data.copy_(w)`` on an ordinary Parameter bumps no version counter the entry's key sees (``.data``
+    has its own), so the key still matches: the kept pointers must read the new values."""
+    c = awkward_config("N49-h8-kd36")
+    m, ref = pair(c)
+    x = torch.randn(1, c.in_channels, *c.feature_size)
+    before = check(m, ref, x)
+    for p in (m.patch_embed.weight, m.layers[0].attn.q.weight, m.layers[0].mlp.fc2.bias, m.head.fc1.weight):
+        version = p._version
+        p.data.copy_(torch.randn_like(p) * 0.3)
+        assert p._version == version  # the case under test: no version bump
+        after = check(m, ref, x, expect_validation=False)  # same key: not re-validated, yet the new values
+        assert not torch.allclose(after, before)
+        before = after
+
+
 def test_declines_when_the_op_path_must_run():
     from torch.utils.flop_counter import FlopCounterMode
 
