@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -153,21 +154,100 @@ def test_killed_publishing_per_type_folders_is_finished_from_either_folder(world
 
 
 def test_the_next_train_finishes_an_interrupted_publish_first(tmp_path, world):
-    """A next train refused by its own checks leaves OUT as it is (the record stays); one that gets the lock
-    rolls the committed run forward before it stages anything."""
+    """train rolls the committed run forward before it reads anything (its --weights may be that run's
+    backbone.safetensors: review 11), even when its own checks then refuse it."""
     out = _killed(world, (R.EXITS_FILE, "single"), tmp_path)
     with pytest.raises(UsageError, match="--fractions"):
-        run_experiment(RunSpec(**_spec(world["data"], out, fractions=[0.5])))  # refused before the lock
-    assert (out / R.PUBLISH_FILE).is_file()
-    with R.locked_out(out):
-        pass
+        run_experiment(RunSpec(**_spec(world["data"], out, fractions=[0.5])))
     assert not (out / R.PUBLISH_FILE).exists()
     assert _state(out) == _state(world["folders"][("ref", "single")])
+
+
+def test_evaluate_dot_in_a_per_type_folder_finishes_the_publish(tmp_path, world, monkeypatch):
+    """`cd OUT/slvit && slvit-fast evaluate --run .`: Path('.').parent is '.', so the record in OUT was not
+    found and the run looked lost (review 11)."""
+    out = _killed(world, (R.RUN_FILE, "multi"), tmp_path)
+    (out / "slvit").mkdir(exist_ok=True)
+    monkeypatch.chdir(out / "slvit")
+    evaluate_run(".", world["data"], quiet=True)
+    assert _state(out / "slvit") == _state(world["folders"][("ref", "multi")] / "slvit")
+
+
+def test_a_record_that_cannot_be_finished_is_not_served_as_the_old_run(tmp_path, world, monkeypatch):
+    """A read-only copy (here: the lock cannot be opened) killed right after the record still holds the old
+    run's files: evaluate must not serve them as the folder's run (review 11)."""
+    out = _killed(world, (R.EXITS_FILE, "single"), tmp_path)
+
+    def read_only(folder):
+        raise PermissionError(13, "Read-only file system", str(folder))
+
+    monkeypatch.setattr(R, "_try_lock", read_only)
+    with pytest.raises(UsageError, match="holds a finished run whose publishing was interrupted.*with write access"):
+        evaluate_run(out, world["data"], quiet=True)
+
+
+def test_evaluate_reads_the_run_under_the_publish_lock(tmp_path, world, monkeypatch):
+    """While evaluate checks and loads a run's files, a publish into the folder waits (review 11: one run's
+    exits were loaded with the other run's split)."""
+    import fcntl
+
+    from slvit_fast import presets
+
+    out = tmp_path / "out"
+    shutil.copytree(world["old"], out)
+    real_build, seen = presets.build, []
+
+    def build(*args, **kwargs):
+        with open(out / R.PUBLISH_LOCK, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append("publish could run")
+            except BlockingIOError:
+                seen.append("publish waits")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(presets, "build", build)
+    evaluate_run(out, world["data"], quiet=True)
+    assert seen == ["publish waits"]
+
+
+def test_a_destination_on_another_file_system_fails_before_the_commit(tmp_path, world):
+    """A per-type run folder symlinked to another file system: the first rename after the commit failed, and
+    every roll-forward after it - both runs lost (review 11). Now found before anything is deleted."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the temporary folder")
+    out = tmp_path / "out"
+    shutil.copytree(world["old"], out)
+    elsewhere = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        (out / "slvit").symlink_to(elsewhere)
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and "lock" not in p.name}
+        with pytest.raises(UsageError, match=r"is on another file system than .*\(a symlink\?\)"):
+            run_experiment(RunSpec(**_spec(world["data"], out, **MULTI)))
+        after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and "lock" not in p.name}
+        assert after == before  # the old run's files as they were, no record
+        assert not list(out.glob(R.STAGE_PREFIX + "*"))
+        evaluate_run(out, world["data"], quiet=True)
+    finally:
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
+def test_a_killed_record_write_leaves_no_temporary_file_behind(tmp_path, world):
+    out = tmp_path / "out"
+    shutil.copytree(world["old"], out)
+    tmp = out / f".{R.PUBLISH_FILE}.abc123.tmp"  # what a kill inside the record's atomic write leaves
+    tmp.write_text("{")
+    run_experiment(RunSpec(**_spec(world["data"], out)))
+    assert not tmp.exists()
 
 
 def test_a_hand_edited_record_is_a_usage_error(tmp_path, world):
     out = _killed(world, (R.EXITS_FILE, "single"), tmp_path)
     (out / R.PUBLISH_FILE).write_text(json.dumps({"stage": "../elsewhere", "run_dirs": ["."]}))
-    with pytest.raises(UsageError, match="is not a publishing record of slvit-fast"):
+    with pytest.raises(UsageError, match=r"is not a publishing record of slvit-fast.*delete .*\.publishing\.json"):
         with R.locked_out(out):
             pass
+    (out / R.PUBLISH_FILE).write_text('{"stage": ')  # truncated: the same way out
+    with pytest.raises(UsageError, match=r"is not readable .*delete .*\.publishing\.json"):
+        evaluate_run(out, world["data"], quiet=True)

@@ -34,7 +34,7 @@ import torch
 
 from .experiment import RunSpec, run_experiment
 from .report import fmt_count, format_comparison
-from .rundir import PLOT_FILE
+from .rundir import PLOT_FILE, PUBLISH_FILE, RUN_FILE
 
 __all__ = ["run_digits_demo", "write_digits"]
 
@@ -83,7 +83,9 @@ def _demo_data(out: Path, samples: int | None, seed: int) -> Path:
                     return path
         except Exception:  # unreadable: rewrite it
             pass
-        if any((d / "run.json").is_file() for d in (out, *(p for p in out.iterdir() if p.is_dir()))):
+        # a finished run: a run.json, or a publishing record (a run killed while it was moved in: review 11)
+        if (out / PUBLISH_FILE).is_file() or any((d / RUN_FILE).is_file()
+                                                 for d in (out, *(p for p in out.iterdir() if p.is_dir()))):
             digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:12]
             path = out / f"digits-{digest}.npz"
     return _save_npz(path, x, y)

@@ -274,7 +274,7 @@ def _weights_for(spec: RunSpec, out: Path, backbone, notes: list[str], finetuned
     return _Weights(R.BACKBONE_FILE, True, _sha256_logged(out / R.BACKBONE_FILE))
 
 
-def _pinned_weights(w: _Weights, out: Path, backbone) -> _Weights:
+def _pinned_weights(w: _Weights, out: Path, backbone, final_out: Path) -> _Weights:
     """``w``, checked just before a run.json pins it: the user's weights file must still be the one the
     backbone was built from (hashed before it was read); if it was replaced during the run, the backbone
     the exits were trained on is saved to the run instead."""
@@ -283,7 +283,7 @@ def _pinned_weights(w: _Weights, out: Path, backbone) -> _Weights:
     if Path(w.ref).is_file() and _sha256_logged(w.ref) == w.sha256:
         return w
     log.warning("%s changed while this run was training: the backbone the exits were trained on is saved to %s "
-                "and run.json references that instead", w.ref, out / R.BACKBONE_FILE)
+                "and run.json references that instead", w.ref, final_out / R.BACKBONE_FILE)
     _save_backbone(backbone, out / R.BACKBONE_FILE)
     return _Weights(R.BACKBONE_FILE, True, _sha256_logged(out / R.BACKBONE_FILE))
 
@@ -328,6 +328,7 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
     t_start = time.perf_counter()
     torch.manual_seed(spec.seed)
     out = Path(spec.out)
+    R.roll_forward(out)  # a run killed while publishing into OUT is OUT's run: in place before --weights is read
     images = D.load_images(spec.data)
     size = int(spec.input_size or presets.DEFAULT_INPUT[name][-1])
     K = images.num_classes
@@ -446,7 +447,7 @@ def _train_and_write(spec: RunSpec, name: str, out: Path, final_dirs: dict[str, 
         R.write_json(run_dir / R.REPORT_FILE, report)
         _plot({exit_type: report}, run_dir / R.PLOT_FILE,
                     spec.plot_title or f"{name} on {Path(spec.data).name}: {exit_type} exits")
-        weights = _pinned_weights(weights, out, backbone)
+        weights = _pinned_weights(weights, out, backbone, final_out)
         ref = os.path.relpath(out / weights.ref, run_dir) if weights.saved else weights.ref
         R.write_run(run_dir, {  # last: the commit point, pinning the files above by content
             "format": R.RUN_FORMAT, "backbone": name, "weights": ref, "weights_given": spec.weights, "num_outputs": K,
@@ -484,9 +485,22 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, timing_rep
     that changed); ``report["data_matches_run"]`` is False (with a warning) when ``data`` are not the
     data the run was trained on, None when an old run recorded no fingerprint of them."""
     d = Path(run_dir)
-    run = R.read_run(d)
-    weights = _resolve_weights(d, run["weights"])
-    R.verify_files(d, run, weights)
+    # every file of the run is checked and loaded under the folder's publish lock (a train publishing into it
+    # waits): never one run's exits with another run's split
+    with R.reading_run(d) as run:
+        weights = _resolve_weights(d, run["weights"])
+        R.verify_files(d, run, weights)
+        try:
+            net = presets.build(run["backbone"], exit_type=run["exit_type"], num_outputs=run["num_outputs"],
+                                weights=weights, input_size=run["input_size"], exit_paths=run["exit_paths"])
+            net.load_exits(str(d / R.EXITS_FILE))
+        except (ValueError, FileNotFoundError) as e:  # a damaged or edited run directory (CheckpointMismatchError too)
+            raise UsageError(f"cannot rebuild the run in {d}: {str(e).splitlines()[0]}") from None
+        policy = R.policy_from_json(R.read_json(d / R.POLICY_FILE), str(d / R.POLICY_FILE))
+    try:
+        policy.check(net.num_exits)
+    except ValueError as e:
+        raise UsageError(f"{d / R.POLICY_FILE}: {e}") from None
     images = D.load_images(data)
     if images.classes != run["classes"]:
         raise UsageError(f"{data} has classes {images.classes[:10]}, the run in {d} was trained on {run['classes'][:10]}")
@@ -506,17 +520,6 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, timing_rep
             matches = False
     prep = D.prepare(images, run["input_size"], info["val_fraction"], info["test_fraction"], info["seed"],
                      info["mean"], info["std"])
-    try:
-        net = presets.build(run["backbone"], exit_type=run["exit_type"], num_outputs=run["num_outputs"],
-                            weights=weights, input_size=run["input_size"], exit_paths=run["exit_paths"])
-        net.load_exits(str(d / R.EXITS_FILE))
-    except (ValueError, FileNotFoundError) as e:  # a damaged or edited run directory (CheckpointMismatchError too)
-        raise UsageError(f"cannot rebuild the run in {d}: {str(e).splitlines()[0]}") from None
-    policy = R.policy_from_json(R.read_json(d / R.POLICY_FILE), str(d / R.POLICY_FILE))
-    try:
-        policy.check(net.num_exits)
-    except ValueError as e:
-        raise UsageError(f"{d / R.POLICY_FILE}: {e}") from None
     test = D.loader(prep.subset("test"), run["training"]["batch_size"])
     report = evaluate(net, policy, test, input_size=(3, run["input_size"], run["input_size"]),
                       timing_repeats=timing_repeats, prepare_inference=prepare_inference)

@@ -48,7 +48,8 @@ log = logging.getLogger("slvit_fast.workflow")
 
 __all__ = ["RUN_FILE", "REPORT_FILE", "POLICY_FILE", "EXITS_FILE", "BACKBONE_FILE", "PLOT_FILE", "LOCK_FILE",
            "RUN_FORMAT", "write_json", "write_run", "read_json", "policy_to_json", "policy_from_json", "read_run",
-           "file_sha256", "dataset_fingerprint", "locked_out", "verify_files", "finish_publish", "PUBLISH_FILE"]
+           "file_sha256", "dataset_fingerprint", "locked_out", "verify_files", "finish_publish", "PUBLISH_FILE",
+           "roll_forward", "reading_run"]
 
 RUN_FILE, REPORT_FILE, POLICY_FILE = "run.json", "report.json", "policy.json"
 EXITS_FILE, BACKBONE_FILE, PLOT_FILE = "exits.safetensors", "backbone.safetensors", "accuracy_flops.png"
@@ -81,12 +82,30 @@ def stage_folder(out: Path) -> Path:
     holder of the lock can have made them, and it is gone) are removed first."""
     for old in out.glob(STAGE_PREFIX + "*"):
         shutil.rmtree(old, ignore_errors=True)
+    for tmp in out.glob(f".{PUBLISH_FILE}.*.tmp"):  # a record's atomic write killed before its rename
+        tmp.unlink(missing_ok=True)
     stage = out / f"{STAGE_PREFIX}{os.getpid()}"
     stage.mkdir()
     return stage
 
 
 PUBLISH_FILE = ".publishing.json"
+PUBLISH_LOCK = ".slvit-fast.publish.lock"
+
+
+@contextlib.contextmanager
+def _publish_locks(folders: list[Path], shared: bool = False) -> Iterator[None]:
+    """``flock`` on each folder's publish lock (exclusive: files are being moved in; shared: ``evaluate`` reads
+    a run's files), waiting for the other side. Publishing is short; so is reading a run's files. A folder
+    where the lock file cannot be created is read-only: nothing can publish into it, so it needs no lock."""
+    with contextlib.ExitStack() as stack:
+        for folder in sorted({Path(f) for f in folders}):
+            try:
+                f = stack.enter_context(open(folder / PUBLISH_LOCK, "a+"))
+            except OSError:
+                continue
+            fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
 
 
 def publish(stage: Path, out: Path, run_dirs: list[Path]) -> None:
@@ -95,38 +114,90 @@ def publish(stage: Path, out: Path, run_dirs: list[Path]) -> None:
 
     The commit point is ``OUT/.publishing.json`` (written atomically, naming the staging folder and the run
     folders): once it exists the new run *is* the run of ``out``, and whoever next locks ``out`` (the next
-    ``train``, or ``evaluate`` finding no ``run.json``) finishes moving it in (:func:`finish_publish`), so a
-    kill at any point of the moves leaves either the previous run or, after that roll-forward, the new one
-    - never a folder without a usable run. Nothing but ``run.json`` files is deleted: a file this run does
-    not write (an earlier run's backbone.safetensors) may be what its --weights or another run.json
-    references (review 10), and run.json pins what each run uses."""
+    ``train``, or ``evaluate``) finishes moving it in (:func:`finish_publish`), so a kill at any point of the
+    moves leaves either the previous run or, after that roll-forward, the new one - never a folder without a
+    usable run. What could make a move fail (a destination that is a folder, or on another file system than
+    the staging folder - a symlinked run folder) is checked before the commit. The moves run under the
+    folders' publish locks, which ``evaluate`` holds shared while it reads a run's files, so it never reads
+    half of one run and half of another. Nothing but ``run.json`` files is deleted: a file this run does not
+    write (an earlier run's backbone.safetensors) may be what its --weights or another run.json references
+    (review 10), and run.json pins what each run uses."""
     rel = sorted({d.relative_to(out).as_posix() for d in run_dirs})
-    write_json(out / PUBLISH_FILE, {"stage": stage.name, "run_dirs": rel})
-    _fsync_dir(out)
-    finish_publish(out)
+    with _publish_locks([out, *run_dirs]):
+        try:
+            _check_movable(stage, out, run_dirs)
+            write_json(out / PUBLISH_FILE, {"stage": stage.name, "run_dirs": rel})
+        except BaseException:
+            if not (out / PUBLISH_FILE).is_file():  # not committed: the previous run stays, this one is dropped
+                shutil.rmtree(stage, ignore_errors=True)
+            raise
+        _fsync_dir(out)
+        _finish(out, *_read_record(out))
+
+
+def _check_movable(stage: Path, out: Path, run_dirs: list[Path]) -> None:
+    """Every staged file can be renamed into place: no folder in its way, the same file system (review 11: a
+    run folder symlinked to another file system failed the first rename after the commit, and every later
+    roll-forward with it)."""
+    dev = os.stat(stage).st_dev
+    for src in (p for p in stage.rglob("*") if p.is_file()):
+        dst = out / src.relative_to(stage)
+        parent = dst.parent
+        while not parent.exists():  # created by the move, inside an existing folder
+            parent = parent.parent
+        if dst.is_dir():
+            raise UsageError(f"cannot publish the run into {str(out)!r}: {dst} is a folder; move it away and train again")
+        if os.stat(parent).st_dev != dev:
+            raise UsageError(f"cannot publish the run into {str(out)!r}: {parent} is on another file system than "
+                             f"{out} (a symlink?), so its files cannot be moved in atomically; pass an --out whose "
+                             f"folders are on one file system")
+
+
+def _read_record(out: Path) -> tuple[Path, list[Path]]:
+    marker = out / PUBLISH_FILE
+    way_out = (f"delete {marker} and {out / (STAGE_PREFIX + '*')} (the interrupted run is then lost; the folder "
+               f"keeps what it holds now) and train again")
+    try:
+        m = json.loads(marker.read_text())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{marker} is not readable ({e}): the interrupted run in {str(out)!r} cannot be finished; "
+                         f"{way_out}") from None
+    ok = (isinstance(m, dict) and isinstance(m.get("stage"), str) and m["stage"].startswith(STAGE_PREFIX)
+          and "/" not in m["stage"] and isinstance(m.get("run_dirs"), list)
+          and all(isinstance(r, str) and ".." not in Path(r).parts and not Path(r).is_absolute() for r in m["run_dirs"]))
+    if not ok:  # written by publish() atomically, so only a hand edit gets here
+        raise UsageError(f"{marker} is not a publishing record of slvit-fast ({m!r}): the interrupted run in "
+                         f"{str(out)!r} cannot be finished; {way_out}")
+    return out / m["stage"], [out / r for r in m["run_dirs"]]
 
 
 def finish_publish(out: str | os.PathLike) -> bool:
     """Complete the publishing that ``out``'s ``.publishing.json`` records (the caller holds ``out``'s lock);
     idempotent, so a kill in here is finished by the next call. False when there was nothing to finish."""
     out = Path(out)
-    marker = out / PUBLISH_FILE
-    if not marker.is_file():
+    if not (out / PUBLISH_FILE).is_file():
         return False
-    m = read_json(marker)
-    ok = (isinstance(m, dict) and isinstance(m.get("stage"), str) and m["stage"].startswith(STAGE_PREFIX)
-          and "/" not in m["stage"] and isinstance(m.get("run_dirs"), list)
-          and all(isinstance(r, str) and ".." not in Path(r).parts and not Path(r).is_absolute() for r in m["run_dirs"]))
-    if not ok:  # written by publish() atomically, so only a hand edit gets here
-        raise UsageError(f"{marker} is not a publishing record of slvit-fast ({m!r}); the run in {str(out)!r} "
-                         f"cannot be finished: train again")
-    stage = out / m["stage"]
-    if stage.is_dir():  # else every file was moved in (the stage goes only after that): just drop the record
-        _move_in(stage, out, [out / r for r in m["run_dirs"]])
-        shutil.rmtree(stage, ignore_errors=True)
-    marker.unlink()
-    _fsync_dir(out)
+    stage, run_dirs = _read_record(out)
+    with _publish_locks([out, *run_dirs]):
+        if not stage.is_dir():
+            log.warning("%s records a run whose staging folder %s is gone (removed by hand?): there is nothing to "
+                        "finish; the folder keeps what it holds", out / PUBLISH_FILE, stage.name)
+        _finish(out, stage, run_dirs)
     return True
+
+
+def _finish(out: Path, stage: Path, run_dirs: list[Path]) -> None:
+    """Publishing's moves, the stage removed and the record last (with the publish locks held)."""
+    if stage.is_dir():  # else every file was moved in (the stage goes only after that)
+        try:
+            _move_in(stage, out, run_dirs)
+        except OSError as e:
+            raise UsageError(f"cannot finish publishing the run {out / PUBLISH_FILE} records: {e}; fix that and run "
+                             f"'slvit-fast evaluate' or 'train' on {str(out)!r} again to finish it (its files are in "
+                             f"{stage})") from None
+        shutil.rmtree(stage, ignore_errors=True)
+    (out / PUBLISH_FILE).unlink()
+    _fsync_dir(out)
 
 
 def _move_in(stage: Path, out: Path, run_dirs: list[Path]) -> None:
@@ -283,12 +354,23 @@ def locked_out(out: str | os.PathLike) -> Iterator[Path]:
         yield out
 
 
-def _finish_interrupted(folder: Path) -> None:
-    """``evaluate``: roll forward a publishing killed after its commit point (``folder`` or its parent, the
-    demo's OUT, holds the record) - what the next ``train`` would do first. Not while a training run holds the
-    lock (it is publishing right now), nor where the lock cannot be opened (a read-only copy: evaluate then
-    reports what it finds)."""
-    for o in (folder, folder.parent):
+def _record_holders(folder: Path) -> list[Path]:
+    """The folders whose publishing record could name ``folder``: itself and its parent (the demo's OUT), as
+    given and resolved (``--run .`` or a symlink: review 11)."""
+    out = []
+    for f in (folder, folder.resolve()):
+        for o in (f, f.parent):
+            if o not in out:
+                out.append(o)
+    return out
+
+
+def roll_forward(folder: str | os.PathLike) -> None:
+    """``evaluate`` (and ``train`` before it reads anything from its --out): finish a publishing that was killed
+    after its commit point, as the next ``train`` into that folder would first. Not while a training run holds
+    the folder's lock (it is publishing right now, or has just finished it), nor where the lock cannot be
+    taken (a read-only copy: :func:`reading_run` then refuses to serve the superseded run)."""
+    for o in _record_holders(Path(folder)):
         if o.is_dir() and (o / PUBLISH_FILE).is_file():
             try:
                 with _try_lock(o) as got:
@@ -298,6 +380,25 @@ def _finish_interrupted(folder: Path) -> None:
             except OSError as e:
                 log.warning("%s records a run whose publishing was interrupted, but it cannot be finished here "
                             "(%s)", o, e)
+
+
+@contextlib.contextmanager
+def reading_run(run_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """``run.json`` of ``run_dir`` (:func:`read_run`) with the folder's publish lock held shared for the block:
+    read and load every file of the run inside it, and a ``train`` publishing into the folder waits - without
+    it, a publish between the hash checks and the loads served one run's exits with the other's split
+    (review 11). A pending publishing record that could not be rolled forward is an error: its run is the
+    folder's run, not the files in place."""
+    d = Path(run_dir)
+    roll_forward(d)
+    with _publish_locks([d] if d.is_dir() else []):  # (publish locks every run folder it writes, not just OUT)
+        for o in _record_holders(d):
+            if o.is_dir() and (o / PUBLISH_FILE).is_file():
+                raise UsageError(f"{str(o)!r} holds a finished run whose publishing was interrupted "
+                                 f"({o / PUBLISH_FILE}); its files are not all in place yet. Evaluate it once with "
+                                 f"write access to {str(o)!r} (that finishes the move), or wait for the training "
+                                 f"run that holds it to finish")
+        yield read_run(d)
 
 
 def _being_written(folder: Path) -> bool:
@@ -345,7 +446,6 @@ def verify_files(run_dir: str | os.PathLike, run: dict[str, Any], weights_path: 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """``run.json`` of a run directory (a clear error when ``run_dir`` is not a complete one)."""
     d = Path(run_dir)
-    _finish_interrupted(d)  # first: a per-type folder may not exist yet when the publishing was killed
     if not d.is_dir():
         raise UsageError(f"run directory {str(d)!r} does not exist")
     if not (d / RUN_FILE).is_file():
