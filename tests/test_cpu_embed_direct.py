@@ -122,6 +122,27 @@ def test_strided_and_expanded_inputs_give_the_bits_of_a_copy(name, nthreads, mon
             assert torch.equal(m(x, extra), m(x.contiguous(), extra))
 
 
+@pytest.mark.parametrize("name", DIRECT + ["resnet152-b1"])
+@pytest.mark.parametrize("nthreads", [2, 3])
+def test_a_teams_batch_1_packing_gives_the_bits_of_a_batch_of_2(name, nthreads, monkeypatch):
+    """A team's one-sample call packs the embedding weight one row block at a time into a small buffer (the
+    whole packed weight was written cold on every call); a batch of 2 packs it whole. Same tiles, same sums:
+    the sample must come out with the same bits either way (2 and 3 workers: other channel shares; embed
+    dims 13-36 and resnet152-b1's 32: one to three row blocks, uneven heights)."""
+    from slvit_fast.exit_presets import PRESETS
+
+    monkeypatch.setenv("SLVIT_FAST_CPU_PARALLEL_MIN_FLOPS", "0")
+    monkeypatch.setenv("SLVIT_FAST_CPU_ISA", "avx512")
+    cfg = SLViTConfig(**PRESETS[name].slvit_kwargs()) if name in PRESETS else config(name)
+    m = _module(cfg)
+    x = torch.randn(2, cfg.in_channels, *cfg.feature_size)
+    extra = _extra(cfg, 2)
+    with num_threads(nthreads), torch.no_grad():
+        one = m(x[:1], None if extra is None else extra[:1])
+        two = m(x, extra)
+    assert torch.equal(one[0], two[0])
+
+
 def _auto_and_panels(cfg, batch, train, monkeypatch):
     m = _module(cfg).train(train)
     x = torch.randn(batch, cfg.in_channels, *cfg.feature_size)

@@ -403,6 +403,8 @@ Plan make_plan(const Problem& p, int nw) {
 struct ChunkBufs {
   float *PT, *add, *tA, *tB, *y, *t1, *q, *k, *v, *o, *h;
   const float* wk = nullptr;  // Plan::direct: the repacked patch-embedding weight
+  float* wk_unpacked = nullptr;  // team: wk not packed yet - each worker's first embedding call packs its
+                                // channels (PackSource), hiding the weight's fetch behind its FMAs
 };
 
 ChunkBufs chunk_bufs(const Problem& p, const Plan& pl, float* base) {
@@ -636,10 +638,15 @@ float* encode_chunk(const Problem& p, const Plan& pl, const ChunkBufs& cb, float
           for (int64_t s = 0; s < S; ++s)
             for (int64_t m = 0; m < p.Np; ++m) o[s * p.T + m] = a[s * p.T + m];
       }
-      if (c0 < c1)
+      if (c0 < c1) {
+        // one sample: pack row block by row block into this worker's own slice of the wk region (d rows
+        // of its channels, >= one block); more: into wk itself, for the samples after the first
+        const PackSource pack{p.Wp, p.C, c0, c1, cb.wk_unpacked, S == 1 ? cb.wk_unpacked + d * c0 * pp : nullptr};
         for (int64_t s = 0; s < S; ++s)
           embed_rows_avx512(p.x + (b0 + s) * p.sb + c0 * p.sc, p.sc, p.sh, c1 - c0, p.ph, p.pw, p.gh, p.gw,
-                            cb.wk + c0 * pp, P, d, dst + s * p.T, ld, first ? cb.add + s * p.T : nullptr, ld, nullptr);
+                            cb.wk + c0 * pp, P, d, dst + s * p.T, ld, first ? cb.add + s * p.T : nullptr, ld, nullptr,
+                            s == 0 && cb.wk_unpacked ? &pack : nullptr);
+      }
       mark(t, kPhEmbed);
     }
     if (t.n > 1) {
@@ -1129,21 +1136,23 @@ void run_isa(const Problem& p, float* ws, int nw, int wlo, int whi, Barrier* bar
       for (int64_t c = p.B; c < pl.ldf; ++c) flat[k * pl.ldf + c] = 0.f;
 
   // Plan::direct: the patch-embedding weight in (e, c, i, j) order. A team member packs the channels
-  // it multiplies (its K share) and reads no others; workers that own samples need every channel, so
-  // they pack a share each and meet at a barrier.
+  // it multiplies (its K share) and reads no others, inside its embedding call (row block by row block,
+  // the next block's weight fetched while the current one multiplies); workers that own samples need
+  // every channel, so they pack a share each here and meet at a barrier.
   float* wk = scratch + nw * (pl.n_scratch + pl.n_ypriv);
-  if (pl.direct) {
+  if (pl.direct && !pl.team) {  // (a team's members pack inside their embedding calls: ChunkBufs::wk_unpacked)
     for (int w = wlo; w < whi; ++w) {
       int64_t c0, c1;
       Team::share(p.C, w, nw, c0, c1);
       pack_patch_weight(p.Wp, p.d, p.C, p.ph, p.pw, c0, c1, wk);
     }
-    if (pl.team) mark(team, kPhGather); else end_phase(team, kPhGather);
+    end_phase(team, kPhGather);
   }
 
   if (pl.team) {
     ChunkBufs cb = chunk_bufs(p, pl, sets);
     cb.wk = wk;
+    if (pl.direct) cb.wk_unpacked = wk;
     // only worker 0 reads `add` (in its embedding partial, with no barrier before it): it builds it
     if (wlo == 0) build_add(p, pl, cb.add, 0, p.d);
     // worker w's d x ld buffer: its embedding partial sum, later (fold) its LayerNorm output, which it

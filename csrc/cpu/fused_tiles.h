@@ -83,10 +83,25 @@ void gather_px4_avx512(const float* const src[16], const int64_t sc[16], const i
 //                             (+ bias[e]) (+ add[e*ld_add + gy*gw + gx])   for e < d and every patch;
 // Wk is the weight in (e, c, i, j) order (pack_patch_weight), offset to the range's first channel.
 // Only the patch columns [0, gh*gw) of out are written; add / bias may be nullptr.
+//
+// pack (optional): Wk is not packed yet; the call packs channels [pack->c0, pack->c1) of pack->Wp itself,
+// one row block at a time just before that block's tiles (row blocks outermost): into pack->block when
+// given - one block's rows, a buffer that stays in cache (a team's batch-1 call: writing the whole packed
+// weight cold on every call was most of the repack's cost) - else into pack->Wk_all (Wk == pack->Wk_all +
+// c0*ph*pw, ldw == P), for later calls without pack. Same results as packing first: every output is summed
+// in the same order.
+struct PackSource {
+  const float* Wp;  // d x P, PyTorch's order (pack_patch_weight)
+  int64_t C, c0, c1;
+  float* Wk_all;
+  // non-null: room for one row block's packed rows (12 x (c1 - c0)*ph*pw floats, or d rows when d < 12),
+  // packed into instead of Wk_all (which is then left unwritten: for a caller that embeds one sample)
+  float* block = nullptr;
+};
 bool embed_rows_wanted(int64_t pw, int64_t row_pixels);
 void embed_rows_avx512(const float* x, int64_t sc, int64_t sh, int64_t nc, int64_t ph, int64_t pw, int64_t gh,
                        int64_t gw, const float* Wk, int64_t ldw, int64_t d, float* out, int64_t ldo, const float* add,
-                       int64_t ld_add, const float* bias);
+                       int64_t ld_add, const float* bias, const PackSource* pack = nullptr);
 // Channels [c0, c1) of the patch embedding's weight Wp (d x P, PyTorch's (e, (i, j, c)) order, P =
 // ph*pw*C) into Wk (d x P) in (e, (c, i, j)) order: Wk[e*P + (c*ph + i)*pw + j] = Wp[e*P + (i*pw + j)*C + c].
 void pack_patch_weight(const float* Wp, int64_t d, int64_t C, int64_t ph, int64_t pw, int64_t c0, int64_t c1,

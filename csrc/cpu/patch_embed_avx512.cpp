@@ -14,7 +14,8 @@
 //
 // The weight is used in (e, c, i, j) order, pw consecutive floats per (e, c, i); PyTorch stores the
 // embedding's weight as (e, (i, j, c)) (the reference's patch order), so each call repacks it
-// (pack_patch_weight; d*P floats, a transpose per output row) - nothing is cached across calls.
+// (pack_patch_weight; d*P floats, a transpose per output row) - nothing is cached across calls. A team's
+// one-sample call packs inside embed_rows_avx512 instead, one row block at a time (PackSource).
 //
 // Like fused_avx512.cpp: compiled for AVX-512F/DQ/BW/VL, entered only after the run-time check, no
 // std:: templates, internal linkage except the two entry points.
@@ -210,14 +211,16 @@ constexpr int kMaxRows = 12;  // 12 rows x 2 vectors = 24 accumulators (of 32 zm
 // empty (its FMAs still run: 2.5M vs 1.75M at 16x16, C = 256).
 bool embed_rows_wanted(int64_t pw, int64_t row_pixels) { return (pw == 2 || pw == 4 || pw == 8) && row_pixels > 16; }
 
-void pack_patch_weight(const float* Wp, int64_t d, int64_t C, int64_t ph, int64_t pw, int64_t c0, int64_t c1,
-                       float* Wk) {
+// Rows [0, rows) of Wp, channels [c0, c1), into dst: row e at dst + e * ld_dst, channel c's ph*pw weights
+// at (c - dst_c0) * ph * pw (pack_patch_weight: ld_dst = P, dst_c0 = 0).
+static void pack_rows(const float* Wp, int64_t rows, int64_t C, int64_t ph, int64_t pw, int64_t c0, int64_t c1,
+                      float* dst_base, int64_t ld_dst, int64_t dst_c0) {
   const int64_t pp = ph * pw, P = pp * C;
   // per output row a (pp x C) -> (C x pp) transpose: 16 x 16 register transposes where pp is a
   // multiple of 16 (4 x 4 patches and up), scalar for the rest
-  for (int64_t e = 0; e < d; ++e) {
+  for (int64_t e = 0; e < rows; ++e) {
     const float* src = Wp + e * P;
-    float* dst = Wk + e * P;
+    float* dst = dst_base + e * ld_dst - dst_c0 * pp;
     int64_t cv = c0;
     if (pp % 16 == 0)
       for (; cv + 16 <= c1; cv += 16)
@@ -227,9 +230,55 @@ void pack_patch_weight(const float* Wp, int64_t d, int64_t C, int64_t ph, int64_
   }
 }
 
+void pack_patch_weight(const float* Wp, int64_t d, int64_t C, int64_t ph, int64_t pw, int64_t c0, int64_t c1,
+                       float* Wk) {
+  pack_rows(Wp, d, C, ph, pw, c0, c1, Wk, ph * pw * C, 0);
+}
+
+// embed_rows_avx512 with pack (one channel block): row blocks outermost, each block's weight rows packed
+// just before its tiles - into pack.block, one block's rows rewritten per block, or else into their place in
+// Wk_all. Why: at batch 1 the whole packed weight (128 KB per worker for resnet152-b1) was written cold on
+// every call - its lines evicted by the rest of the call since the last one - and the repack cost 52-59k
+// cycles per worker; into a block buffer that stays in L1/L2 the repack and the embedding together take
+// 95-113k instead of 133-151k (2 threads, interleaved runs; prefetching the next block's weight rows into L2
+// during the current block's tiles changed nothing measurable and is not done). Each tile is the one the loop
+// in embed_rows_avx512 would run (same k order), so the results are its bits.
+static void embed_rows_packing(Rows& r, int64_t px, int64_t gh, int64_t gw, int64_t ph, int64_t pw, int64_t d,
+                               int64_t nblk, const float* x, float* out, int64_t ldo, const float* add,
+                               int64_t ld_add, const float* bias, const PackSource& pk) {
+  const int64_t pp = ph * pw, P = pp * pk.C, nc = pk.c1 - pk.c0;
+  const float* Wk = r.w;  // with no block buffer: this channel range's packed rows, row e at Wk + e * ldw
+  r.nc = nc;
+  if (pk.block) r.ldw = nc * pp;
+  for (int64_t b = 0, e0 = 0; b < nblk; ++b) {
+    const int64_t e1 = d * (b + 1) / nblk;  // the balanced row blocks of embed_rows_avx512
+    if (pk.block) {
+      pack_rows(pk.Wp + e0 * P, e1 - e0, pk.C, ph, pw, pk.c0, pk.c1, pk.block, nc * pp, pk.c0);
+      r.w = pk.block;
+    } else {
+      pack_rows(pk.Wp + e0 * P, e1 - e0, pk.C, ph, pw, pk.c0, pk.c1, pk.Wk_all + e0 * P, P, 0);
+      r.w = Wk + e0 * r.ldw;
+    }
+    r.ahead = b == 0;
+    for (int64_t gy = 0; gy < gh; ++gy) {
+      for (int64_t p0 = 0; p0 < px; p0 += 32) {
+        const int64_t n0 = imin(16, px - p0), n1 = px - p0 > 16 ? imin(16, px - p0 - 16) : 0;
+        r.x = x + gy * ph * r.sh + p0;
+        r.m0 = (__mmask16)((1u << n0) - 1u);
+        r.m1 = (__mmask16)((1u << n1) - 1u);
+        const int ntok0 = (int)(n0 / pw), ntok1 = (int)(n1 / pw);
+        const int64_t col = gy * gw + p0 / pw;
+        pick_tile(pw, (int)(e1 - e0))(r, out + e0 * ldo + col, ldo, add ? add + e0 * ld_add + col : nullptr, ld_add,
+                                      bias ? bias + e0 : nullptr, ntok0, ntok1, false);
+      }
+    }
+    e0 = e1;
+  }
+}
+
 void embed_rows_avx512(const float* x, int64_t sc, int64_t sh, int64_t nc, int64_t ph, int64_t pw, int64_t gh,
                        int64_t gw, const float* Wk, int64_t ldw, int64_t d, float* out, int64_t ldo, const float* add,
-                       int64_t ld_add, const float* bias) {
+                       int64_t ld_add, const float* bias, const PackSource* pack) {
   const int64_t px = gw * pw;
   const int64_t nblk = (d + kMaxRows - 1) / kMaxRows;
   Rows r;
@@ -242,6 +291,14 @@ void embed_rows_avx512(const float* x, int64_t sc, int64_t sh, int64_t nc, int64
   // was streamed again for every 32 pixels: 1.7x slower than the panels there), and each block's sums
   // are added into out (the blocked float32 sum of fused_tiles.h's Shape::k_block).
   const int64_t cb = ph >= kKBlock ? 1 : kKBlock / ph;
+  if (pack) {
+    if (nc <= cb) {  // one channel block: pack row block by row block (the usual case: a team's K share)
+      r.w = Wk;
+      embed_rows_packing(r, px, gh, gw, ph, pw, d, nblk, x, out, ldo, add, ld_add, bias, *pack);
+      return;
+    }
+    pack_patch_weight(pack->Wp, d, pack->C, ph, pw, pack->c0, pack->c1, pack->Wk_all);
+  }
   for (int64_t k0 = 0; k0 < nc; k0 += cb) {
     r.nc = imin(cb, nc - k0);
     const bool acc_out = k0 > 0;
