@@ -85,7 +85,8 @@ def world(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     jobs = {("ref", "single"): (NEW, "none"), ("ref", "multi"): (MULTI, "none"),
-            **{(p, "single"): (NEW, p) for p in (R.PUBLISH_FILE, R.EXITS_FILE, R.REPORT_FILE, R.RUN_FILE, "cleanup")},
+            **{(p, "single"): (NEW, p) for p in (R.PUBLISH_FILE, R.BACKBONE_FILE, R.EXITS_FILE, R.REPORT_FILE,
+                                                 R.RUN_FILE, "cleanup")},
             ("run.json", "multi"): (MULTI, R.RUN_FILE), ("policy.json", "multi"): (MULTI, R.POLICY_FILE)}
     folders, codes, errs = {}, {}, {}
     pending = list(jobs.items())
@@ -127,7 +128,7 @@ def test_killed_before_the_commit_record_leaves_the_old_run(world, tmp_path):
     assert got["early_exit"] == want["early_exit"]
 
 
-@pytest.mark.parametrize("point", [R.EXITS_FILE, R.REPORT_FILE, R.RUN_FILE, "cleanup"])
+@pytest.mark.parametrize("point", [R.BACKBONE_FILE, R.EXITS_FILE, R.REPORT_FILE, R.RUN_FILE, "cleanup"])
 def test_killed_after_the_commit_evaluate_finishes_the_new_run(world, point, caplog, tmp_path):
     out = _killed(world, (point, "single"), tmp_path)
     assert (out / R.PUBLISH_FILE).is_file()  # killed with the record in place
@@ -223,7 +224,7 @@ def test_a_destination_on_another_file_system_fails_before_the_commit(tmp_path, 
     try:
         (out / "slvit").symlink_to(elsewhere)
         before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and "lock" not in p.name}
-        with pytest.raises(UsageError, match=r"is on another file system than .*\(a symlink\?\)"):
+        with pytest.raises(UsageError, match=r"a file cannot be moved from .* into .*another file system or mount"):
             run_experiment(RunSpec(**_spec(world["data"], out, **MULTI)))
         after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and "lock" not in p.name}
         assert after == before  # the old run's files as they were, no record
@@ -251,3 +252,91 @@ def test_a_hand_edited_record_is_a_usage_error(tmp_path, world):
     (out / R.PUBLISH_FILE).write_text('{"stage": ')  # truncated: the same way out
     with pytest.raises(UsageError, match=r"is not readable .*delete .*\.publishing\.json"):
         evaluate_run(out, world["data"], quiet=True)
+
+
+# -- review 11, second round -------------------------------------------------------------------------------
+def test_evaluate_of_a_per_type_run_holds_the_folder_of_its_backbone(tmp_path, world, monkeypatch):
+    """OUT/slvit pins ../backbone.safetensors: a single-type train publishing into OUT (which replaces that
+    file) must wait while evaluate of OUT/slvit checks and loads it (it served a mixed backbone)."""
+    import fcntl
+
+    from slvit_fast import presets
+
+    out = tmp_path / "out"
+    shutil.copytree(world["folders"][("ref", "multi")], out)
+    real_build, seen = presets.build, []
+
+    def build(*args, **kwargs):
+        with open(out / R.PUBLISH_LOCK, "a+") as f:  # what a publish into OUT takes
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append("publish could run")
+            except BlockingIOError:
+                seen.append("publish waits")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(presets, "build", build)
+    evaluate_run(out / "slvit", world["data"], quiet=True)
+    assert seen == ["publish waits"]
+
+
+def test_train_rolls_the_folder_of_its_weights_forward_first(tmp_path, world):
+    """--weights X/backbone.safetensors where X holds a committed, not yet moved-in run: the new run must be
+    trained on X's committed backbone, not the superseded one still in place (review 11)."""
+    x = _killed(world, (R.BACKBONE_FILE, "single"), tmp_path)
+    ref = world["folders"][("ref", "single")]
+    assert R.file_sha256(x / R.BACKBONE_FILE) != R.file_sha256(ref / R.BACKBONE_FILE)  # the old one, in place
+    out = tmp_path / "new"
+    run_experiment(RunSpec(**_spec(world["data"], out, weights=str(x / R.BACKBONE_FILE))))
+    assert not (x / R.PUBLISH_FILE).exists()
+    assert R.read_run(out)["sha256"]["weights"] == R.file_sha256(ref / R.BACKBONE_FILE)
+    evaluate_run(x, world["data"], quiet=True)  # and X is its committed run, untouched since
+    assert _state(x) == _state(ref)
+
+
+def test_a_parents_record_for_another_folder_does_not_hold_up_evaluate(tmp_path, world):
+    """A single-type run committed into OUT (its record names OUT only) says nothing about OUT/exp2."""
+    out = _killed(world, (R.EXITS_FILE, "single"), tmp_path)
+    shutil.copytree(world["old"], out / "exp2")
+    with R.reading_run(out / "exp2") as run:  # (without rolling OUT forward: not this folder's business)
+        assert run["data"]["seed"] == 0
+    assert (out / R.PUBLISH_FILE).is_file()
+
+
+def test_evaluate_of_a_folder_that_is_no_run_leaves_no_lock_file(tmp_path, world):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("x")
+    with pytest.raises(UsageError, match="is not a run directory"):
+        evaluate_run(folder, world["data"], quiet=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def test_a_wait_for_a_held_lock_says_what_it_waits_for(tmp_path, caplog):
+    import fcntl
+    import threading
+
+    path = tmp_path / R.PUBLISH_LOCK
+    with open(path, "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        threading.Timer(0.3, fcntl.flock, (holder, fcntl.LOCK_UN)).start()
+        with open(path, "a+") as f, caplog.at_level("WARNING", logger="slvit_fast.workflow"):
+            R._flock_waiting(f, fcntl.LOCK_SH, str(path))  # returns once the holder lets go
+    assert f"waiting for {path} (another slvit-fast train or evaluate is publishing into it)" in caplog.text
+
+
+def test_the_demo_does_not_overwrite_the_data_of_a_run_in_progress(tmp_path):
+    """A second demo into OUT while the first trains (its lock held, no run.json yet) rewrote OUT/digits.npz
+    before it was refused (review 11): it now writes a content-named file."""
+    import fcntl
+
+    from slvit_fast.workflow import digits
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    first = digits._demo_data(out, 120, 0)
+    before = first.read_bytes()
+    with open(out / R.LOCK_FILE, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        second = digits._demo_data(out, 150, 0)
+    assert first.read_bytes() == before and second != first and second.name.startswith("digits-")

@@ -34,7 +34,7 @@ import torch
 
 from .experiment import RunSpec, run_experiment
 from .report import fmt_count, format_comparison
-from .rundir import PLOT_FILE, PUBLISH_FILE, RUN_FILE
+from .rundir import PLOT_FILE, PUBLISH_FILE, RUN_FILE, STAGE_PREFIX, being_written
 
 __all__ = ["run_digits_demo", "write_digits"]
 
@@ -83,9 +83,10 @@ def _demo_data(out: Path, samples: int | None, seed: int) -> Path:
                     return path
         except Exception:  # unreadable: rewrite it
             pass
-        # a finished run: a run.json, or a publishing record (a run killed while it was moved in: review 11)
-        if (out / PUBLISH_FILE).is_file() or any((d / RUN_FILE).is_file()
-                                                 for d in (out, *(p for p in out.iterdir() if p.is_dir()))):
+        # a run that may need this file: finished (a run.json), committed (a publishing record: killed while it
+        # was moved in) or running now (the folder's lock held, or a staging folder) - review 11
+        if ((out / PUBLISH_FILE).is_file() or being_written(out) or any(out.glob(STAGE_PREFIX + "*"))
+                or any((d / RUN_FILE).is_file() for d in (out, *(p for p in out.iterdir() if p.is_dir())))):
             digest = hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:12]
             path = out / f"digits-{digest}.npz"
     return _save_npz(path, x, y)

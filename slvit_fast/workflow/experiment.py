@@ -328,7 +328,11 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
     t_start = time.perf_counter()
     torch.manual_seed(spec.seed)
     out = Path(spec.out)
-    R.roll_forward(out)  # a run killed while publishing into OUT is OUT's run: in place before --weights is read
+    # a run killed while publishing into OUT (or into the folder of --weights) is that folder's run: in place
+    # before --weights is read
+    R.roll_forward(out)
+    if spec.weights is not None and Path(spec.weights).is_file():
+        R.roll_forward(Path(spec.weights).parent)
     images = D.load_images(spec.data)
     size = int(spec.input_size or presets.DEFAULT_INPUT[name][-1])
     K = images.num_classes
@@ -487,8 +491,11 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, timing_rep
     d = Path(run_dir)
     # every file of the run is checked and loaded under the folder's publish lock (a train publishing into it
     # waits): never one run's exits with another run's split
-    with R.reading_run(d) as run:
+    with R.reading_run(d) as run, contextlib.ExitStack() as other:
         weights = _resolve_weights(d, run["weights"])
+        if weights is not None and Path(weights).is_file() and Path(weights).resolve().parent not in (
+                d.resolve(), d.resolve().parent):  # a weights file in another run folder (held from here)
+            other.enter_context(R.shared_lock(Path(weights).resolve().parent))
         R.verify_files(d, run, weights)
         try:
             net = presets.build(run["backbone"], exit_type=run["exit_type"], num_outputs=run["num_outputs"],

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -49,7 +50,7 @@ log = logging.getLogger("slvit_fast.workflow")
 __all__ = ["RUN_FILE", "REPORT_FILE", "POLICY_FILE", "EXITS_FILE", "BACKBONE_FILE", "PLOT_FILE", "LOCK_FILE",
            "RUN_FORMAT", "write_json", "write_run", "read_json", "policy_to_json", "policy_from_json", "read_run",
            "file_sha256", "dataset_fingerprint", "locked_out", "verify_files", "finish_publish", "PUBLISH_FILE",
-           "roll_forward", "reading_run"]
+           "roll_forward", "reading_run", "shared_lock"]
 
 RUN_FILE, REPORT_FILE, POLICY_FILE = "run.json", "report.json", "policy.json"
 EXITS_FILE, BACKBONE_FILE, PLOT_FILE = "exits.safetensors", "backbone.safetensors", "accuracy_flops.png"
@@ -93,18 +94,42 @@ PUBLISH_FILE = ".publishing.json"
 PUBLISH_LOCK = ".slvit-fast.publish.lock"
 
 
+def _open_lock(path: Path, create: bool = True):
+    """A lock file, for ``flock`` (which needs no write access): created if missing (``create``), else opened
+    read-only when it is not ours to write (another user's file in a shared folder: review 11). None when it
+    does not exist and may not or cannot be created (a read-only folder: nothing can publish there)."""
+    try:
+        return open(path, "a+") if create or path.exists() else None
+    except OSError:
+        try:
+            return open(path, "rb")
+        except OSError:
+            return None
+
+
+def _flock_waiting(f, how: int, what: str) -> None:
+    """``flock`` that says what it waits for when it has to (a stopped process holding it would otherwise be a
+    silent hang: review 11)."""
+    try:
+        fcntl.flock(f, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.warning("waiting for %s (another slvit-fast train or evaluate is %s it)", what,
+                    "reading" if how == fcntl.LOCK_EX else "publishing into")
+        fcntl.flock(f, how)
+
+
 @contextlib.contextmanager
 def _publish_locks(folders: list[Path], shared: bool = False) -> Iterator[None]:
     """``flock`` on each folder's publish lock (exclusive: files are being moved in; shared: ``evaluate`` reads
     a run's files), waiting for the other side. Publishing is short; so is reading a run's files. A folder
-    where the lock file cannot be created is read-only: nothing can publish into it, so it needs no lock."""
+    where the lock file cannot be opened or created is read-only: nothing can publish into it."""
     with contextlib.ExitStack() as stack:
         for folder in sorted({Path(f) for f in folders}):
-            try:
-                f = stack.enter_context(open(folder / PUBLISH_LOCK, "a+"))
-            except OSError:
+            f = _open_lock(folder / PUBLISH_LOCK)
+            if f is None:
                 continue
-            fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            stack.enter_context(f)
+            _flock_waiting(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX, str(folder / PUBLISH_LOCK))
         yield
 
 
@@ -136,27 +161,41 @@ def publish(stage: Path, out: Path, run_dirs: list[Path]) -> None:
 
 
 def _check_movable(stage: Path, out: Path, run_dirs: list[Path]) -> None:
-    """Every staged file can be renamed into place: no folder in its way, the same file system (review 11: a
-    run folder symlinked to another file system failed the first rename after the commit, and every later
-    roll-forward with it)."""
-    dev = os.stat(stage).st_dev
+    """Every staged file can be renamed into place: no folder in its way, and a rename from the staging folder
+    into each destination folder works (review 11: a run folder symlinked to another file system, or a bind
+    mount of the same one - equal st_dev, still EXDEV - failed the first rename after the commit)."""
+    targets: set[Path] = set()
     for src in (p for p in stage.rglob("*") if p.is_file()):
         dst = out / src.relative_to(stage)
+        if dst.is_dir():
+            raise UsageError(f"cannot publish the run into {str(out)!r}: {dst} is a folder; move it away and train again")
         parent = dst.parent
         while not parent.exists():  # created by the move, inside an existing folder
             parent = parent.parent
-        if dst.is_dir():
-            raise UsageError(f"cannot publish the run into {str(out)!r}: {dst} is a folder; move it away and train again")
-        if os.stat(parent).st_dev != dev:
-            raise UsageError(f"cannot publish the run into {str(out)!r}: {parent} is on another file system than "
-                             f"{out} (a symlink?), so its files cannot be moved in atomically; pass an --out whose "
-                             f"folders are on one file system")
+        targets.add(parent)
+    probe = stage / ".rename-probe"
+    for folder in sorted(targets):
+        probe.write_bytes(b"")
+        moved = folder / f".slvit-fast.rename-probe-{os.getpid()}"
+        try:
+            os.rename(probe, moved)
+        except OSError as e:
+            probe.unlink(missing_ok=True)
+            raise UsageError(f"cannot publish the run into {str(out)!r}: a file cannot be moved from {stage} into "
+                             f"{folder} ({e.strerror}: another file system or mount - a symlink?), so the run "
+                             f"could not be put in place atomically; pass an --out whose folders are on one file "
+                             f"system") from None
+        moved.unlink(missing_ok=True)
+
+
+def _way_out(out: Path) -> str:
+    return (f"delete {out / PUBLISH_FILE} and {out / (STAGE_PREFIX + '*')} (the interrupted run is then lost; the "
+            f"folder keeps what it holds now) and train again")
 
 
 def _read_record(out: Path) -> tuple[Path, list[Path]]:
     marker = out / PUBLISH_FILE
-    way_out = (f"delete {marker} and {out / (STAGE_PREFIX + '*')} (the interrupted run is then lost; the folder "
-               f"keeps what it holds now) and train again")
+    way_out = _way_out(out)
     try:
         m = json.loads(marker.read_text())
     except (OSError, ValueError) as e:
@@ -194,7 +233,7 @@ def _finish(out: Path, stage: Path, run_dirs: list[Path]) -> None:
         except OSError as e:
             raise UsageError(f"cannot finish publishing the run {out / PUBLISH_FILE} records: {e}; fix that and run "
                              f"'slvit-fast evaluate' or 'train' on {str(out)!r} again to finish it (its files are in "
-                             f"{stage})") from None
+                             f"{stage}), or {_way_out(out)}") from None
         shutil.rmtree(stage, ignore_errors=True)
     (out / PUBLISH_FILE).unlink()
     _fsync_dir(out)
@@ -324,8 +363,12 @@ def _lock_path(folder: Path) -> Path:
 
 @contextlib.contextmanager
 def _try_lock(folder: Path) -> Iterator[bool]:
-    """Hold ``folder``'s exclusive lock for the block if no one else does; yields whether it got it."""
-    with open(_lock_path(folder), "a+") as f:
+    """Hold ``folder``'s exclusive lock for the block if no one else does; yields whether it got it (OSError:
+    the lock file can be neither created nor opened)."""
+    f = _open_lock(_lock_path(folder))
+    if f is None:
+        raise PermissionError(13, "cannot open or create the lock file", str(_lock_path(folder)))
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -344,14 +387,25 @@ def locked_out(out: str | os.PathLike) -> Iterator[Path]:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with _try_lock(out) as got:
-        if not got:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = _open_lock(_lock_path(out))
+    except OSError as e:
+        raise UsageError(f"cannot create --out {str(out)!r} ({e.strerror})") from None
+    if f is None:
+        raise UsageError(f"cannot open or create {_lock_path(out)}: is --out {str(out)!r} writable?")
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             raise UsageError(f"another slvit-fast run is writing {str(out)!r} right now (it holds "
-                             f"{_lock_path(out)}); wait for it to finish or pass another --out")
-        if finish_publish(out):
-            log.warning("finished publishing the run an interrupted 'slvit-fast train' had committed in %s", out)
-        yield out
+                             f"{_lock_path(out)}); wait for it to finish or pass another --out") from None
+        try:
+            if finish_publish(out):
+                log.warning("finished publishing the run an interrupted 'slvit-fast train' had committed in %s", out)
+            yield out
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _record_holders(folder: Path) -> list[Path]:
@@ -365,21 +419,56 @@ def _record_holders(folder: Path) -> list[Path]:
     return out
 
 
-def roll_forward(folder: str | os.PathLike) -> None:
-    """``evaluate`` (and ``train`` before it reads anything from its --out): finish a publishing that was killed
-    after its commit point, as the next ``train`` into that folder would first. Not while a training run holds
-    the folder's lock (it is publishing right now, or has just finished it), nor where the lock cannot be
-    taken (a read-only copy: :func:`reading_run` then refuses to serve the superseded run)."""
+def _concerns(holder: Path, folder: Path) -> bool:
+    """``holder`` has a publishing record that names ``folder`` (its own record always does; the parent's only
+    when ``folder`` is one of its run folders: a single-type run publishing into OUT does not hold up
+    ``evaluate`` of OUT/exp2 - review 11). A parent's unreadable record is not taken to name it."""
+    if not (holder.is_dir() and (holder / PUBLISH_FILE).is_file()):
+        return False
+    target = folder.resolve()
+    if holder.resolve() == target:
+        return True
+    try:
+        _, run_dirs = _read_record(holder)
+    except UsageError:
+        return False
+    return any(r.resolve() == target for r in run_dirs)
+
+
+def roll_forward(folder: str | os.PathLike) -> bool:
+    """``evaluate`` (and ``train`` before it reads anything from its --out or its --weights folder): finish a
+    publishing that was killed after its commit point and concerns ``folder``, as the next ``train`` into that
+    folder would first. Not while another process holds that folder's lock (a train publishing right now or
+    just starting, another evaluate rolling it forward), nor where the lock cannot be taken (a read-only copy:
+    :func:`reading_run` then refuses to serve the superseded run). True when a record was left for a busy lock
+    holder to finish."""
+    busy = False
     for o in _record_holders(Path(folder)):
-        if o.is_dir() and (o / PUBLISH_FILE).is_file():
+        if _concerns(o, Path(folder)):
             try:
                 with _try_lock(o) as got:
                     if got and finish_publish(o):
                         log.warning("finished publishing the run an interrupted 'slvit-fast train' had committed "
                                     "in %s", o)
+                    busy = busy or not got
             except OSError as e:
                 log.warning("%s records a run whose publishing was interrupted, but it cannot be finished here "
                             "(%s)", o, e)
+    return busy
+
+
+def _is_slvit_folder(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / n).exists() for n in (RUN_FILE, PUBLISH_LOCK, LOCK_FILE, PUBLISH_FILE))
+
+
+@contextlib.contextmanager
+def shared_lock(*folders: str | os.PathLike) -> Iterator[None]:
+    """The publish locks of ``folders`` held shared for the block (taken in sorted order, as publish takes its
+    exclusive ones, so the two never wait on each other in a circle), for each folder slvit-fast writes runs
+    into (no lock file is left in a user's folder). ``evaluate`` holds them on the run folder and its parent (a
+    demo's ``../backbone.safetensors``: review 11), and on the folder of a weights file in another run."""
+    with _publish_locks([Path(f) for f in folders if _is_slvit_folder(Path(f))], shared=True):
+        yield
 
 
 @contextlib.contextmanager
@@ -388,20 +477,26 @@ def reading_run(run_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
     read and load every file of the run inside it, and a ``train`` publishing into the folder waits - without
     it, a publish between the hash checks and the loads served one run's exits with the other's split
     (review 11). A pending publishing record that could not be rolled forward is an error: its run is the
-    folder's run, not the files in place."""
+    folder's run, not the files in place (one that another process is rolling forward is waited for)."""
     d = Path(run_dir)
-    roll_forward(d)
-    with _publish_locks([d] if d.is_dir() else []):  # (publish locks every run folder it writes, not just OUT)
-        for o in _record_holders(d):
-            if o.is_dir() and (o / PUBLISH_FILE).is_file():
-                raise UsageError(f"{str(o)!r} holds a finished run whose publishing was interrupted "
-                                 f"({o / PUBLISH_FILE}); its files are not all in place yet. Evaluate it once with "
-                                 f"write access to {str(o)!r} (that finishes the move), or wait for the training "
-                                 f"run that holds it to finish")
-        yield read_run(d)
+    deadline = time.monotonic() + 60.0
+    while True:
+        busy = roll_forward(d)
+        with shared_lock(d, d.parent):
+            pending = [o for o in _record_holders(d) if _concerns(o, d)]
+            if not pending:
+                yield read_run(d)
+                return
+        if not busy or time.monotonic() > deadline:
+            o = pending[0]
+            raise UsageError(f"{str(o)!r} holds a finished run whose publishing was interrupted "
+                             f"({o / PUBLISH_FILE}); its files are not all in place yet. Evaluate it once with "
+                             f"write access to {str(o)!r} (that finishes the move), or wait for the process that "
+                             f"holds {_lock_path(o)} to finish")
+        time.sleep(0.1)  # another process holds the lock and is finishing it
 
 
-def _being_written(folder: Path) -> bool:
+def being_written(folder: Path) -> bool:
     """A training run holds the lock of ``folder`` or of its parent (the demo's OUT/<exit type>)."""
     for d in (folder, folder.parent):
         p = _lock_path(d)
@@ -449,7 +544,7 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not d.is_dir():
         raise UsageError(f"run directory {str(d)!r} does not exist")
     if not (d / RUN_FILE).is_file():
-        if _being_written(d):
+        if being_written(d):
             raise UsageError(f"{str(d)!r} is being written by a training run right now ({RUN_FILE} is written "
                              f"last); evaluate it when that run has finished")
         inner = sorted(p.name for p in d.iterdir() if (p / RUN_FILE).is_file() and not p.name.startswith(STAGE_PREFIX))
