@@ -340,3 +340,19 @@ def test_the_demo_does_not_overwrite_the_data_of_a_run_in_progress(tmp_path):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         second = digits._demo_data(out, 150, 0)
     assert first.read_bytes() == before and second != first and second.name.startswith("digits-")
+
+
+def test_a_single_run_into_a_demo_out_supersedes_the_runs_using_its_backbone(tmp_path, world, caplog):
+    """A single-type run into OUT rewrites OUT/backbone.safetensors, which the per-type runs in OUT/slvit and
+    OUT/cnn pin (../backbone.safetensors): they could never be evaluated again (review 11). They are
+    superseded, as per-type folders supersede a single run; a run in OUT that uses its own files is kept."""
+    out = tmp_path / "out"
+    shutil.copytree(world["folders"][("ref", "multi")], out)
+    shutil.copytree(world["old"], out / "own")  # its run.json pins own/backbone.safetensors
+    with caplog.at_level("WARNING", logger="slvit_fast.workflow"):
+        run_experiment(RunSpec(**_spec(world["data"], out)))
+    for t in ("slvit", "cnn"):
+        assert not (out / t / R.RUN_FILE).exists()
+        assert f"the run in {out / t} used" in caplog.text
+    evaluate_run(out, world["data"], quiet=True)
+    evaluate_run(out / "own", world["data"], quiet=True)

@@ -239,6 +239,28 @@ def _finish(out: Path, stage: Path, run_dirs: list[Path]) -> None:
     _fsync_dir(out)
 
 
+def _supersede_dependents(stage: Path, out: Path, run_dirs: list[Path]) -> None:
+    """Other runs in ``out``'s sub-folders whose weights are a file this publish replaces (a demo's per-type
+    runs pin ``../backbone.safetensors``, which a single run into OUT rewrites) are superseded: their run.json
+    goes, with a warning, before the file is replaced - as per-type folders replace a single run at OUT's
+    level. They pinned the old file by sha256, so left in place they could never be evaluated again (review
+    11). Runs that use their own files are not touched."""
+    replaced = {(out / p.relative_to(stage)).resolve() for p in stage.rglob("*") if p.is_file() and p.name != RUN_FILE}
+    keep = {d.resolve() for d in run_dirs}
+    for sub in sorted(p for p in out.iterdir() if p.is_dir() and p.resolve() not in keep and (p / RUN_FILE).is_file()):
+        try:
+            ref = json.loads((sub / RUN_FILE).read_text()).get("weights")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if not isinstance(ref, str):  # (a torchvision weights name resolves to no file this run writes)
+            continue
+        target = (Path(ref) if Path(ref).is_absolute() else sub / ref).resolve()
+        if target in replaced:
+            (sub / RUN_FILE).unlink(missing_ok=True)
+            log.warning("the run in %s used %s, which this run replaces: that run is superseded (its %s removed; "
+                        "the rest of its files stay)", sub, target, RUN_FILE)
+
+
 def _move_in(stage: Path, out: Path, run_dirs: list[Path]) -> None:
     """The moves of :func:`publish`, safe to repeat after a kill: an old ``run.json`` is removed only while its
     replacement is still staged (a repeat must not delete a new one already moved in), the new ones last."""
@@ -248,6 +270,7 @@ def _move_in(stage: Path, out: Path, run_dirs: list[Path]) -> None:
     for d, s in staged_runs.items():
         if (s / RUN_FILE).is_file():
             (d / RUN_FILE).unlink(missing_ok=True)
+    _supersede_dependents(stage, out, run_dirs)
     for src in sorted(p for p in stage.rglob("*") if p.is_file() and p.name != RUN_FILE):
         dst = out / src.relative_to(stage)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -553,7 +576,8 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
                              f"{', '.join(inner)} are: pass one of them")
         if any((d / f).exists() for f in (EXITS_FILE, POLICY_FILE, REPORT_FILE, BACKBONE_FILE, "cache")):
             raise UsageError(f"{str(d)!r} holds an incomplete run: it has no {RUN_FILE}, which a training run "
-                             f"writes last, so the run that wrote it was interrupted or failed; train again")
+                             f"writes last, so the run that wrote it was interrupted or failed (or a later run into "
+                             f"its parent folder replaced the weights it used); train again")
         raise UsageError(f"{str(d)!r} is not a run directory of 'slvit-fast train' (no {RUN_FILE})")
     run = read_json(d / RUN_FILE)
     if not isinstance(run, dict):
