@@ -356,3 +356,21 @@ def test_a_single_run_into_a_demo_out_supersedes_the_runs_using_its_backbone(tmp
         assert f"the run in {out / t} used" in caplog.text
     evaluate_run(out, world["data"], quiet=True)
     evaluate_run(out / "own", world["data"], quiet=True)
+
+
+def test_small_errors_name_what_the_user_gave(tmp_path, world):
+    """--run pointing at run.json says to pass the folder; a demo's per-type folder that is a file is named as
+    such, not as an --out the user never passed; a killed `train --out OUT/slvit`'s staging folder is removed
+    by the next run that writes OUT/slvit (review 11)."""
+    with pytest.raises(UsageError, match=r"run\.json' is a file; --run takes the run's folder"):
+        evaluate_run(world["old"] / R.RUN_FILE, world["data"], quiet=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "slvit").write_text("not a folder")
+    with pytest.raises(UsageError, match=r"the slvit exits' folder '.*slvit' is a file, not a folder"):
+        run_experiment(RunSpec(**_spec(world["data"], out, **MULTI)))
+    (out / "slvit").unlink()
+    left = out / "slvit" / f"{R.STAGE_PREFIX}4242"
+    left.mkdir(parents=True)
+    run_experiment(RunSpec(**_spec(world["data"], out, **MULTI)))
+    assert not left.exists()

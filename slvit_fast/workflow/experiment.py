@@ -358,9 +358,10 @@ def run_experiment(spec: RunSpec) -> dict[str, dict[str, Any]]:
     # is killed before that leaves the previous run in OUT as it was.
     with contextlib.ExitStack() as locks:
         locks.enter_context(R.locked_out(out))
-        for d in run_dirs.values():  # per-type folders too: `train --out OUT/slvit` must not write into a
-            if d != out:             # folder a demo run into OUT is writing, nor the other way round
-                locks.enter_context(R.locked_out(d))
+        for t, d in run_dirs.items():  # per-type folders too: `train --out OUT/slvit` must not write into a
+            if d != out:               # folder a demo run into OUT is writing, nor the other way round
+                locks.enter_context(R.locked_out(d, f"the {t} exits' folder"))
+                R.remove_leftovers(d)  # of a killed `train --out OUT/<type>`
         stage = R.stage_folder(out)
         try:
             reports = _train_and_write(spec, name, stage, run_dirs, out, images, prep, backbone, notes,

@@ -78,13 +78,19 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 STAGE_PREFIX = ".staging-"
 
 
+def remove_leftovers(folder: Path) -> None:
+    """Staging folders and half-written records of killed runs in ``folder`` (its lock held, any committed record
+    already rolled forward: only a holder of the lock can have made them, and it is gone)."""
+    for old in folder.glob(STAGE_PREFIX + "*"):
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in folder.glob(f".{PUBLISH_FILE}.*.tmp"):  # a record's atomic write killed before its rename
+        tmp.unlink(missing_ok=True)
+
+
 def stage_folder(out: Path) -> Path:
     """A fresh staging folder inside ``out`` for the run holding its lock; leftovers of killed runs (only a
     holder of the lock can have made them, and it is gone) are removed first."""
-    for old in out.glob(STAGE_PREFIX + "*"):
-        shutil.rmtree(old, ignore_errors=True)
-    for tmp in out.glob(f".{PUBLISH_FILE}.*.tmp"):  # a record's atomic write killed before its rename
-        tmp.unlink(missing_ok=True)
+    remove_leftovers(out)
     stage = out / f"{STAGE_PREFIX}{os.getpid()}"
     stage.mkdir()
     return stage
@@ -404,12 +410,13 @@ def _try_lock(folder: Path) -> Iterator[bool]:
 
 
 @contextlib.contextmanager
-def locked_out(out: str | os.PathLike) -> Iterator[Path]:
+def locked_out(out: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
     """Create ``out`` and hold an exclusive lock on it for the block; another holder is a UsageError. A
-    publishing an earlier run was killed in is finished first (:func:`finish_publish`)."""
+    publishing an earlier run was killed in is finished first (:func:`finish_publish`). ``what`` names the
+    folder in errors (a demo's per-type folder is not an --out the user gave)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file, not a folder")
+        raise UsageError(f"{what} {str(out)!r} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         f = _open_lock(_lock_path(out))
@@ -564,6 +571,8 @@ def verify_files(run_dir: str | os.PathLike, run: dict[str, Any], weights_path: 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """``run.json`` of a run directory (a clear error when ``run_dir`` is not a complete one)."""
     d = Path(run_dir)
+    if d.is_file():
+        raise UsageError(f"{str(d)!r} is a file; --run takes the run's folder ({str(d.parent)!r})")
     if not d.is_dir():
         raise UsageError(f"run directory {str(d)!r} does not exist")
     if not (d / RUN_FILE).is_file():
