@@ -374,3 +374,51 @@ def test_small_errors_name_what_the_user_gave(tmp_path, world):
     left.mkdir(parents=True)
     run_experiment(RunSpec(**_spec(world["data"], out, **MULTI)))
     assert not left.exists()
+
+
+# -- review 11, third round --------------------------------------------------------------------------------
+def test_a_rerun_that_writes_the_same_backbone_keeps_the_runs_using_it(tmp_path, world):
+    """A run in OUT/sub trained on --weights OUT/backbone.safetensors stays when OUT is trained again and the
+    file comes back with the same bytes (it was superseded regardless)."""
+    out = tmp_path / "out"
+    shutil.copytree(world["old"], out)
+    run_experiment(RunSpec(**_spec(world["data"], out / "sub", weights=str(out / R.BACKBONE_FILE))))
+    before = R.file_sha256(out / R.BACKBONE_FILE)
+    run_experiment(RunSpec(**_spec(world["data"], out)))  # the old run's spec again: same random backbone
+    assert R.file_sha256(out / R.BACKBONE_FILE) == before
+    assert (out / "sub" / R.RUN_FILE).is_file()
+    evaluate_run(out / "sub", world["data"], quiet=True)
+
+
+def test_evaluate_dot_holds_the_parent_folder_too(tmp_path, world, monkeypatch):
+    """`--run .` inside OUT/slvit: Path('.').parent is '.', so OUT's publish lock was not held and a single run
+    into OUT could replace ../backbone.safetensors during the loads (review 11)."""
+    import fcntl
+
+    from slvit_fast import presets
+
+    out = tmp_path / "out"
+    shutil.copytree(world["folders"][("ref", "multi")], out)
+    real_build, seen = presets.build, []
+
+    def build(*args, **kwargs):
+        with open(out / R.PUBLISH_LOCK, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                seen.append("publish could run")
+            except BlockingIOError:
+                seen.append("publish waits")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(presets, "build", build)
+    monkeypatch.chdir(out / "slvit")
+    evaluate_run(".", world["data"], quiet=True)
+    assert seen == ["publish waits"]
+
+
+def test_leftovers_of_killed_runs_are_removed(tmp_path):
+    for name in (f"{R.STAGE_PREFIX}77", f".{R.PUBLISH_FILE}.x1.tmp", ".slvit-fast.rename-probe-77"):
+        (tmp_path / name).mkdir() if name.startswith(R.STAGE_PREFIX) else (tmp_path / name).write_text("")
+    (tmp_path / "keep.txt").write_text("")
+    R.remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]

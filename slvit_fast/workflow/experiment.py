@@ -492,11 +492,8 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike, timing_rep
     d = Path(run_dir)
     # every file of the run is checked and loaded under the folder's publish lock (a train publishing into it
     # waits): never one run's exits with another run's split
-    with R.reading_run(d) as run, contextlib.ExitStack() as other:
+    with R.reading_run(d) as run:  # (also holds the folder of a weights file in another run folder)
         weights = _resolve_weights(d, run["weights"])
-        if weights is not None and Path(weights).is_file() and Path(weights).resolve().parent not in (
-                d.resolve(), d.resolve().parent):  # a weights file in another run folder (held from here)
-            other.enter_context(R.shared_lock(Path(weights).resolve().parent))
         R.verify_files(d, run, weights)
         try:
             net = presets.build(run["backbone"], exit_type=run["exit_type"], num_outputs=run["num_outputs"],

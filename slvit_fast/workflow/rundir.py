@@ -30,6 +30,7 @@ content is not the one recorded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -85,6 +86,8 @@ def remove_leftovers(folder: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for tmp in folder.glob(f".{PUBLISH_FILE}.*.tmp"):  # a record's atomic write killed before its rename
         tmp.unlink(missing_ok=True)
+    for probe in folder.glob(".slvit-fast.rename-probe-*"):  # _check_movable killed mid-probe
+        probe.unlink(missing_ok=True)
 
 
 def stage_folder(out: Path) -> Path:
@@ -117,11 +120,14 @@ def _flock_waiting(f, how: int, what: str) -> None:
     """``flock`` that says what it waits for when it has to (a stopped process holding it would otherwise be a
     silent hang: review 11)."""
     try:
-        fcntl.flock(f, how | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log.warning("waiting for %s (another slvit-fast train or evaluate is %s it)", what,
-                    "reading" if how == fcntl.LOCK_EX else "publishing into")
-        fcntl.flock(f, how)
+        try:
+            fcntl.flock(f, how | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for %s (another slvit-fast train or evaluate is %s it)", what,
+                        "reading" if how == fcntl.LOCK_EX else "publishing into")
+            fcntl.flock(f, how)
+    except OSError as e:  # e.g. NFS, where flock on a file opened read-only fails
+        raise UsageError(f"cannot lock {what} ({e.strerror})") from None
 
 
 @contextlib.contextmanager
@@ -187,10 +193,11 @@ def _check_movable(stage: Path, out: Path, run_dirs: list[Path]) -> None:
             os.rename(probe, moved)
         except OSError as e:
             probe.unlink(missing_ok=True)
+            why = ("another file system or mount - a symlink?" if e.errno == errno.EXDEV else
+                   "is it writable?" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else "")
             raise UsageError(f"cannot publish the run into {str(out)!r}: a file cannot be moved from {stage} into "
-                             f"{folder} ({e.strerror}: another file system or mount - a symlink?), so the run "
-                             f"could not be put in place atomically; pass an --out whose folders are on one file "
-                             f"system") from None
+                             f"{folder} ({e.strerror}{': ' + why if why else ''}), so the run could not be put in "
+                             f"place atomically; pass an --out whose folders are on one writable file system") from None
         moved.unlink(missing_ok=True)
 
 
@@ -224,11 +231,13 @@ def finish_publish(out: str | os.PathLike) -> bool:
         return False
     stage, run_dirs = _read_record(out)
     with _publish_locks([out, *run_dirs]):
-        if not stage.is_dir():
+        gone = not stage.is_dir()
+        if gone:
             log.warning("%s records a run whose staging folder %s is gone (removed by hand?): there is nothing to "
-                        "finish; the folder keeps what it holds", out / PUBLISH_FILE, stage.name)
+                        "finish; the record is dropped and the folder keeps what it holds", out / PUBLISH_FILE,
+                        stage.name)
         _finish(out, stage, run_dirs)
-    return True
+    return not gone
 
 
 def _finish(out: Path, stage: Path, run_dirs: list[Path]) -> None:
@@ -246,23 +255,32 @@ def _finish(out: Path, stage: Path, run_dirs: list[Path]) -> None:
 
 
 def _supersede_dependents(stage: Path, out: Path, run_dirs: list[Path]) -> None:
-    """Other runs in ``out``'s sub-folders whose weights are a file this publish replaces (a demo's per-type
-    runs pin ``../backbone.safetensors``, which a single run into OUT rewrites) are superseded: their run.json
-    goes, with a warning, before the file is replaced - as per-type folders replace a single run at OUT's
-    level. They pinned the old file by sha256, so left in place they could never be evaluated again (review
-    11). Runs that use their own files are not touched."""
-    replaced = {(out / p.relative_to(stage)).resolve() for p in stage.rglob("*") if p.is_file() and p.name != RUN_FILE}
+    """Other runs in ``out``'s sub-folders whose weights are a file this publish replaces with other content (a
+    demo's per-type runs pin ``../backbone.safetensors``, which a single run into OUT rewrites) are superseded:
+    their run.json goes, with a warning, before the file is replaced - as per-type folders replace a single run
+    at OUT's level. They pinned the old file by sha256, so left in place they could never be evaluated again
+    (review 11). Runs that use their own files, or whose pinned file comes back with the same bytes, are kept;
+    a run.json that cannot be removed is left with a warning (its sha256 check then names the changed file)."""
+    staged = {(out / p.relative_to(stage)).resolve(): p for p in stage.rglob("*") if p.is_file() and p.name != RUN_FILE}
     keep = {d.resolve() for d in run_dirs}
     for sub in sorted(p for p in out.iterdir() if p.is_dir() and p.resolve() not in keep and (p / RUN_FILE).is_file()):
-        try:
-            ref = json.loads((sub / RUN_FILE).read_text()).get("weights")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if not isinstance(ref, str):  # (a torchvision weights name resolves to no file this run writes)
-            continue
-        target = (Path(ref) if Path(ref).is_absolute() else sub / ref).resolve()
-        if target in replaced:
-            (sub / RUN_FILE).unlink(missing_ok=True)
+        with _publish_locks([sub]):  # (a train publishing into OUT/<sub> right now: its new run.json is not ours)
+            try:
+                run = json.loads((sub / RUN_FILE).read_text())
+                ref, pinned = run.get("weights"), (run.get("sha256") or {}).get("weights")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if not isinstance(ref, str):  # (a torchvision weights name resolves to no file this run writes)
+                continue
+            target = (Path(ref) if Path(ref).is_absolute() else sub / ref).resolve()
+            if target not in staged or (pinned is not None and file_sha256(staged[target]) == pinned):
+                continue
+            try:
+                (sub / RUN_FILE).unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("the run in %s uses %s, which this run replaces, and its %s cannot be removed (%s): "
+                            "evaluating it will name the changed file", sub, target, RUN_FILE, e.strerror)
+                continue
             log.warning("the run in %s used %s, which this run replaces: that run is superseded (its %s removed; "
                         "the rest of its files stay)", sub, target, RUN_FILE)
 
@@ -430,6 +448,8 @@ def locked_out(out: str | os.PathLike, what: str = "--out") -> Iterator[Path]:
         except BlockingIOError:
             raise UsageError(f"another slvit-fast run is writing {str(out)!r} right now (it holds "
                              f"{_lock_path(out)}); wait for it to finish or pass another --out") from None
+        except OSError as e:
+            raise UsageError(f"cannot lock {_lock_path(out)} ({e.strerror})") from None
         try:
             if finish_publish(out):
                 log.warning("finished publishing the run an interrupted 'slvit-fast train' had committed in %s", out)
@@ -501,22 +521,42 @@ def shared_lock(*folders: str | os.PathLike) -> Iterator[None]:
         yield
 
 
+def _weights_folder(run_dir: Path) -> Path | None:
+    """The folder of the backbone weights file ``run_dir``'s run.json references, if it is a file."""
+    try:
+        ref = json.loads((run_dir / RUN_FILE).read_text()).get("weights")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(ref, str):
+        return None
+    path = Path(ref) if Path(ref).is_absolute() else run_dir / ref
+    return path.resolve().parent if path.is_file() else None
+
+
 @contextlib.contextmanager
 def reading_run(run_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """``run.json`` of ``run_dir`` (:func:`read_run`) with the folder's publish lock held shared for the block:
-    read and load every file of the run inside it, and a ``train`` publishing into the folder waits - without
-    it, a publish between the hash checks and the loads served one run's exits with the other's split
-    (review 11). A pending publishing record that could not be rolled forward is an error: its run is the
-    folder's run, not the files in place (one that another process is rolling forward is waited for)."""
+    """``run.json`` of ``run_dir`` (:func:`read_run`) with the publish locks of the run folder, its parent and
+    the folder of its weights file held shared for the block (resolved paths: ``--run .``; one sorted call,
+    as publish takes its exclusive ones, so the two cannot wait on each other in a circle - review 11): read
+    and load every file of the run inside it, and a ``train`` publishing into any of them waits. Without it a
+    publish between the hash checks and the loads served one run's exits with the other's split, or a demo's
+    per-type run with another run's ``../backbone.safetensors``. A pending publishing record that could not be
+    rolled forward is an error: its run is the folder's run, not the files in place (one that another process
+    is rolling forward is waited for, at most a minute)."""
     d = Path(run_dir)
     deadline = time.monotonic() + 60.0
     while True:
         busy = roll_forward(d)
-        with shared_lock(d, d.parent):
+        rd = d.resolve()
+        wf = _weights_folder(rd)  # read without the lock: checked again under it
+        with shared_lock(rd, rd.parent, *([wf] if wf is not None else [])):
             pending = [o for o in _record_holders(d) if _concerns(o, d)]
-            if not pending:
+            same = _weights_folder(rd) == wf
+            if not pending and same:
                 yield read_run(d)
                 return
+        if not pending:  # the run was replaced between the two reads: take the locks of the new one
+            continue
         if not busy or time.monotonic() > deadline:
             o = pending[0]
             raise UsageError(f"{str(o)!r} holds a finished run whose publishing was interrupted "
