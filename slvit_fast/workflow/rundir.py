@@ -13,8 +13,9 @@
                          FLOPs, FLOP speedup, measured wall-clock
 ``accuracy_flops.png``   accuracy vs mean FLOPs per sample, per exit and along the threshold sweep
 ``cache/``               the exits' feature cache (``train_exits(cache_dir=...)``)
-``.slvit-fast.lock``     held (``fcntl.flock``) while a training run writes the folder
-``.slvit-fast.publish.lock`` held exclusively while files are moved in, shared while ``evaluate`` reads a run
+``.slvit-fast.lock``     held (``fcntl.flock``) while a training run writes the folder; its sibling
+                         ``.slvit-fast.publish.lock`` exclusively while files are moved in, shared while
+                         ``evaluate`` reads a run
 ``.publishing.json``     only while a finished run is being moved in from its staging folder (see below)
 =======================  ==========================================================================
 
